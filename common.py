@@ -574,7 +574,12 @@ def score_completions(rows: list[dict], texts: list[str], timeout: float = 5.0) 
 # ----------------------------------------------------------------------------------------------
 # 3. masks
 # ----------------------------------------------------------------------------------------------
-def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = "</think>") -> int | None:
+# The end of the reasoning in the R1 format. (The log-prob seed project wrote it "<\think>", where
+# "\t" is a TAB: it never matched and almost every completion was masked out. Test: test_grpo.py.)
+END_OF_REASONING = "</think>"
+
+
+def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = END_OF_REASONING) -> int | None:
     """Number of leading completion tokens up to and including the end-of-reasoning marker.
 
     Found on characters, not tokens: the smallest k such that decode(ids[:k]) contains the marker.
@@ -596,7 +601,7 @@ def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = "<
     return lo
 
 
-def reasoning_mask(tokenizer, rollouts: list["Rollout"], width: int, marker: str = "</think>") -> tuple[torch.Tensor, torch.Tensor]:
+def reasoning_mask(tokenizer, rollouts: list["Rollout"], width: int, marker: str = END_OF_REASONING) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, width] mask of the reasoning tokens (marker included), and a [N] bool: marker found.
 
     Completions without the marker get an all-zero row: they receive no policy gradient
@@ -1181,8 +1186,12 @@ class Run:
         return path
 
     def finish(self) -> None:
+        """Close wandb, then leave the process group together: a rank exiting while gloo threads are
+        still live aborts with "terminate called without an active exception"."""
         if self.wandb is not None:
             self.wandb.finish()
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
 
 
 def init_wandb(args, run_dir: Path):

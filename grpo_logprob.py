@@ -20,8 +20,9 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (Run, Sampler, Timer, collate, encode_prompts, evaluate, index_batch, load_tasks,
-                    parse_args, prompts_for_step, score_completions, set_seed, shard, step_seed,
+from common import (END_OF_REASONING, Run, Sampler, Timer, answer_style, collate, continuation_logprobs,
+                    encode_prompts, evaluate, index_batch, load_tasks, parse_args, prompts_for_step,
+                    reasoning_mask, render_prompt, score_completions, set_seed, shard, step_seed,
                     token_logprobs, unwrap)
 
 
@@ -74,7 +75,19 @@ class Args:
     """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
     # --- reward ---
     reward: str = "correct=1,format=0.1"
-    """weighted sum of reward terms, name=weight: correct (answer right), format (answer format kept)"""
+    """weighted sum of reward terms name=weight: correct, format (rule based); logprob (log-prob of the reference answer after the reasoning); ppl_relative, ppl_absolute, ppl_hybrid (perplexity rewards of a frozen scorer)"""
+    logprob_variant: str = "sum"
+    """logprob reward: sum (of token log-probs), mean (per token), prob (mean token probability, RLPR)"""
+    logprob_debias: bool = False
+    """logprob reward: subtract the same score with no reasoning (VR-CLI / RLPR), same answer cue on both sides"""
+    logprob_scorer: str = "policy"
+    """who scores the logprob reward: policy (current weights, no gradient) or initial (frozen starting model)"""
+    reward_norm: str = "none"
+    """normalize each reward term before weighting: none, zscore, or minmax"""
+    reward_norm_scope: str = "group"
+    """the set a term is normalized over: group (the prompt's samples) or batch (this process's batch)"""
+    reasoning_only_loss: str = "auto"
+    """train only the reasoning tokens (through the end-of-reasoning marker): on, off, or auto (on when every reward term ignores the written answer: logprob and ppl_*)"""
     # --- optimization ---
     total_steps: int = 200
     """optimizer steps"""
@@ -104,6 +117,14 @@ class Args:
     """KL (k3) weight to the starting model; 0 loads no reference model"""
     mask_truncated_completions: bool = False
     """give no gradient to completions cut at max_completion_length"""
+    is_correction: str = "none"
+    """sampler/trainer mismatch correction: none, truncate (multiply by min(rho, is_cap)), mask (rho, zeroed outside [is_floor, is_cap])"""
+    is_level: str = "token"
+    """importance ratio rho = exp(old_trainer - old_sampler) per token, or per sequence (product over its tokens)"""
+    is_cap: float = 2.0
+    """upper bound C of rho"""
+    is_floor: float = 0.5
+    """lower bound of rho for --is_correction mask"""
     # --- evaluation and logging ---
     eval_every: int = 50
     """evaluate every k steps (0: only before the first update and at the end)"""
@@ -133,6 +154,104 @@ def parse_reward_weights(spec: str, known: tuple[str, ...]) -> dict[str, float]:
             raise SystemExit(f"--reward {spec!r}: each term is name=weight with name in {list(known)}.")
         weights[name] = float(value)
     return weights
+
+
+RULE_TERMS = ("correct", "format")
+ANSWER_BLIND_TERMS = ("logprob", "ppl_relative", "ppl_absolute", "ppl_hybrid")  # ignore the written answer
+
+
+def scoring_texts(completion: str, answer: str, style: str) -> tuple[str | None, str, str]:
+    """(reasoning, cue, continuation) for scoring the reference answer after a completion's reasoning.
+
+    The completion starts inside the reasoning (the prompt prefills "<think>"), so the reasoning is
+    everything before the end-of-reasoning marker; it is never searched for "<think>" (the seed
+    project did, found nothing, and gave every member of a group the same reward). The reference
+    answer is wrapped as the task writes answers. reasoning is None when the marker is missing.
+    """
+    if style == "tag":
+        marker, cue, continuation = END_OF_REASONING, END_OF_REASONING + "\n", f"<answer>{answer}</answer>"
+    else:  # boxed: the reasoning ends where the final \boxed{ opens
+        marker, cue, continuation = "\\boxed{", "\\boxed{", f"{answer}}}"
+    end = completion.find(marker)
+    return (None if end < 0 else completion[:end]), cue, continuation
+
+
+def answer_logprob_score(logprobs: torch.Tensor, variant: str) -> float:
+    """One number from the per-token log-probs of the reference answer: larger = more likely.
+
+    sum: sum_t log p (default; the seed's reward with the correct sign)
+    mean: mean_t log p
+    prob: mean_t p (RLPR's probability reward)
+    """
+    if variant == "sum":
+        return logprobs.sum().item()
+    if variant == "mean":
+        return logprobs.mean().item()
+    if variant == "prob":
+        return logprobs.exp().mean().item()
+    raise SystemExit(f"--logprob_variant {variant!r}: use sum, mean or prob.")
+
+
+def perplexity_rewards(lp_reasoning: torch.Tensor, lp_baseline: torch.Tensor) -> dict[str, float]:
+    """The perplexity rewards of "Designing Good Rewards for RL on LLMs" from the reference answer's
+    token log-probs with the reasoning (improved) and without it (baseline), same cue on both.
+
+    PPL = exp(-mean_t log p);  relative = max(0, 1 - PPL_improved / PPL_baseline);
+    absolute = 1 / PPL_improved;  hybrid = (relative + absolute) / 2.
+    """
+    ppl_improved = math.exp(-lp_reasoning.mean().item())
+    ppl_baseline = math.exp(-lp_baseline.mean().item())
+    relative = max(0.0, 1.0 - ppl_improved / ppl_baseline)
+    absolute = 1.0 / ppl_improved
+    return {"ppl_relative": relative, "ppl_absolute": absolute, "ppl_hybrid": (relative + absolute) / 2}
+
+
+def fill_failed(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rewards [G, n] where valid [G, n] is False (no end-of-reasoning marker) get their group's
+    lowest valid reward, so that failing to close the reasoning never pays; 0 if none is valid."""
+    big = torch.finfo(rewards.dtype).max
+    low = torch.where(valid, rewards, torch.full_like(rewards, big)).min(1, keepdim=True).values
+    low = torch.where(low == big, torch.zeros_like(low), low)
+    return torch.where(valid, rewards, low.expand_as(rewards))
+
+
+def normalize_rewards(rewards: torch.Tensor, how: str, scope: str, eps: float = 1e-6) -> torch.Tensor:
+    """Rescale one reward term [G, n] before the terms are weighted and summed.
+
+    zscore: (r - mean) / (std + eps);  minmax: (r - min) / (max - min); both 0 where all are equal.
+    scope: over each group (the prompt's samples) or over the whole batch.
+    """
+    if how == "none":
+        return rewards
+    dims = {"group": (1,), "batch": (0, 1)}[scope]
+    if how == "zscore":
+        std = rewards.std(dims, keepdim=True).nan_to_num(0.0)  # a single sample has no spread
+        centered = rewards - rewards.mean(dims, keepdim=True)
+        return torch.where(std > 0, centered / (std + eps), torch.zeros_like(rewards))
+    if how == "minmax":
+        low, high = rewards.amin(dims, keepdim=True), rewards.amax(dims, keepdim=True)
+        span = high - low
+        return torch.where(span > 0, (rewards - low) / span.clamp(min=eps), torch.zeros_like(rewards))
+    raise SystemExit(f"--reward_norm {how!r}: use none, zscore or minmax.")
+
+
+def importance_weights(old_trainer, old_sampler, mask, mode: str, level: str, cap: float, floor: float):
+    """Truncated importance sampling between the sampler (vLLM) and the trainer: rho = exp(old_trainer
+    - old_sampler) per token, or per sequence (exp of the sum over its masked tokens).
+
+    truncate: min(rho, cap);  mask: rho where floor <= rho <= cap, else 0. Returns [N, C] (no grad).
+    """
+    log_ratio = (old_trainer - old_sampler) * mask
+    if level == "sequence":
+        log_ratio = log_ratio.sum(1, keepdim=True).expand_as(mask)
+    elif level != "token":
+        raise SystemExit(f"--is_level {level!r}: use token or sequence.")
+    rho = torch.exp(log_ratio)
+    if mode == "truncate":
+        return torch.clamp(rho, max=cap)
+    if mode == "mask":
+        return rho * ((rho >= floor) & (rho <= cap))
+    raise SystemExit(f"--is_correction {mode!r}: use none, truncate or mask.")
 
 
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4,
@@ -201,23 +320,91 @@ def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str,
 
 
 # ----------------------------------------------------------------------------------------------
+# scoring the reference answer after the model's own reasoning (needs a model: not pure)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[str], pad_id: int):
+    """Per-token log-probs of each row's reference answer (a) after prompt + reasoning + cue, and
+    (b) after prompt + cue alone (the no-reasoning baseline, once per distinct prompt).
+
+    Returns (with_reasoning: list of tensors, None where the completion has no end-of-reasoning
+    marker; baseline: list of tensors, one per completion).
+    """
+    prefixes, continuations, owners = [], [], []
+    base_index: dict[str, int] = {}
+    base_of = []
+    for i, (row, text) in enumerate(zip(rows, texts)):
+        prompt = render_prompt(tokenizer, row["prompt"])
+        reasoning, cue, answer = scoring_texts(text, str(row["answer"]), answer_style(row))
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if reasoning is not None:
+            prefixes.append(tokenizer(prompt + reasoning + cue, add_special_tokens=False)["input_ids"])
+            continuations.append(answer_ids), owners.append(i)
+        key = prompt + "\x00" + str(row["answer"])
+        if key not in base_index:
+            base_index[key] = len(prefixes)
+            prefixes.append(tokenizer(prompt + cue, add_special_tokens=False)["input_ids"])
+            continuations.append(answer_ids), owners.append(-1)
+        base_of.append(base_index[key])
+    lps = continuation_logprobs(scorer, prefixes, continuations, pad_id)
+    with_reasoning: list[torch.Tensor | None] = [None] * len(rows)
+    for lp, owner in zip(lps, owners):
+        if owner >= 0:
+            with_reasoning[owner] = lp
+    return with_reasoning, [lps[b] for b in base_of]
+
+
+def reward_terms(weights, scores, valid, with_reasoning, baseline, with_reasoning_frozen, baseline_frozen, args,
+                 group_size):
+    """Each weighted reward term as a tensor [N], before normalization. valid [N]: the completion
+    closed its reasoning; answer-blind terms of the others are set by fill_failed."""
+    terms = {}
+    for name in weights:
+        if name == "correct":
+            terms[name] = torch.tensor([s.correct or 0.0 for s in scores])
+        elif name == "format":
+            terms[name] = torch.tensor([s.format for s in scores])
+        elif name == "logprob":
+            values = []
+            for lp, base in zip(with_reasoning, baseline):
+                v = answer_logprob_score(lp, args.logprob_variant) if lp is not None else 0.0
+                if args.logprob_debias and lp is not None:
+                    v -= answer_logprob_score(base, args.logprob_variant)
+                values.append(v)
+            terms[name] = torch.tensor(values)
+        else:  # ppl_*: the frozen scorer
+            terms[name] = torch.tensor([perplexity_rewards(lp, base)[name] if lp is not None else 0.0
+                                        for lp, base in zip(with_reasoning_frozen, baseline_frozen)])
+        if name in ANSWER_BLIND_TERMS:
+            terms[name] = fill_failed(terms[name].view(-1, group_size), valid.view(-1, group_size)).flatten()
+    return terms
+
+
 def main():
     args = parse_args(Args)
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)
-    weights = parse_reward_weights(args.reward, ("correct", "format"))
+    weights = parse_reward_weights(args.reward, RULE_TERMS + ANSWER_BLIND_TERMS)
+    answer_blind = all(name in ANSWER_BLIND_TERMS for name in weights)
+    if args.reasoning_only_loss not in ("auto", "on", "off"):
+        raise SystemExit(f"--reasoning_only_loss {args.reasoning_only_loss!r}: use auto, on or off.")
+    reasoning_only = args.reasoning_only_loss == "on" or (args.reasoning_only_loss == "auto" and answer_blind)
+    needs_frozen = (args.beta > 0 or any(n.startswith("ppl_") for n in weights)
+                    or ("logprob" in weights and args.logprob_scorer == "initial"))
+    if args.logprob_scorer not in ("policy", "initial"):
+        raise SystemExit(f"--logprob_scorer {args.logprob_scorer!r}: use policy or initial.")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    ref_model = None
-    if args.beta > 0:
-        ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
-        ref_model.requires_grad_(False)
+    frozen = None  # the starting model: KL reference, initial-model scorer, perplexity scorer
+    if needs_frozen:
+        frozen = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
+        frozen.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     def lr_lambda(step):
@@ -247,6 +434,15 @@ def main():
         metrics, records = evaluate(sampler, tokenizer, test_rows, n=args.eval_num_samples,
                                     temperature=args.eval_temperature, max_tokens=args.max_completion_length,
                                     seed=step_seed(args.seed, step, salt=1), accelerator=accelerator)
+        # mean log-prob of the reference answer after the model's own reasoning (sum over its tokens)
+        mine = records[rank::world]
+        flat_rows = [r for r in mine for _ in r["completions"]]
+        lps, _ = reference_answer_logprobs(unwrap(model), tokenizer, flat_rows,
+                                           [c for r in mine for c in r["completions"]], pad_id)
+        sums = torch.tensor([lp.sum().item() for lp in lps if lp is not None] or [float("nan")],
+                            device=accelerator.device)
+        sums = accelerator.gather(sums).cpu() if world > 1 else sums.cpu()
+        metrics["eval/gold_logprob"] = sums[~sums.isnan()].mean().item() if (~sums.isnan()).any() else float("nan")
         run.save_eval(step, records)
         return metrics
 
@@ -270,13 +466,24 @@ def main():
             sampler.sleep()
         rollouts = [r for g in groups for r in g]
         rollout_rows = [row for row, g in zip(rows, groups) for _ in g]
+        texts = [r.text for r in rollouts]
 
-        # --- rewards ---
+        # --- rewards: rule terms, and the reference answer's log-prob after the reasoning ---
         with timer("score"):
-            scores, reward_errors = score_completions(rollout_rows, [r.text for r in rollouts])
-            correct = torch.tensor([s.correct or 0.0 for s in scores])
-            fmt = torch.tensor([s.format for s in scores])
-            rewards = weights.get("correct", 0.0) * correct + weights.get("format", 0.0) * fmt
+            scores, reward_errors = score_completions(rollout_rows, texts)
+            lp_policy = lp_policy_base = lp_frozen = lp_frozen_base = None
+            if "logprob" in weights:
+                scorer = frozen if args.logprob_scorer == "initial" else unwrap(model)
+                lp_policy, lp_policy_base = reference_answer_logprobs(scorer, tokenizer, rollout_rows, texts, pad_id)
+            if any(n.startswith("ppl_") for n in weights):
+                lp_frozen, lp_frozen_base = reference_answer_logprobs(frozen, tokenizer, rollout_rows, texts, pad_id)
+            valid = torch.tensor([scoring_texts(t, "", answer_style(row))[0] is not None
+                                  for row, t in zip(rollout_rows, texts)])
+            terms = reward_terms(weights, scores, valid, lp_policy, lp_policy_base, lp_frozen, lp_frozen_base,
+                                 args, args.num_generations)
+            rewards = sum(w * normalize_rewards(terms[n].view(len(rows), -1), args.reward_norm,
+                                                args.reward_norm_scope).flatten()
+                          for n, w in weights.items())
 
         # --- advantages (per group; the groups of this rank are complete) ---
         grouped = rewards.view(len(rows), args.num_generations)
@@ -288,19 +495,25 @@ def main():
             batch = collate(rollouts, pad_id, accelerator.device)
             batch["advantages"] = advantages.to(accelerator.device)
             mask = batch["completion_mask"].clone()
+            if reasoning_only:  # the reward ignores the written answer: train only the reasoning
+                mask = mask * reasoning_mask(tokenizer, rollouts, mask.shape[1])[0].to(mask.device)
             if args.mask_truncated_completions:
                 mask = mask * (~batch["truncated"])[:, None]
             batch["loss_mask"] = mask
             micro = [torch.arange(s, min(s + args.micro_batch_size, len(rollouts)))
                      for s in range(0, len(rollouts), args.micro_batch_size)]
-            # Old log-probs: needed when the policy moves between its optimizer steps on this batch.
-            if args.num_iterations > 1:
+            # Old log-probs from the trainer: needed when the policy moves between its optimizer
+            # steps on this batch, and to compare with the sampler's for the IS correction.
+            if args.num_iterations > 1 or args.is_correction != "none":
                 with torch.no_grad():
                     batch["old_logprobs"] = torch.cat([token_logprobs(model, index_batch(batch, i), args.temperature)
                                                        for i in micro])
-            if ref_model is not None:
+            if args.is_correction != "none":
+                batch["is_weights"] = importance_weights(batch["old_logprobs"], batch["sampler_logprobs"], mask,
+                                                         args.is_correction, args.is_level, args.is_cap, args.is_floor)
+            if args.beta > 0:
                 with torch.no_grad():
-                    batch["ref_logprobs"] = torch.cat([token_logprobs(ref_model, index_batch(batch, i), args.temperature)
+                    batch["ref_logprobs"] = torch.cat([token_logprobs(frozen, index_batch(batch, i), args.temperature)
                                                        for i in micro])
             # The normalizer spans the optimizer batch on all ranks. DDP averages gradients over
             # ranks, so each rank backpropagates world * its share to get the global mean.
@@ -316,7 +529,9 @@ def main():
                         old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
                         token_loss, low, high = clipped_policy_loss(logprobs, old, mb["advantages"],
                                                                     args.epsilon, args.epsilon_high)
-                        kl = kl_k3(logprobs, mb["ref_logprobs"]) if ref_model is not None else torch.zeros_like(logprobs)
+                        if "is_weights" in mb:
+                            token_loss = token_loss * mb["is_weights"]
+                        kl = kl_k3(logprobs, mb["ref_logprobs"]) if args.beta > 0 else torch.zeros_like(logprobs)
                         token_loss = token_loss + args.beta * kl
                         loss = aggregate_loss(token_loss, mb["loss_mask"], args.loss_type, normalizer)
                         accelerator.backward(loss * world)
@@ -332,43 +547,51 @@ def main():
             sampler.push_weights(unwrap(model))
 
         # --- logging ---
+        def gathered(values) -> torch.Tensor:
+            return accelerator.gather(torch.as_tensor(values, dtype=torch.float32, device=accelerator.device)).cpu()
+
         stats = accelerator.reduce(stats, "sum")
         tokens = max(stats[5].item(), 1.0)
-        lengths = accelerator.gather(torch.tensor([float(len(r.completion_ids)) for r in rollouts],
-                                                  device=accelerator.device)).cpu()
-        truncated = accelerator.gather(batch["truncated"].float()).cpu()
-        all_correct = accelerator.gather(correct.to(accelerator.device)).cpu()
-        all_fmt = accelerator.gather(fmt.to(accelerator.device)).cpu()
-        zero_std = accelerator.gather((grouped.std(1) == 0).float().to(accelerator.device)).cpu()
-        n_tokens = lengths.sum().item()
+        lengths = gathered([len(r.completion_ids) for r in rollouts])
+        correct_all = gathered([s.correct if s.correct is not None else float("nan") for s in scores])
         metrics = {
             "reward": all_rewards.mean().item(),
             "reward_std": all_rewards.std().item(),
-            "rewards/correct/mean": all_correct.mean().item(),
-            "rewards/format/mean": all_fmt.mean().item(),
-            "rewards/errors": accelerator.reduce(torch.tensor(float(reward_errors), device=accelerator.device), "sum").item(),
-            "train/accuracy": all_correct.mean().item(),
+            "rewards/errors": gathered([float(reward_errors)]).sum().item(),
+            "train/accuracy": correct_all[~correct_all.isnan()].mean().item() if (~correct_all.isnan()).any() else float("nan"),
+            "train/format_rate": gathered([s.format for s in scores]).mean().item(),
             "completions/mean_length": lengths.mean().item(),
             "completions/max_length": lengths.max().item(),
-            "completions/clipped_ratio": truncated.mean().item(),
-            "frac_reward_zero_std": zero_std.mean().item(),
+            "completions/clipped_ratio": gathered(batch["truncated"].float()).mean().item(),
+            "frac_reward_zero_std": gathered((grouped.std(1) == 0).float()).mean().item(),
             "loss": stats[0].item(),
             "kl": stats[1].item() / tokens,
             "entropy": stats[2].item() / tokens,
             "clip_ratio/low_mean": stats[3].item() / tokens,
             "clip_ratio/high_mean": stats[4].item() / tokens,
+            "loss_tokens_frac": tokens / args.num_iterations / max(gathered(batch["completion_mask"].sum()).sum().item(), 1.0),
             "grad_norm": float(grad_norm),
             "learning_rate": scheduler.get_last_lr()[0],
-            "num_tokens": n_tokens,
+            "num_tokens": lengths.sum().item(),
             **timer.pop(),
         }
-        metrics["tokens_per_second"] = n_tokens / (time.perf_counter() - t_step)
+        for name, values in terms.items():
+            values = gathered(values)
+            metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = values.mean().item(), values.std().item()
+        if any(n in ANSWER_BLIND_TERMS for n in weights):
+            metrics["rewards/no_marker"] = 1.0 - gathered(valid.float()).mean().item()
+        if "is_weights" in batch:
+            w = batch["is_weights"][mask.bool()]
+            metrics["is/mean_weight"] = gathered(w.mean()).mean().item()
+            metrics["is/zeroed_frac"] = gathered((w == 0).float().mean()).mean().item()
+        metrics["tokens_per_second"] = metrics["num_tokens"] / (time.perf_counter() - t_step)
         if args.log_rollouts_every and step % args.log_rollouts_every == 0:
             from accelerate.utils import gather_object
 
             records = [{"id": row["id"], "prompt": row["prompt"], "completion": r.text, "reward": rw.item(),
-                        "correct": s.correct, "format": s.format}
-                       for row, r, rw, s in zip(rollout_rows, rollouts, rewards, scores)]
+                        "correct": s.correct, "format": s.format,
+                        **{f"reward_{n}": terms[n][i].item() for n in terms}}
+                       for i, (row, r, rw, s) in enumerate(zip(rollout_rows, rollouts, rewards, scores))]
             run.log_rollouts(step, gather_object(records) if world > 1 else records)
         if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
             metrics.update(run_eval(step))
@@ -378,6 +601,7 @@ def main():
             run.save_checkpoint(step)
         if step == args.stop_at_step:
             accelerator.print(f"stopped after step {step} (--stop_at_step); continue with --resume")
+            run.finish()
             return
 
     final = run.save_final(model, tokenizer)

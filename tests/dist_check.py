@@ -47,6 +47,8 @@ def main():
             assert torch.allclose(p.grad, q.grad, atol=1e-6), f"{loss_type}: gradient of {name} differs"
         acc.print(f"{loss_type}: DDP gradients equal the single-process gradients")
     acc.print("DIST_CHECK_OK")
+    acc.wait_for_everyone()
+    acc.end_training()  # leave the gloo group together; exiting with live gloo threads aborts
 
 
 if __name__ == "__main__":

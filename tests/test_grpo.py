@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import read_jsonl, run_script
-from grpo_logprob import (aggregate_loss, clipped_policy_loss, group_advantages, kl_k3, loss_normalizer,
-                          parse_reward_weights)
+from grpo_logprob import (aggregate_loss, answer_logprob_score, clipped_policy_loss, fill_failed, group_advantages,
+                          importance_weights, kl_k3, loss_normalizer, normalize_rewards, parse_reward_weights,
+                          perplexity_rewards, scoring_texts)
 
 
 # --- advantages -------------------------------------------------------------------------------
@@ -95,6 +96,122 @@ def test_parse_reward_weights():
     assert parse_reward_weights("correct=1,format=0.1", ("correct", "format")) == {"correct": 1.0, "format": 0.1}
     with pytest.raises(SystemExit, match="name=weight"):
         parse_reward_weights("corect=1", ("correct", "format"))
+
+
+# --- log-prob and perplexity rewards ----------------------------------------------------------
+def test_answer_logprob_score_variants_hand_numbers():
+    lp = torch.log(torch.tensor([0.5, 0.25]))
+    assert math.isclose(answer_logprob_score(lp, "sum"), math.log(0.125), rel_tol=1e-6)  # -2.0794
+    assert math.isclose(answer_logprob_score(lp, "mean"), math.log(0.125) / 2, rel_tol=1e-6)
+    assert math.isclose(answer_logprob_score(lp, "prob"), 0.375, rel_tol=1e-6)  # (0.5 + 0.25) / 2
+
+
+def test_perplexity_rewards_hand_numbers():
+    # improved: p = 0.5, 0.5 -> PPL 2; baseline: p = 0.25, 0.25 -> PPL 4
+    r = perplexity_rewards(torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 0.25])))
+    assert math.isclose(r["ppl_relative"], 0.5, rel_tol=1e-6)  # 1 - 2/4
+    assert math.isclose(r["ppl_absolute"], 0.5, rel_tol=1e-6)  # 1/2
+    assert math.isclose(r["ppl_hybrid"], 0.5, rel_tol=1e-6)
+    # reasoning that makes the answer less likely: relative is floored at 0
+    r = perplexity_rewards(torch.log(torch.tensor([0.25])), torch.log(torch.tensor([0.5])))
+    assert r["ppl_relative"] == 0.0 and math.isclose(r["ppl_hybrid"], 0.125, rel_tol=1e-6)
+
+
+def test_normalize_rewards_hand_numbers():
+    r = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    assert torch.allclose(normalize_rewards(r, "minmax", "group"), torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.0, 0.0]]))
+    assert torch.allclose(normalize_rewards(r, "minmax", "batch"), torch.tensor([[0.0, 0.25, 0.5], [1.0, 1.0, 1.0]]))
+    z = normalize_rewards(r, "zscore", "group", eps=0.0)
+    assert torch.allclose(z[0], torch.tensor([-1.0, 0.0, 1.0])) and torch.all(z[1] == 0)  # std of [1,2,3] is 1
+    assert torch.equal(normalize_rewards(r, "none", "group"), r)
+
+
+def test_fill_failed_gives_the_group_minimum():
+    r = torch.tensor([[-3.0, -1.0, 99.0], [7.0, 8.0, 9.0]])
+    valid = torch.tensor([[True, True, False], [False, False, False]])
+    assert torch.equal(fill_failed(r, valid), torch.tensor([[-3.0, -1.0, -3.0], [0.0, 0.0, 0.0]]))
+
+
+def test_importance_weights_hand_numbers():
+    old_sampler = torch.zeros(1, 3)
+    old_trainer = torch.log(torch.tensor([[0.5, 1.5, 4.0]]))
+    mask = torch.ones(1, 3)
+    assert torch.allclose(importance_weights(old_trainer, old_sampler, mask, "truncate", "token", 2.0, 0.5),
+                          torch.tensor([[0.5, 1.5, 2.0]]))
+    assert torch.allclose(importance_weights(old_trainer, old_sampler, mask, "mask", "token", 2.0, 0.6),
+                          torch.tensor([[0.0, 1.5, 0.0]]))
+    # sequence level: the product 0.5 * 1.5 * 4 = 3 for every token, truncated at 2
+    assert torch.allclose(importance_weights(old_trainer, old_sampler, mask, "truncate", "sequence", 2.0, 0.5),
+                          torch.full((1, 3), 2.0))
+    # masked-out positions do not enter the sequence product
+    assert torch.allclose(importance_weights(old_trainer, old_sampler, torch.tensor([[1.0, 1.0, 0.0]]), "truncate",
+                                             "sequence", 9.0, 0.5), torch.full((1, 3), 0.75))
+
+
+# --- regression tests for the log-prob seed project's defects (REFERENCE.md section 2) --------
+def test_defect1_end_of_reasoning_marker_is_not_a_tab(toy):
+    """The seed wrote the marker "<\\think>": "\\t" is a TAB, it never matched, and almost every
+    completion was masked out. Our reasoning mask must cover the reasoning of a real completion."""
+    from transformers import AutoTokenizer
+
+    import common
+
+    assert common.END_OF_REASONING == "</think>" and "\t" not in common.END_OF_REASONING
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    text = "\n3+4=7\n7-2=5\n</think>\n<answer>5</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    rollout = common.Rollout([1], ids, [0.0] * len(ids), text, "stop")
+    mask, found = common.reasoning_mask(tok, [rollout], len(ids))
+    reasoning_tokens = len(tok("\n3+4=7\n7-2=5\n</think>", add_special_tokens=False)["input_ids"])
+    assert found.item() and reasoning_tokens - 1 <= mask.sum().item() <= reasoning_tokens
+    assert mask.sum().item() > len(ids) / 2  # the defect masked nearly everything
+
+
+def test_defect2_reward_sign_more_likely_answer_scores_higher():
+    """The seed's reward was a min-max of |sum log p|: the least likely gold answer got the highest
+    reward. Ours must rank a more likely reference answer higher under every variant and norm."""
+    likely, unlikely = torch.log(torch.tensor([0.9, 0.8])), torch.log(torch.tensor([0.2, 0.1]))
+    base = torch.log(torch.tensor([0.3, 0.3]))
+    for variant in ("sum", "mean", "prob"):
+        r = torch.tensor([[answer_logprob_score(likely, variant), answer_logprob_score(unlikely, variant)]])
+        for how in ("none", "zscore", "minmax"):
+            normed = normalize_rewards(r, how, "group")
+            assert normed[0, 0] > normed[0, 1], (variant, how)
+    hi, lo = perplexity_rewards(likely, base), perplexity_rewards(unlikely, base)
+    assert all(hi[k] > lo[k] for k in ("ppl_relative", "ppl_absolute", "ppl_hybrid"))
+
+
+def test_defect3_reasoning_is_read_from_a_completion_that_starts_inside_it():
+    """The seed looked for "<think>" inside the completion, but it lives in the prompt's prefill,
+    so the reasoning was empty and every member of a group scored the same."""
+    a = "\n3+4=7\n</think>\n<answer>7</answer>"
+    b = "\n3+4=8\n</think>\n<answer>8</answer>"
+    (ra, cue, cont), (rb, _, _) = scoring_texts(a, "7", "tag"), scoring_texts(b, "7", "tag")
+    assert ra == "\n3+4=7\n" and rb == "\n3+4=8\n" and ra != rb
+    assert cue == "</think>\n" and cont == "<answer>7</answer>"
+    assert scoring_texts("no marker at all", "7", "tag")[0] is None
+    assert scoring_texts("so x = 2, \\boxed{2}", "2", "boxed") == ("so x = 2, ", "\\boxed{", "2}")
+
+
+def test_logprob_reward_prefers_reasoning_that_leads_to_the_answer(toy):
+    """End to end on the toy model: after a correct chain the reference answer is likelier than
+    after a chain that ends elsewhere, and the no-reasoning baseline is shared by the group."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common import load_tasks
+    from grpo_logprob import reference_answer_logprobs
+
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    model = AutoModelForCausalLM.from_pretrained(toy / "model")
+    row = next(r for r in load_tasks(toy / "test.jsonl") if len(r["metadata"]["steps"]) == 2)
+    start, (s1, s2) = row["metadata"]["start"], row["metadata"]["steps"]
+    v1 = start + int(s1[1:]) if s1[0] == "+" else start - int(s1[1:])
+    gold = int(row["answer"])
+    right = f"\n{start}{s1}={v1}\n{v1}{s2}={gold}\n</think>\n<answer>{gold}</answer>"
+    wrong = f"\n{start}{s1}={v1}\n{v1}{s2}={gold + 3}\n</think>\n<answer>{gold + 3}</answer>"
+    with_r, base = reference_answer_logprobs(model, tok, [row, row, row], [right, wrong, "no marker"], tok.pad_token_id)
+    assert with_r[2] is None and torch.equal(base[0], base[1])
+    assert with_r[0].sum() > with_r[1].sum()
 
 
 # --- the script end to end --------------------------------------------------------------------
