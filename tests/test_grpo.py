@@ -250,6 +250,28 @@ def test_grpo_end_to_end_hf(toy, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3"]
 
 
+def test_logprob_reward_end_to_end_trains_only_the_reasoning(toy, tmp_path):
+    run_script(grpo_cmd(toy, tmp_path, "lp", "--sampler", "hf", "--total_steps", "2", "--reward", "logprob=1",
+                        "--logprob_scorer", "initial", "--logprob_debias", "--reward_norm", "zscore"))
+    metrics = read_jsonl(tmp_path / "lp" / "metrics.jsonl")
+    step = metrics[1]
+    assert "rewards/correct/mean" not in step and "rewards/logprob/mean" in step and "rewards/no_marker" in step
+    assert 0 < step["loss_tokens_frac"] < 1  # the answer after </think> gets no gradient
+    assert "eval/gold_logprob" in metrics[0] and metrics[0]["eval/gold_logprob"] < 0
+    rollout = read_jsonl(tmp_path / "lp" / "rollouts.jsonl")[0]
+    assert "reward_logprob" in rollout and "reward_correct" not in rollout
+
+
+def test_hybrid_reward_with_is_correction_end_to_end(toy, tmp_path):
+    run_script(grpo_cmd(toy, tmp_path, "hy", "--sampler", "hf", "--total_steps", "2",
+                        "--reward", "correct=1,logprob=0.1,ppl_hybrid=0.5", "--is_correction", "truncate",
+                        "--loss_type", "seq-mean-token-sum-norm", "--scale_rewards", "none"))
+    step = read_jsonl(tmp_path / "hy" / "metrics.jsonl")[1]
+    assert step["loss_tokens_frac"] == 1.0  # a rule term reads the answer: the whole completion trains
+    assert {"rewards/correct/mean", "rewards/logprob/mean", "rewards/ppl_hybrid/mean"} <= set(step)
+    assert 0 < step["is/mean_weight"] <= 2.0 and step["is/zeroed_frac"] == 0.0
+
+
 def test_resume_logs_the_same_metrics(toy, tmp_path):
     """N steps straight == k steps, stop, resume, N - k steps (every metric but wall-clock timings)."""
     common = ("--sampler", "vllm", "--total_steps", "4", "--save_every", "0", "--eval_every", "2",

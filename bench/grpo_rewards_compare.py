@@ -1,0 +1,89 @@
+"""GRPO on the toy task with four reward set-ups, same warm start, seed and budget (issue 3 table).
+
+    python bench/grpo_rewards_compare.py                 # 200 steps each, seed 0 (about 15 min on 2 cores)
+    python bench/grpo_rewards_compare.py --seeds 0 1 2   # mean and spread over seeds
+
+Runs grpo_logprob.py once per set-up and seed (runs/bench_rewards/<setup>_s<seed>; a finished run
+is reused), then writes bench/results/grpo_rewards.md and prints one RESULT line. The log-prob
+set-ups never see a correctness check: their reward is log p(reference answer | own reasoning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SETUPS = {  # name -> grpo_logprob.py flags
+    "rule": ["--reward", "correct=1,format=0.1"],
+    "logprob_masked": ["--reward", "logprob=1", "--reasoning_only_loss", "on"],
+    "logprob_unmasked": ["--reward", "logprob=1", "--reasoning_only_loss", "off"],
+    "hybrid": ["--reward", "correct=1,logprob=1", "--reward_norm", "zscore"],
+}
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def run_setup(name: str, seed: int, args) -> list[dict]:
+    run = REPO / args.output_dir / f"{name}_s{seed}"
+    metrics = read_metrics(run)
+    if metrics and metrics[-1]["step"] == args.total_steps and (run / "final").exists():
+        return metrics
+    cmd = [sys.executable, "grpo_logprob.py", *SETUPS[name], "--seed", str(seed), "--total_steps",
+           str(args.total_steps), "--output_dir", args.output_dir, "--run_name", f"{name}_s{seed}",
+           "--sampler", args.sampler, "--save_every", "0", *args.extra]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return read_metrics(run)
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--total_steps", type=int, default=200)
+    p.add_argument("--sampler", default="auto")
+    p.add_argument("--output_dir", default="runs/bench_rewards")
+    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more grpo_logprob.py flags for every run")
+    args = p.parse_args()
+
+    rows, result = [], {}
+    for name in args.setups:
+        runs = [run_setup(name, seed, args) for seed in args.seeds]
+        evals = [[m for m in ms if "eval/accuracy" in m] for ms in runs]
+        first, last = [e[0] for e in evals], [e[-1] for e in evals]
+        acc0, acc = [m["eval/accuracy"] for m in first], [m["eval/accuracy"] for m in last]
+        rows.append(f"| {name} | `{' '.join(SETUPS[name])}` | {fmt(acc0)} | {fmt(acc)} | "
+                    f"{fmt([m['eval/format_rate'] for m in last])} | {fmt([m['eval/gold_logprob'] for m in first], 2)} | "
+                    f"{fmt([m['eval/gold_logprob'] for m in last], 2)} |")
+        result[f"{name}_acc"] = round(statistics.fmean(acc), 3)
+        result[f"{name}_gain"] = round(statistics.fmean(a - b for a, b in zip(acc, acc0)), 3)
+    table = "\n".join([
+        f"Toy task, GRPO, {args.total_steps} steps, seeds {args.seeds}, test accuracy at temperature 1 "
+        "(avg over test problems, one sample each).",
+        "",
+        "| reward | flags | test acc. step 0 | test acc. final | format rate final | gold log-prob step 0 | gold log-prob final |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    out = REPO / "bench" / "results" / "grpo_rewards.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(table)
+    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""One GRPO step, ours against TRL's GRPOTrainer: completion tokens per second of a whole step
+(sample, score, update), same model, batch, group size, lengths and loss, measured in one run.
+
+    .venv/bin/pip install --target .bench-deps trl==1.16.0 --no-deps   # TRL only for this benchmark
+    python bench/trl_compare.py                                        # about 15 min on 2 CPU cores
+
+Set-ups, each a fresh subprocess, each --steps optimizer steps; the figure is the median over the
+steps after the first (warm-up) of completion tokens / wall time of the step:
+  - ours/vllm: grpo_logprob.py --sampler vllm (in-process vLLM, weights pushed after the update)
+  - ours/hf:   grpo_logprob.py --sampler hf (our transformers KV-cache sampler)
+  - trl:       trl.GRPOTrainer (transformers generate; TRL's default without a vLLM server)
+Identical: 16 prompts x 8 completions per step, temperature 1, micro-batches of 64 completions (TRL:
+per_device_train_batch_size 64, gradient_accumulation_steps 2, one generation per optimizer step),
+token-mean loss (TRL "dapo"), group std, beta 0, one iteration, AdamW lr 5e-5, grad clip 1.0,
+the same correctness reward function. Models: the toy model (natural lengths up to 64 tokens) and
+the random-weight Qwen2-shaped 25M-parameter model of bench/sampler_throughput.py (vocabulary
+151,936) with 128-token completions (random weights almost never stop early).
+
+Ends with one line: RESULT key=value ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / ".bench-deps"))
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+PROMPTS, GROUP, MICRO, LR = 16, 8, 64, 5e-5
+
+
+def ours(model: str, train: str, max_len: int, sampler: str, steps: int, out: Path) -> list[float]:
+    """Per-step tokens/s of grpo_logprob.py (its `tokens_per_second`: sample + score + update + push)."""
+    cmd = [sys.executable, "grpo_logprob.py", "--model", model, "--train_file", train, "--test_file", train,
+           "--sampler", sampler, "--total_steps", str(steps), "--prompts_per_step", str(PROMPTS),
+           "--num_generations", str(GROUP), "--max_completion_length", str(max_len), "--micro_batch_size",
+           str(MICRO), "--learning_rate", str(LR), "--reward", "correct=1", "--eval_limit", "4",
+           "--eval_every", "0", "--save_every", "0", "--log_rollouts_every", "0", "--output_dir", str(out),
+           "--run_name", sampler]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    metrics = [json.loads(x) for x in (out / sampler / "metrics.jsonl").read_text().splitlines()]
+    return [m["tokens_per_second"] for m in metrics if m["step"] >= 1]
+
+
+def trl_worker(model: str, train: str, max_len: int, steps: int, out: str) -> None:
+    """Runs in its own process: TRL GRPOTrainer for `steps` steps; prints per-step tokens/s as JSON."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from common import load_tasks, render_prompt, score_completions
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = load_tasks(train)[: PROMPTS * steps]
+    # Prompts already rendered with the chat template (the assistant turn prefilled, as ours).
+    data = Dataset.from_list([{"prompt": render_prompt(tok, r["prompt"]), "row": json.dumps(r)} for r in rows])
+    tokens_per_call: list[int] = []
+
+    def correctness(prompts, completions, completion_ids, row, **_):
+        tokens_per_call.append(sum(len(c) for c in completion_ids))
+        scores, _ = score_completions([json.loads(r) for r in row], completions)
+        return [float(s.correct or 0.0) for s in scores]
+
+    ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            ends.append(time.perf_counter())
+
+    config = GRPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=MICRO,
+                        gradient_accumulation_steps=PROMPTS * GROUP // MICRO, num_generations=GROUP,
+                        max_completion_length=max_len, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+                        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo",
+                        scale_rewards="group", temperature=1.0, top_p=1.0, num_iterations=1, epsilon=0.2,
+                        logging_steps=1, report_to="none", save_strategy="no", shuffle_dataset=False, seed=0,
+                        dataloader_num_workers=0, disable_tqdm=True, log_completions=False)
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+                          reward_funcs=correctness, args=config, train_dataset=data, processing_class=tok,
+                          callbacks=[StepClock()])
+    trainer.train()
+    rates = [n / (b - a) for n, a, b in zip(tokens_per_call, ends, ends[1:])]
+    print("TRL_RATES " + json.dumps(rates))
+
+
+def trl(model: str, train: str, max_len: int, steps: int, out: Path) -> list[float]:
+    proc = subprocess.run([sys.executable, __file__, "--trl_worker", model, train, str(max_len), str(steps),
+                           str(out / "trl")], cwd=REPO, capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("TRL_RATES ")]
+    if proc.returncode or not line:
+        raise SystemExit(f"TRL run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(line[0].split(" ", 1)[1])
+
+
+def big_model(folder: Path, toy_model: str) -> str:
+    """The 25M model of bench/sampler_throughput.py, with the toy tokenizer's chat template."""
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from sampler_throughput import make_big_model
+
+    path = folder / "big"
+    _, tok = make_big_model(path)
+    tok.chat_template = AutoTokenizer.from_pretrained(toy_model).chat_template
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toy_model", default="data/toy/model")
+    p.add_argument("--train_file", default="data/toy/train.jsonl")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per set-up (the first is warm-up)")
+    p.add_argument("--skip_big", action="store_true", help="only the toy model")
+    p.add_argument("--trl_worker", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.trl_worker:
+        model, train, max_len, steps, out = args.trl_worker
+        return trl_worker(model, train, int(max_len), int(steps), out)
+
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cases = [("toy", args.toy_model, 64)]
+        if not args.skip_big:
+            cases.append(("big", big_model(tmp, args.toy_model), 128))
+        for label, model, max_len in cases:
+            out = tmp / label
+            rates = {"ours_vllm": ours(model, args.train_file, max_len, "vllm", args.steps, out),
+                     "ours_hf": ours(model, args.train_file, max_len, "hf", args.steps, out),
+                     "trl": trl(model, args.train_file, max_len, args.steps, out)}
+            for name, values in rates.items():
+                result[f"{label}_{name}_tok_s"] = round(statistics.median(values[1:] or values), 1)
+                print(f"{label} {name}: per-step tokens/s {[round(v, 1) for v in values]}", flush=True)
+            for name in ("ours_vllm", "ours_hf"):
+                result[f"{label}_{name}_vs_trl"] = round(result[f"{label}_{name}_tok_s"] / result[f"{label}_trl_tok_s"], 2)
+    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""Evaluate a model on a test set, score saved outputs, compare runs.
+
+    python eval.py --model runs/grpo_toy/final --dataset data/toy/test.jsonl --n 4
+    python eval.py runs/grpo_toy/eval/step_000200.jsonl              # re-score saved outputs, no model
+    python eval.py runs/grpo_toy/eval/step_*.jsonl --plot             # one table, accuracy against step
+
+The sampler, the answer checker and the outputs format are common.py's (Sampler, evaluate,
+score_completions): the files a training run writes under runs/NAME/eval/ are outputs files of this
+script. Re-scoring always recomputes preds/correct/format from the completions, so a fix to the
+grader applies to old runs too. Metric definitions: README "eval.py"; REFERENCE.md section 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import (Sampler, atomic_write_text, evaluate, load_tasks, normalize_answer, score_completions,
+                    shutdown_grader, vllm_available)
+from data_prep import ANSWER_STYLE, PRIME_SUFFIX, build_prompt
+
+# ----------------------------------------------------------------------------------------------
+# metrics of one problem (hand-computed tests: tests/test_eval.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    nan when k > n (not estimable from n samples; such k are not reported). Computed as the product
+    1 - prod_{i=n-c+1..n} (1 - k/i) (Chen et al. 2021), never forming binomials that overflow.
+    """
+    if k > n:
+        return math.nan
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def avg_at_k(correct: list[float], k: int) -> float:
+    """avg@k: expected accuracy of a sample, from ALL n >= k samples (not the first k, not sample 0).
+
+    The mean over every k-subset of its accuracy is the mean over all n, so n samples give a
+    lower-variance estimate than any k of them. nan when n < k.
+    """
+    return math.nan if len(correct) < k else float(np.mean(correct))
+
+
+def maj_at_k(preds: list[str | None], correct: list[float], k: int) -> float:
+    """maj@k: correctness of the most frequent answer among the first k samples.
+
+    Answers vote by their normalized string (common.normalize_answer: spacing, \\text{}, \\dfrac,
+    thousands commas, $...$); samples without an answer abstain; a tie goes to the answer seen
+    first. The winner's correctness is that of its first sample, as graded by the one checker.
+    0 when no sample has an answer; nan when n < k.
+    """
+    if len(preds) < k:
+        return math.nan
+    votes: dict[str, list[int]] = {}  # normalized answer -> [count, first sample index]
+    for i, pred in enumerate(preds[:k]):
+        if pred is not None and pred.strip():
+            votes.setdefault(normalize_answer(pred), [0, i])[0] += 1
+    if not votes:
+        return 0.0
+    _, first = max(votes.values(), key=lambda v: (v[0], -v[1]))
+    return float(correct[first])
+
+
+def ks_up_to(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, plus n itself."""
+    ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    return ks + [n] if ks[-1] != n else ks
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """95% percentile intervals of the column means of values [P, M], resampling the P problems."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(resamples, len(values)))
+    means = np.nanmean(values[idx], axis=1)  # [resamples, M]; nan: a k above a problem's n
+    return np.percentile(means, [2.5, 97.5], axis=0).T  # [M, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# summary of a list of scored records
+# ----------------------------------------------------------------------------------------------
+
+
+def per_problem(records: list[dict], ks: list[int]) -> tuple[list[str], np.ndarray]:
+    """Column names and a [P, M] table: avg@n, pass@k and maj@k for each k, format rate.
+    Samples whose correctness is None (no checker, e.g. poem) are left out of the correctness columns."""
+    n = ks[-1]
+    names = [f"avg@{n}"] + [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks] + ["format_rate"]
+    table = []
+    for r in records:
+        graded = [(p, c) for p, c in zip(r["preds"], r["correct"]) if c is not None]
+        preds, correct = [p for p, _ in graded], [c for _, c in graded]
+        row = [avg_at_k(correct, 1) if correct else math.nan]
+        row += [pass_at_k(len(correct), int(sum(correct)), k) if correct else math.nan for k in ks]
+        row += [maj_at_k(preds, correct, k) if correct else math.nan for k in ks]
+        table.append(row + [float(np.mean(r["format"]))])
+    return names, np.array(table, dtype=float)
+
+
+def summarize(records: list[dict], grader_errors: int = 0, by: tuple[str, ...] = ()) -> dict:
+    """Headline metrics with 95% bootstrap intervals, and breakdowns by task and metadata fields."""
+    n = min(len(r["completions"]) for r in records)  # pass@k / maj@k for k up to the smallest n
+    names, table = per_problem(records, ks_up_to(n))
+    graded = ~np.isnan(table[:, 0])
+    lengths = [x for r in records for x in (r.get("lengths") or [])]
+    finish = [x for r in records for x in (r.get("finish_reasons") or [])]
+    metrics = {name: _mean(table[graded, j]) for j, name in enumerate(names[:-1])}
+    metrics["format_rate"] = _mean(table[:, -1])  # also for samples without a correctness check
+    metrics.update(mean_length=float(np.mean(lengths)) if lengths else math.nan,
+                   truncated_rate=float(np.mean([f == "length" for f in finish])) if finish else math.nan)
+    ci = {}
+    if graded.any():
+        for name, (lo, hi) in zip(names[:-1], bootstrap_ci(table[graded, :-1])):
+            ci[name] = [float(lo), float(hi)]
+    ci["format_rate"] = [float(x) for x in bootstrap_ci(table[:, -1:])[0]]
+
+    def breakdown(key) -> dict:
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            value = key(r)
+            if value is not None:
+                groups.setdefault(str(value), []).append(i)
+        return {g: {"num_problems": len(idx), **{name: _mean(table[idx, j]) for j, name in enumerate(names)}}
+                for g, idx in sorted(groups.items())}
+
+    by_field = {f: breakdown(lambda r, f=f: (r.get("metadata") or {}).get(f)) for f in by}
+    return {"num_problems": len(records), "num_graded": int(graded.sum()), "n": n, "metrics": metrics,
+            "ci95": ci, "grader_errors": grader_errors, "by_task": breakdown(lambda r: r["task"]),
+            "by": {f: b for f, b in by_field.items() if b}}
+
+
+def _mean(x) -> float:
+    x = np.asarray(x, dtype=float)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if len(x) else math.nan
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs files: read, re-score, write
+# ----------------------------------------------------------------------------------------------
+
+
+def record_problem(r) -> str | None:
+    """Why a parsed line is not a usable outputs record, or None."""
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    missing = [k for k in ("id", "task", "answer", "completions") if k not in r]
+    if missing:
+        return f"missing field(s) {missing}"
+    comps = r["completions"]
+    if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
+        return "'completions' must be a non-empty list of strings"
+    for key in ("lengths", "finish_reasons"):
+        if r.get(key) is not None and len(r[key]) != len(comps):
+            return f"'{key}' has {len(r[key])} entries for {len(comps)} completions"
+    return None
+
+
+def read_outputs(path: Path, strict: bool) -> list[dict]:
+    """Records of an outputs file. Each malformed line is reported as FILE:LINE and skipped;
+    --strict stops instead."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file; pass an outputs .jsonl (e.g. runs/NAME/eval/step_N.jsonl).")
+    records, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                continue
+            if why := record_problem(r):
+                bad.append(f"{path}:{lineno}: {why}")
+                continue
+            records.append(r)
+    for message in bad:
+        print(message, file=sys.stderr)
+    if bad and strict:
+        raise SystemExit(f"{path}: {len(bad)} malformed line(s), listed above; fix them, or drop --strict "
+                         "to score the other lines.")
+    if not records:
+        raise SystemExit(f"{path}: no valid records to score.")
+    if bad:
+        print(f"{path}: skipped {len(bad)} malformed line(s), scored {len(records)} records", file=sys.stderr)
+    return records
+
+
+def rescore(records: list[dict]) -> tuple[list[dict], int]:
+    """preds/correct/format recomputed from the completions with common.score_completions."""
+    rows = [dict(r, answer=str(r["answer"]), metadata=r.get("metadata") or {}) for r in records]
+    flat_rows = [r for r in rows for _ in r["completions"]]
+    scores, errors = score_completions(flat_rows, [c for r in rows for c in r["completions"]])
+    start = 0
+    for r in rows:
+        sc = scores[start:start + len(r["completions"])]
+        start += len(sc)
+        r.update(preds=[s.pred for s in sc], correct=[s.correct for s in sc], format=[s.format for s in sc])
+    return rows, errors
+
+
+def write_outputs(records: list[dict], summary: dict, path: Path) -> Path:
+    """path (outputs JSONL) and path.summary.json next to it; returns the summary's path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    summary_path = path.with_name(path.name.removesuffix(".jsonl") + ".summary.json")
+    atomic_write_text(summary_path, json.dumps(_no_nan(summary), indent=2) + "\n")
+    return summary_path
+
+
+def _no_nan(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# printing, comparison table, plot
+# ----------------------------------------------------------------------------------------------
+
+
+def report(name: str, s: dict) -> str:
+    m, ci = s["metrics"], s["ci95"]
+    lines = [f"{name}: {s['num_problems']} problems x {s['n']} samples (95% bootstrap CI over problems)"]
+    for key, value in m.items():
+        interval = f"  [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if key in ci else ""
+        lines.append(f"  {key:<15} {value:8.3f}{interval}")
+    lines.append(f"  grader_errors   {s['grader_errors']:8d}")
+    n = s["n"]
+    for title, groups in [("task", s["by_task"])] + list(s["by"].items()):
+        if len(groups) > 1 or title != "task":
+            lines.append(f"  by {title}:")
+            lines += [f"    {g:<13} {b['num_problems']:5d} problems  avg@{n} {b[f'avg@{n}']:.3f}  "
+                      f"pass@{n} {b[f'pass@{n}']:.3f}  maj@{n} {b[f'maj@{n}']:.3f}" for g, b in groups.items()]
+    return "\n".join(lines)
+
+
+def step_of(path: Path) -> int | None:
+    m = re.fullmatch(r"step_(\d+)", path.name.removesuffix(".jsonl"))
+    return int(m.group(1)) if m else None
+
+
+def comparison_table(summaries: list[tuple[Path, dict]]) -> str:
+    """Markdown: a row per file, a column per metric. pass@k for every k any file has;
+    avg@n and maj@n use each file's own n (the n column)."""
+    ks = sorted({int(k[5:]) for _, s in summaries for k in s["metrics"] if k.startswith("pass@")})
+    head = ["file", "step", "problems", "n", "avg@n", "95% CI"] + [f"pass@{k}" for k in ks] + \
+           ["maj@n", "format", "length", "truncated"]
+    rows = []
+    for path, s in summaries:
+        m, n, ci = s["metrics"], s["n"], s["ci95"].get(f"avg@{s['n']}")
+        step = step_of(path)
+        cells = [str(path), "" if step is None else str(step), str(s["num_problems"]), str(n),
+                 _fmt(m[f"avg@{n}"]), f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""]
+        cells += [_fmt(m.get(f"pass@{k}", math.nan)) for k in ks]
+        cells += [_fmt(m[f"maj@{n}"]), _fmt(m["format_rate"]), _fmt(m["mean_length"], 1), _fmt(m["truncated_rate"])]
+        rows.append(cells)
+    return "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head)] + rows)
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def plot_accuracy(summaries: list[tuple[Path, dict]], out: Path) -> None:
+    """avg@n against training step, with the 95% intervals, from a run's eval/step_N.jsonl files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unnamed = [str(p) for p, _ in summaries if step_of(p) is None]
+    if unnamed:
+        raise SystemExit(f"--plot needs files named step_N.jsonl (a run's eval folder); {unnamed[0]} is not.")
+    points = sorted((step_of(p), s) for p, s in summaries)
+    steps = [st for st, _ in points]
+    acc = [s["metrics"][f"avg@{s['n']}"] for _, s in points]
+    ci = np.array([s["ci95"].get(f"avg@{s['n']}", [a, a]) for (_, s), a in zip(points, acc)])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(steps, acc, yerr=[np.subtract(acc, ci[:, 0]), np.subtract(ci[:, 1], acc)], marker="o", capsize=3)
+    ax.set(xlabel="training step", ylabel="test accuracy (avg@n, 95% CI)", title=str(summaries[0][0].parent))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+# ----------------------------------------------------------------------------------------------
+
+
+def load_dataset_rows(dataset: str, template: str | None, limit: int) -> list[dict]:
+    """data_prep.py rows from a file or every .jsonl in a folder; --template re-renders the prompts."""
+    path = Path(dataset)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise SystemExit(f"{dataset}: the folder holds no .jsonl files; build them with data_prep.py.")
+    rows = [row for f in files for row in load_tasks(f)[:limit or None]]
+    seen = set()
+    for row in rows:
+        if row["id"] in seen:
+            raise SystemExit(f"{dataset}: id {row['id']!r} appears twice; ids must be unique across the files.")
+        seen.add(row["id"])
+    return [retemplate(r, template) for r in rows] if template else rows
+
+
+def retemplate(row: dict, template: str) -> dict:
+    """The row's question (its last user message, without PRIME's suffix) under another template."""
+    users = [m["content"] for m in row["prompt"] if m["role"] == "user"]
+    if not users:
+        raise SystemExit(f"--template: row {row['id']} has no user message to take the question from.")
+    question = users[-1].removesuffix(PRIME_SUFFIX)
+    meta = {**row.get("metadata", {}), "template": template, "answer_style": ANSWER_STYLE[template]}
+    return {**row, "prompt": build_prompt(template, question), "metadata": meta}
+
+
+def generate(args) -> tuple[list[dict], int]:
+    """Sample args.n completions per problem with common.Sampler and score them (common.evaluate)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # here: re-scoring needs no model
+
+    rows = load_dataset_rows(args.dataset, args.template, args.limit)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    backend = ("vllm" if vllm_available() else "hf") if args.sampler == "auto" else args.sampler
+    model = None
+    if backend == "hf":
+        dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    sampler = Sampler(backend, args.model, tokenizer, model=model, max_model_len=args.max_model_len,
+                      gpu_memory_utilization=args.gpu_memory_utilization,
+                      tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, seed=args.seed)
+    metrics, records = evaluate(sampler, tokenizer, rows, n=args.n, temperature=args.temperature,
+                                max_tokens=args.max_tokens, seed=args.seed, top_p=args.top_p)
+    return records, metrics["eval/grader_errors"]
+
+
+def default_out(model: str, dataset: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", model.strip("/")).strip("_")
+    return Path("runs/evals") / f"{slug}__{Path(dataset).name.removesuffix('.jsonl')}.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("files", nargs="*", help="outputs .jsonl files to re-score and compare (no model needed)")
+    p.add_argument("--model", help="hub id or local path: generate and score instead (needs --dataset)")
+    p.add_argument("--dataset", help="data_prep.py .jsonl file, or a folder: every .jsonl in it")
+    p.add_argument("--n", type=int, default=1, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--max_tokens", type=int, default=1024, help="maximum completion tokens")
+    p.add_argument("--template", choices=sorted(ANSWER_STYLE),
+                   help="re-render each prompt from its question with this data_prep.py template "
+                        "(default: the file's prompts as they are)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N problems of each dataset file (0: all)")
+    p.add_argument("--sampler", default="auto", choices=["auto", "vllm", "hf"],
+                   help="as in training: vllm if installed")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model weights")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max_model_len", type=int, default=0, help="vLLM: prompt + completion tokens (0: model's own)")
+    p.add_argument("--gpu_memory_utilization", type=float, default=0.3, help="vLLM: memory fraction (CPU RAM on CPU)")
+    p.add_argument("--tensor_parallel_size", type=int, default=1, help="vLLM: tensor parallel size")
+    p.add_argument("--by", default="subject,level", help="comma-separated metadata fields to break results down by")
+    p.add_argument("--out", help="with --model: the outputs .jsonl (default runs/evals/MODEL__DATASET.jsonl); "
+                                 "with files: a folder (default: scored/ next to each file)")
+    p.add_argument("--plot", nargs="?", const="", help="PNG of accuracy against step (files named step_N.jsonl); "
+                                                       "default path: accuracy_vs_step.png in the output folder")
+    p.add_argument("--strict", action="store_true", help="stop at malformed lines instead of skipping them")
+    args = p.parse_args(argv)
+    if bool(args.files) == bool(args.model or args.dataset):
+        p.error("give either OUTPUTS files to score, or --model and --dataset to generate (not both).")
+    if args.model and not args.dataset or args.dataset and not args.model:
+        p.error("--model and --dataset go together.")
+    if args.files and args.template:
+        p.error("--template only applies when generating (--model); saved outputs keep their prompts.")
+    if args.n < 1 or args.max_tokens < 1:
+        p.error("--n and --max_tokens must be at least 1.")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    by = tuple(f for f in args.by.split(",") if f)
+    summaries = []
+    if args.model:
+        records, errors = generate(args)
+        out = Path(args.out) if args.out else default_out(args.model, args.dataset)
+        summary = summarize(records, errors, by)
+        summary["config"] = {k: getattr(args, k) for k in ("model", "dataset", "n", "temperature", "top_p",
+                                                           "max_tokens", "template", "sampler", "seed", "limit")}
+        summary_path = write_outputs(records, summary, out)
+        print(report(str(out), summary))
+        print(f"wrote {out} and {summary_path}")
+        summaries.append((out, summary))
+        out_dir = out.parent
+    else:
+        paths = [Path(name) for name in args.files]
+        targets = [Path(args.out) / p.name if args.out else p.parent / "scored" / p.name for p in paths]
+        if len(set(targets)) < len(targets):
+            raise SystemExit("two input files have the same name and would be written to the same place in "
+                             f"--out {args.out}; score them into separate --out folders.")
+        out_dir = targets[0].parent
+        for path, target in zip(paths, targets):
+            records, errors = rescore(read_outputs(path, args.strict))
+            summary = summarize(records, errors, by)
+            summary_path = write_outputs(records, summary, target)
+            print(report(str(path), summary))
+            print(f"wrote {target} and {summary_path}\n")
+            summaries.append((path, summary))
+    if len(summaries) > 1:
+        table = comparison_table(summaries)
+        atomic_write_text(out_dir / "comparison.md", table + "\n")
+        print(table + f"\n\nwrote {out_dir / 'comparison.md'}")
+    if args.plot is not None:
+        png = Path(args.plot) if args.plot else out_dir / "accuracy_vs_step.png"
+        plot_accuracy(summaries, png)
+        print(f"wrote {png}")
+    shutdown_grader()
+
+
+if __name__ == "__main__":
+    main()
