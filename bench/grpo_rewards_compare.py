@@ -1,7 +1,7 @@
 """GRPO on the toy task with four reward set-ups, same warm start, seed and budget (issue 3 table).
 
-    python bench/grpo_rewards_compare.py                 # 200 steps each, seed 0 (about 15 min on 2 cores)
-    python bench/grpo_rewards_compare.py --seeds 0 1 2   # mean and spread over seeds
+    python bench/grpo_rewards_compare.py                 # 4 set-ups x 3 seeds, 2 at a time (about 25 min on 2 cores)
+    python bench/grpo_rewards_compare.py --seeds 0       # one seed
 
 Runs grpo_logprob.py once per set-up and seed (runs/bench_rewards/<setup>_s<seed>; a finished run
 is reused), then writes bench/results/grpo_rewards.md and prints one RESULT line. The log-prob
@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,9 +41,15 @@ def run_setup(name: str, seed: int, args) -> list[dict]:
         return metrics
     cmd = [sys.executable, "grpo_logprob.py", *SETUPS[name], "--seed", str(seed), "--total_steps",
            str(args.total_steps), "--output_dir", args.output_dir, "--run_name", f"{name}_s{seed}",
-           "--sampler", args.sampler, "--save_every", "0", *args.extra]
+           "--prompts_per_step", str(args.prompts_per_step), "--sampler", args.sampler, "--save_every", "0",
+           *args.extra]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    shutil.rmtree(run, ignore_errors=True)  # an interrupted run starts over
+    run.parent.mkdir(parents=True, exist_ok=True)
+    # one thread per run and --jobs runs at a time: tiny models use cores better side by side
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+    with open(run.parent / f"{run.name}.log", "w") as log:
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     return read_metrics(run)
 
 
@@ -51,17 +60,21 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--total_steps", type=int, default=200)
-    p.add_argument("--sampler", default="auto")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--total_steps", type=int, default=150)
+    p.add_argument("--prompts_per_step", type=int, default=8, help="x 8 samples each")
+    p.add_argument("--sampler", default="hf", help="hf: no engine start-up per run, one thread per run")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--output_dir", default="runs/bench_rewards")
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more grpo_logprob.py flags for every run")
     args = p.parse_args()
 
     rows, result = [], {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = {(n, s): pool.submit(run_setup, n, s, args) for n in args.setups for s in args.seeds}
     for name in args.setups:
-        runs = [run_setup(name, seed, args) for seed in args.seeds]
+        runs = [done[name, seed].result() for seed in args.seeds]
         evals = [[m for m in ms if "eval/accuracy" in m] for ms in runs]
         first, last = [e[0] for e in evals], [e[-1] for e in evals]
         acc0, acc = [m["eval/accuracy"] for m in first], [m["eval/accuracy"] for m in last]
@@ -71,8 +84,8 @@ def main():
         result[f"{name}_acc"] = round(statistics.fmean(acc), 3)
         result[f"{name}_gain"] = round(statistics.fmean(a - b for a, b in zip(acc, acc0)), 3)
     table = "\n".join([
-        f"Toy task, GRPO, {args.total_steps} steps, seeds {args.seeds}, test accuracy at temperature 1 "
-        "(avg over test problems, one sample each).",
+        f"Toy task, GRPO, {args.total_steps} steps x {args.prompts_per_step} prompts x 8 samples, seeds {args.seeds}, "
+        "test accuracy at temperature 1 (500 test problems, one sample each); mean ± sd over seeds.",
         "",
         "| reward | flags | test acc. step 0 | test acc. final | format rate final | gold log-prob step 0 | gold log-prob final |",
         "|---|---|---|---|---|---|---|",

@@ -1,0 +1,143 @@
+"""PRIME against outcome-only RLOO on the toy task: same script, warm start, seeds and sample budget.
+
+    python bench/prime_compare.py                      # 3 seeds x 2 variants x 200 toy steps
+    python bench/prime_compare.py --total_steps 3 --runs_dir /tmp/pc --extra "--eval_limit 20"   # plumbing check
+
+Runs `prime.py` (defaults = the toy settings) for each seed, once as PRIME and once with
+`--process_reward_coef 0` (outcome-only RLOO: no PRM; the prompt filter, buffer, PPO mini-batches
+and whitening stay the same), as subprocesses. A finished run folder (it has final/) is reused; a
+folder with checkpoints but no final/ is continued with --resume. Then writes
+bench/results/prime.md (table) and bench/results/prime.png (test accuracy and PRM accuracy against
+the step) and ends with one line: RESULT key=value ...
+"""
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = {"prime": [], "rloo": ["--process_reward_coef", "0"]}
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def ensure_run(args, variant: str, seed: int) -> Path:
+    name = f"{variant}_s{seed}"
+    run = Path(args.runs_dir) / name
+    if (run / "final").exists():
+        print(f"{name}: finished run reused")
+        return run
+    cmd = [sys.executable, "prime.py", "--run_name", name, "--output_dir", args.runs_dir, "--seed", str(seed),
+           "--total_steps", str(args.total_steps), *VARIANTS[variant], *shlex.split(args.extra)]
+    if (run / "checkpoints").exists() and any((run / "checkpoints").glob("step_*")):
+        cmd.append("--resume")
+    print("+ " + " ".join(cmd), flush=True)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    # one thread per run and --jobs runs at a time: tiny models use cores better side by side
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+    with open(run.parent / f"{name}.log", "a") as log:
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return run
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    return [statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per seed and variant")
+    ap.add_argument("--total_steps", type=int, default=200, help="update steps of every run")
+    ap.add_argument("--runs_dir", default="runs/prime_compare", help="where the run folders go (reused when finished)")
+    ap.add_argument("--extra", default="", help="more prime.py flags for every run, e.g. \"--sampler hf\"")
+    ap.add_argument("--out", default="bench/results", help="folder of prime.md and prime.png")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each with one thread when > 1)")
+    args = ap.parse_args()
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = {(v, s): pool.submit(ensure_run, args, v, s) for v in VARIANTS for s in args.seeds}
+    runs = {v: {s: read_metrics(done[v, s].result()) for s in args.seeds} for v in VARIANTS}
+    eval_steps = sorted({m["step"] for ms in runs["prime"].values() for m in ms if "eval/accuracy" in m})
+
+    def evals(variant, step):
+        return [next((m["eval/accuracy"] for m in ms if m["step"] == step and "eval/accuracy" in m), None)
+                for ms in runs[variant].values()]
+
+    def per_step(variant, key):  # {seed: [(step, value)]}
+        return {s: [(m["step"], m[key]) for m in ms if m.get(key) is not None] for s, ms in runs[variant].items()}
+
+    def late_mean(variant, key, last=20):
+        vals = [v for pts in per_step(variant, key).values() for _, v in pts[-last:]]
+        return statistics.mean(vals) if vals else None
+
+    out = REPO / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# PRIME vs outcome-only RLOO on the toy task ({len(args.seeds)} seeds, {args.total_steps} steps)", "",
+             f"Test accuracy ({runs['prime'][args.seeds[0]][0]['eval/num_problems']} test problems, temperature 1, "
+             "mean ± std over seeds) at each evaluation:", "",
+             "| variant | " + " | ".join(f"step {s}" for s in eval_steps) + " | PRM accuracy (last 20 steps) "
+             "| kept-prompt fraction | sampled groups |",
+             "|---|" + "---|" * (len(eval_steps) + 3)]
+    for v in VARIANTS:
+        sampled = [sum(m.get("filter/sampled_groups", 0) for m in ms) for ms in runs[v].values()]
+        prm_acc = late_mean(v, "prm/accuracy")
+        kept = late_mean(v, "filter/kept_frac", last=10**9)
+        lines.append(f"| {v} | " + " | ".join(mean_std(evals(v, s)) for s in eval_steps)
+                     + f" | {'-' if prm_acc is None else f'{prm_acc:.3f}'} | {kept:.3f} | {statistics.mean(sampled):.0f} |")
+    extra = f' --extra "{args.extra}"' if args.extra else ""
+    lines += ["", "PRM accuracy: within groups holding correct and incorrect samples, the fraction of (correct, "
+              "incorrect) pairs whose implicit sequence reward ranks the correct one higher (ties 1/2), on the "
+              "step's training batch, scored before that step's PRM update. RLOO trains no PRM.", "",
+              f"Regenerate: `python bench/prime_compare.py --seeds {' '.join(map(str, args.seeds))} "
+              f"--total_steps {args.total_steps} --runs_dir {args.runs_dir}{extra}`", ""]
+    (out / "prime.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for v, color in zip(VARIANTS, ("tab:red", "tab:blue")):
+        accs = [evals(v, s) for s in eval_steps]
+        means = [statistics.mean([a for a in acc if a is not None]) for acc in accs]
+        ax1.plot(eval_steps, means, "o-", color=color, label=f"{v} (mean of {len(args.seeds)} seeds)")
+        ax1.fill_between(eval_steps, [min(a for a in acc if a is not None) for acc in accs],
+                         [max(a for a in acc if a is not None) for acc in accs], color=color, alpha=0.15)
+        for s, pts in per_step(v, "prm/accuracy").items():
+            if pts:
+                ax2.plot([p for p, _ in pts], smooth([a for _, a in pts], 10), color=color, alpha=0.7,
+                         label=f"{v} seed {s}")
+    ax1.set(xlabel="step", ylabel="test accuracy (T=1)", title="test accuracy")
+    ax2.axhline(0.5, color="gray", lw=0.8, ls="--")
+    ax2.set(xlabel="step", ylabel="PRM pair accuracy (10-step mean)", title="implicit PRM accuracy (PRIME)")
+    ax1.legend(), ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "prime.png", dpi=120)
+    print("\n".join(lines))
+
+    final = {v: statistics.mean([a for a in evals(v, eval_steps[-1]) if a is not None]) for v in VARIANTS}
+    prm_acc = late_mean("prime", "prm/accuracy")
+    print(f"RESULT prime_final_acc={final['prime']:.3f} rloo_final_acc={final['rloo']:.3f} "
+          f"delta={final['prime'] - final['rloo']:+.3f} prime_prm_acc={prm_acc if prm_acc is not None else float('nan'):.3f} "
+          f"start_acc={statistics.mean([a for a in evals('prime', eval_steps[0]) if a is not None]):.3f} "
+          f"seeds={len(args.seeds)} steps={args.total_steps}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""PRIME: online implicit process rewards (Process Reinforcement through IMplicit rEwards).
+
+    python prime.py                                   # toy task, PRIME
+    python prime.py --process_reward_coef 0           # the same run, outcome-only RLOO (no PRM)
+
+One step: sample groups of completions, keep the prompts whose group accuracy is in [0.2, 0.8]
+(oversampling and a buffer of leftovers fill the batch), score every token with the implicit PRM
+(r_t = beta * (log pi_prm - log pi_ref)), train the PRM with cross-entropy on its sequence reward
+against the outcome, build leave-one-out returns per reward source, and take PPO mini-batch steps.
+Formulas: ../shared/REFERENCE.md section 4 (arXiv 2502.01456).
+
+The paper's setting (Qwen2.5-Math-7B SFT; Eurus-2-RL-Data), as a command line:
+    accelerate launch prime.py --model PRIME-RL/Eurus-2-7B-SFT --train_file data/eurus_train.jsonl \\
+        --test_file data/math500.jsonl --learning_rate 5e-7 --prm_learning_rate 1e-6 \\
+        --prompts_per_step 256 --num_generations 4 --num_mini_batches 4 --max_completion_length 3072 \\
+        --beta 0.05 --granularity token --prm_update after --reference frozen --gamma 1 \\
+        --micro_batch_size 4 --dtype bfloat16 --gradient_checkpointing --run_name prime_eurus
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common import (Rollout, Run, Sampler, Score, Timer, collate, encode_prompts, evaluate, index_batch, load_tasks,
+                    parse_args, prompts_for_step, score_completions, set_seed, step_seed, token_logprobs, unwrap)
+
+
+@dataclass
+class Args:
+    # --- run ---
+    run_name: str = "prime_toy"
+    """name of the run folder under output_dir"""
+    output_dir: str = "runs"
+    """where run folders go"""
+    seed: int = 0
+    """seed of sampling and of anything random in training"""
+    resume: bool = False
+    """continue the run in output_dir/run_name from its latest checkpoint (PRM, optimizers, buffer included)"""
+    track: bool = False
+    """log to Weights & Biases (offline automatically when there is no network)"""
+    wandb_project: str = "rl-reasoning"
+    """wandb project name"""
+    # --- model and data ---
+    model: str = "data/toy/model"
+    """hub id or local path of the starting model (policy, PRM and reference all start from it)"""
+    train_file: str = "data/toy/train.jsonl"
+    """training prompts (data_prep.py schema; the task needs a correctness check)"""
+    test_file: str = "data/toy/test.jsonl"
+    """test problems evaluated at step 0, every eval_every steps and at the end"""
+    dtype: str = "float32"
+    """training weights: float32 or bfloat16"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory (policy and PRM)"""
+    # --- sampling ---
+    sampler: str = "auto"
+    """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
+    prompts_per_step: int = 16
+    """prompts (groups) per update step after filtering, over all processes"""
+    num_generations: int = 4
+    """group size n: completions sampled per prompt (>= 2 for the leave-one-out baselines)"""
+    max_completion_length: int = 64
+    """maximum completion tokens"""
+    temperature: float = 1.0
+    """sampling temperature (the policy's PPO log-probs use the same; PRM and reference use 1)"""
+    max_model_len: int = 0
+    """vLLM: longest prompt + completion in tokens (0: the model's own limit)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
+    # --- prompt filter ---
+    filter_low: float = 0.2
+    """keep a prompt if the mean accuracy of its group is >= filter_low"""
+    filter_high: float = 0.8
+    """... and <= filter_high (the paper's [0.2, 0.8])"""
+    oversample: int = 2
+    """each sampling round draws oversample x the prompts still missing from the batch"""
+    max_sample_rounds: int = 4
+    """sampling rounds per step at most; if the batch is still short, train on what was kept (logged)"""
+    # --- implicit PRM ---
+    process_reward_coef: float = 1.0
+    """weight of the process return in the summed return; 0 = outcome-only RLOO (no PRM, no reference loaded)"""
+    beta: float = 0.05
+    """implicit reward scale: r_t = beta * (log pi_prm(y_t) - log pi_ref(y_t))"""
+    granularity: str = "token"
+    """token (a reward on every token) or whole (the sequence's sum on its last token)"""
+    reference: str = "frozen"
+    """log pi_ref: frozen (the starting model) or old_policy (the policy's log-probs before this step's update)"""
+    prm_update: str = "after"
+    """after (score with the PRM as it was, then update it: paper default) or before (update, then re-score)"""
+    prm_learning_rate: float = 1e-5
+    """AdamW learning rate of the PRM (paper, 7B: 1e-6; on the toy 1e-4 made the PRM drift and the policy worse)"""
+    # --- advantages and policy update ---
+    gamma: float = 1.0
+    """discount of the return-to-go"""
+    whiten_advantages: bool = True
+    """whiten the summed returns over all valid tokens of the batch (reference code: on; the paper does not say)"""
+    total_steps: int = 200
+    """update steps"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate of the policy (paper, 7B: 5e-7)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (policy and PRM)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (policy and PRM; 0: off)"""
+    num_mini_batches: int = 4
+    """optimizer steps per rollout batch, one per mini-batch, for the policy and for the PRM's single pass"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward pass; gradients accumulate over the mini-batch"""
+    epsilon: float = 0.2
+    """PPO clip range: ratio in [1 - epsilon, 1 + epsilon]"""
+    # --- evaluation and logging ---
+    eval_every: int = 50
+    """evaluate every k steps (0: only before the first update and at the end)"""
+    eval_limit: int = 500
+    """test problems per evaluation (0: all)"""
+    eval_num_samples: int = 1
+    """samples per test problem; accuracy is the mean over all of them"""
+    eval_temperature: float = 1.0
+    """evaluation temperature (0: greedy)"""
+    save_every: int = 20
+    """checkpoint every k steps (0: only at the end)"""
+    stop_at_step: int = 0
+    """checkpoint and exit after this step, as a preempted job would; continue with --resume (0: off)"""
+    log_rollouts_every: int = 10
+    """write the step's trained completions, outcomes and process rewards to rollouts.jsonl every k steps (0: never)"""
+
+
+# ----------------------------------------------------------------------------------------------
+# the algorithm: pure functions, unit-tested in tests/test_prime.py
+# ----------------------------------------------------------------------------------------------
+def implicit_process_rewards(prm_logprobs, ref_logprobs, mask, beta: float, granularity: str) -> torch.Tensor:
+    """Per-token rewards [N, C] from log-probs [N, C]: r_t = beta * (log pi_prm - log pi_ref) on each
+    valid token (token), or their sum placed on the last valid token (whole)."""
+    r = beta * (prm_logprobs - ref_logprobs) * mask
+    if granularity == "token":
+        return r
+    if granularity == "whole":
+        return r.sum(1, keepdim=True) * last_token_mask(mask)
+    raise SystemExit(f"--granularity {granularity!r}: use token or whole.")
+
+
+def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """1 on the last valid token of each row of a right-padded mask [N, C]."""
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    return torch.zeros_like(mask).scatter_(1, last[:, None], 1.0) * (mask.sum(1, keepdim=True) > 0)
+
+
+def prm_loss(prm_logprobs, ref_logprobs, mask, labels, beta: float) -> torch.Tensor:
+    """Per-sequence BCE [N] of sigmoid(beta * sum_t (log pi_prm - log pi_ref)) against the outcome label in [0, 1]."""
+    logits = beta * ((prm_logprobs - ref_logprobs) * mask).sum(1)
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+
+
+def keep_groups(correct: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Prompt filter: groups [G, n] of 0/1 outcomes whose mean accuracy lies in [low, high] -> bool [G]."""
+    acc = correct.float().mean(1)
+    return (acc >= low - 1e-9) & (acc <= high + 1e-9)
+
+
+def leave_one_out(rewards, reward_mask, group_size: int) -> torch.Tensor:
+    """Leave-one-out baseline of one reward source (paper eq. 5), rewards/reward_mask [N, C] with N = G * n.
+
+    rbar_j = mean of completion j's rewards over its reward_mask; each reward of completion i minus
+    mean_{j != i} rbar_j. Outcome: reward_mask = the last token, so rbar_j = r_o(j). Process: the
+    completion mask. (The reference code subtracts (sum_j rbar_j - r_t(i)) / (n - 1) instead, i.e.
+    leaves out the token's own reward rather than rbar_i; the two agree for the outcome.)
+    """
+    rbar = (rewards * reward_mask).sum(1) / reward_mask.sum(1).clamp(min=1)
+    groups = rbar.view(-1, group_size)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (rewards - baseline.reshape(-1, 1)) * reward_mask
+
+
+def discounted_returns(rewards, mask, gamma: float) -> torch.Tensor:
+    """Return-to-go R_t = sum_{s >= t} gamma^(s-t) r_s over valid tokens, [N, C]."""
+    out, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] * mask[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
+
+def whiten(values, mask, stats: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over valid tokens (unbiased var, as the reference code's masked_whiten).
+    stats = (count, sum, sum of squares) over all processes; default: this batch's."""
+    if stats is None:
+        stats = whiten_stats(values, mask)
+    count, total, sq = stats.double().tolist()
+    mean = total / count
+    var = max(sq / count - mean * mean, 0.0) * count / max(count - 1, 1)
+    return (values - mean) / (var + eps) ** 0.5 * mask
+
+
+def whiten_stats(values, mask) -> torch.Tensor:
+    return torch.stack([mask.sum(), (values * mask).sum(), (values * values * mask).sum()]).double()
+
+
+def prm_pair_accuracy(seq_rewards, correct, group_size: int) -> tuple[float, int]:
+    """Within each group, the (correct, incorrect) pairs the PRM ranks right: its sequence reward of the
+    correct sample above the incorrect one's (ties count 1/2). Returns (pairs ranked right, pairs)."""
+    right, pairs = 0.0, 0
+    for r, c in zip(seq_rewards.view(-1, group_size), correct.view(-1, group_size)):
+        diff = r[c > 0.5][:, None] - r[c <= 0.5][None, :]
+        right += (diff > 0).sum().item() + 0.5 * (diff == 0).sum().item()
+        pairs += diff.numel()
+    return right, pairs
+
+
+def ppo_token_loss(logprobs, old_logprobs, advantages, eps: float):
+    """Per-token PPO loss -min(s A, clip(s, 1-eps, 1+eps) A), s = exp(lp - old); advantages [N, C] per token.
+    Returns the loss and the mask of clipped tokens."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps, 1 + eps) * advantages)
+    return loss, ((ratio < 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))
+
+
+def rank_prompts(rows, start: int, count: int, seed: int, rank: int, world: int) -> list[dict]:
+    """Prompts start .. start+count-1 of this rank's stream: rank r reads every world-th prompt of the
+    seeded epoch order of common.prompts_for_step, so ranks never share a prompt."""
+    return [prompts_for_step(rows, i * world + rank + 1, 1, seed)[0] for i in range(start, start + count)]
+
+
+def to_json(groups: list[dict]) -> list[dict]:
+    return [dict(row=g["row"], rollouts=[asdict(r) for r in g["rollouts"]], scores=[asdict(s) for s in g["scores"]])
+            for g in groups]
+
+
+def from_json(groups: list[dict]) -> list[dict]:
+    return [dict(row=g["row"], rollouts=[Rollout(**r) for r in g["rollouts"]], scores=[Score(**s) for s in g["scores"]])
+            for g in groups]
+
+
+def main():
+    args = parse_args(Args)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(args.seed + rank)
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the process count {world}.")
+    if args.num_generations < 2 or args.oversample < 1 or args.max_sample_rounds < 1:
+        raise SystemExit("--num_generations must be >= 2, --oversample and --max_sample_rounds >= 1.")
+    for flag, value, allowed in (("granularity", args.granularity, ("token", "whole")),
+                                 ("reference", args.reference, ("frozen", "old_policy")),
+                                 ("prm_update", args.prm_update, ("after", "before"))):
+        if value not in allowed:
+            raise SystemExit(f"--{flag} {value!r}: use {' or '.join(allowed)}.")
+    use_prm = args.process_reward_coef != 0
+    per_rank, n = args.prompts_per_step // world, args.num_generations
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+    def load(trainable: bool):
+        m = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        if trainable and args.gradient_checkpointing:
+            m.gradient_checkpointing_enable()
+        return m if trainable else m.to(accelerator.device).eval().requires_grad_(False)
+
+    model = load(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    prm = prm_optimizer = ref = None
+    if use_prm:
+        prm = load(True)
+        prm_optimizer = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=args.weight_decay)
+        prm, prm_optimizer = accelerator.prepare(prm, prm_optimizer)  # saved and restored with the policy
+        ref = load(False) if args.reference == "frozen" else None
+
+    run = Run(args, accelerator, resume=args.resume)
+    start_step, data_pos, buffer = 0, 0, []  # this rank's position in its prompt stream, kept groups not yet used
+    if args.resume:
+        state = run.load_latest_checkpoint()
+        if len(state["data_pos"]) != world:
+            raise SystemExit(f"--resume: the checkpoint was written by {len(state['data_pos'])} processes; "
+                             "resume with as many.")
+        start_step, data_pos, buffer = state["step"], state["data_pos"][rank], from_json(state["buffer"][rank])
+    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), max_model_len=args.max_model_len,
+                      gpu_memory_utilization=args.vllm_gpu_memory_utilization, dtype=args.dtype, seed=args.seed)
+    if start_step:
+        sampler.push_weights(unwrap(model))
+    train_rows, test_rows = load_tasks(args.train_file), load_tasks(args.test_file)
+    test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run_eval(step):
+        metrics, records = evaluate(sampler, tokenizer, test_rows, n=args.eval_num_samples,
+                                    temperature=args.eval_temperature, max_tokens=args.max_completion_length,
+                                    seed=step_seed(args.seed, step, salt=1), accelerator=accelerator)
+        run.save_eval(step, records)
+        return metrics
+
+    def gathered(values) -> torch.Tensor:
+        return accelerator.gather(torch.as_tensor(values, dtype=torch.float32, device=accelerator.device)).cpu()
+
+    def global_sum(value) -> float:
+        return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum").item()
+
+    def logprobs_of(m, batch, micro, temperature=1.0):
+        with torch.no_grad():
+            return torch.cat([token_logprobs(m, index_batch(batch, i), temperature) for i in micro])
+
+    def mini_batch_steps(m, opt, batch, size_of, loss_of, stats):
+        """One pass in num_mini_batches optimizer steps. The loss normalizer spans the mini-batch on
+        all ranks; DDP averages gradients over ranks, so each rank backpropagates world * its share."""
+        grad_norm = torch.tensor(0.0)
+        order = torch.arange(len(batch["completion_mask"]), device=accelerator.device)
+        for mb_idx in order.tensor_split(args.num_mini_batches):
+            if len(mb_idx) == 0:  # fewer sequences than mini-batches (the same on every rank)
+                continue
+            normalizer = max(global_sum(size_of(batch["completion_mask"][mb_idx])), 1.0)
+            micro = [mb_idx[s:s + args.micro_batch_size] for s in range(0, len(mb_idx), args.micro_batch_size)]
+            for k, idx in enumerate(micro):
+                sync = accelerator.no_sync(m) if k < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    loss, extra = loss_of(index_batch(batch, idx))
+                    accelerator.backward(loss / normalizer * world)
+                stats += torch.cat([loss.detach()[None] / normalizer / args.num_mini_batches, extra])
+            if args.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(m.parameters(), args.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return grad_norm
+
+    if start_step == 0:
+        metrics = run_eval(0)
+        run.log(0, metrics)
+        accelerator.print(f"step 0 (warm start): test accuracy {metrics['eval/accuracy']:.3f}")
+
+    timer = Timer()
+    bar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
+               disable=not accelerator.is_main_process, desc="prime")
+    for step in bar:
+        t_step = time.perf_counter()
+        # --- rollout: leftovers first, then rounds of oversampled prompts until the batch is full ---
+        batch_groups, buffer = buffer[:per_rank], buffer[per_rank:]
+        sampled_correct, sampled_format, sampled_groups, kept_groups, rounds = [], [], 0, 0, 0
+        with timer("sample"):
+            while len(batch_groups) < per_rank and rounds < args.max_sample_rounds:
+                rows = rank_prompts(train_rows, data_pos, args.oversample * (per_rank - len(batch_groups)),
+                                    args.seed, rank, world)
+                data_pos += len(rows)
+                groups = sampler.generate(encode_prompts(tokenizer, rows), n, args.temperature,
+                                          args.max_completion_length, seed=step_seed(args.seed, step, rank, rounds))
+                scores, _ = score_completions([r for r in rows for _ in range(n)], [c.text for g in groups for c in g])
+                if any(s.correct is None for s in scores):
+                    raise SystemExit(f"{args.train_file}: PRIME needs tasks with a correctness check (not poem).")
+                correct = torch.tensor([s.correct for s in scores]).view(len(rows), n)
+                keep = keep_groups(correct, args.filter_low, args.filter_high)
+                sampled_correct += correct.flatten().tolist()
+                sampled_format += [s.format for s in scores]
+                sampled_groups, kept_groups = sampled_groups + len(rows), kept_groups + keep.sum().item()
+                rounds += 1
+                for i in keep.nonzero().flatten().tolist():
+                    group = dict(row=rows[i], rollouts=groups[i], scores=scores[i * n:(i + 1) * n])
+                    (batch_groups if len(batch_groups) < per_rank else buffer).append(group)
+        # every rank trains on the same number of groups, so that all join each collective
+        size = int(gathered([len(batch_groups)]).min().item())
+        batch_groups, buffer = batch_groups[:size], batch_groups[size:] + buffer
+
+        metrics = {}
+        if size > 0:
+            rollouts = [r for g in batch_groups for r in g["rollouts"]]
+            labels = torch.tensor([s.correct for g in batch_groups for s in g["scores"]], device=accelerator.device)
+            batch = collate(rollouts, pad_id, accelerator.device)
+            mask = batch["completion_mask"]
+            micro = [torch.arange(s, min(s + args.micro_batch_size, len(rollouts)), device=accelerator.device)
+                     for s in range(0, len(rollouts), args.micro_batch_size)]
+            with timer("score"):
+                batch["old_logprobs"] = logprobs_of(model, batch, micro, args.temperature)
+            # --- implicit process rewards, and the PRM update (before or after scoring) ---
+            token_rewards = torch.zeros_like(mask)
+            prm_stats = torch.zeros(1, device=accelerator.device)
+            if use_prm:
+                with timer("prm"):
+                    if ref is not None:
+                        batch["ref_logprobs"] = logprobs_of(ref, batch, micro)
+                    else:  # old_policy: the policy before this step's update, at temperature 1
+                        batch["ref_logprobs"] = batch["old_logprobs"] if args.temperature == 1.0 \
+                            else logprobs_of(model, batch, micro)
+                    batch["labels"] = labels
+
+                    def prm_loss_of(mb):
+                        lp = token_logprobs(prm, mb)
+                        return prm_loss(lp, mb["ref_logprobs"], mb["completion_mask"], mb["labels"], args.beta).sum(), \
+                            torch.zeros(0, device=accelerator.device)
+
+                    def update_prm():
+                        return mini_batch_steps(prm, prm_optimizer, batch, lambda m: len(m), prm_loss_of, prm_stats)
+
+                    if args.prm_update == "before":
+                        update_prm()
+                    prm_logprobs = logprobs_of(prm, batch, micro)
+                    if args.prm_update == "after":
+                        update_prm()
+                token_rewards = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, args.beta,
+                                                         args.granularity)
+            # --- advantages: leave-one-out per reward source, returns-to-go, summed, whitened ---
+            last = last_token_mask(mask)
+            outcome_returns = discounted_returns(leave_one_out(labels[:, None] * last, last, n), mask, args.gamma)
+            process_returns = discounted_returns(leave_one_out(token_rewards, mask, n), mask, args.gamma)
+            returns = outcome_returns + args.process_reward_coef * process_returns
+            if args.whiten_advantages:
+                returns = whiten(returns, mask, accelerator.reduce(whiten_stats(returns, mask), "sum"))
+            batch["advantages"] = returns
+
+            # --- update: PPO clip, token-mean over each mini-batch ---
+            def policy_loss_of(mb):
+                lp, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
+                loss, clipped = ppo_token_loss(lp, mb["old_logprobs"], mb["advantages"], args.epsilon)
+                m = mb["completion_mask"]
+                return (loss * m).sum(), torch.stack([(entropy * m).sum(), (clipped * m).sum(), m.sum()]).detach()
+
+            stats = torch.zeros(4, device=accelerator.device)  # loss, entropy, clipped tokens, tokens
+            with timer("update"):
+                grad_norm = mini_batch_steps(model, optimizer, batch, lambda m: m.sum(), policy_loss_of, stats)
+                sampler.push_weights(unwrap(model))
+
+            # --- logging ---
+            stats = accelerator.reduce(stats, "sum")
+            tokens = max(stats[3].item(), 1.0)
+            seq_rewards = token_rewards.sum(1).cpu()
+            lengths = gathered([len(r.completion_ids) for r in rollouts])
+            metrics = {
+                "reward": gathered(labels).mean().item(),
+                "completions/mean_length": lengths.mean().item(),
+                "completions/max_length": lengths.max().item(),
+                "completions/clipped_ratio": gathered(batch["truncated"].float()).mean().item(),
+                "loss": stats[0].item(),
+                "entropy": stats[1].item() / tokens,
+                "clip_ratio": stats[2].item() / tokens,
+                "advantages/abs_mean": global_sum((returns.abs() * mask).sum()) / tokens,
+                "grad_norm": float(grad_norm),
+                "num_tokens": lengths.sum().item(),
+            }
+            if use_prm:
+                right, pairs = prm_pair_accuracy(seq_rewards, labels.cpu(), n)
+                is_correct = labels.cpu() > 0.5
+                metrics.update({
+                    "prm/loss": accelerator.reduce(prm_stats, "sum").item(),
+                    "prm/accuracy": global_sum(right) / max(global_sum(pairs), 1.0),
+                    "prm/reward_correct": global_sum(seq_rewards[is_correct].sum()) / max(global_sum(is_correct.sum()), 1),
+                    "prm/reward_incorrect": global_sum(seq_rewards[~is_correct].sum())
+                    / max(global_sum((~is_correct).sum()), 1),
+                })
+            if args.log_rollouts_every and step % args.log_rollouts_every == 0:
+                records = [{"id": g["row"]["id"], "prompt": g["row"]["prompt"], "completion": r.text,
+                            "correct": s.correct, "process_reward": seq_rewards[i * n + j].item()}
+                           for i, g in enumerate(batch_groups)
+                           for j, (r, s) in enumerate(zip(g["rollouts"], g["scores"]))]
+                run.log_rollouts(step, gather_object(records) if world > 1 else records)
+        # ranks sample different numbers of completions: sums, not gathers (which need equal sizes)
+        sampled = global_sum(len(sampled_correct))
+        metrics.update({
+            "train/accuracy": global_sum(sum(sampled_correct)) / sampled if sampled else float("nan"),
+            "train/format_rate": global_sum(sum(sampled_format)) / sampled if sampled else float("nan"),
+            "filter/kept_frac": global_sum(kept_groups) / max(global_sum(sampled_groups), 1.0),
+            "filter/sampled_groups": global_sum(sampled_groups),
+            "filter/batch_groups": size * world,
+            "filter/sample_rounds": gathered([rounds]).max().item(),
+            "buffer/size": global_sum(len(buffer)),
+            **timer.pop(),
+        })
+        metrics["tokens_per_second"] = metrics.get("num_tokens", 0) / (time.perf_counter() - t_step)
+        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
+            metrics.update(run_eval(step))
+        run.log(step, metrics)
+        bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", kept=f"{metrics['filter/kept_frac']:.2f}")
+        if (args.save_every and step % args.save_every == 0) or step in (args.total_steps, args.stop_at_step):
+            # each rank's data position and buffer, gathered: accelerate writes from the main process only
+            run.save_checkpoint(step, extra=dict(data_pos=gather_object([data_pos]),
+                                                 buffer=gather_object([to_json(buffer)])))
+        if step == args.stop_at_step:
+            accelerator.print(f"stopped after step {step} (--stop_at_step); continue with --resume")
+            run.finish()
+            return
+
+    final = run.save_final(model, tokenizer)
+    history = [m for m in run.read_metrics() if "eval/accuracy" in m]
+    if history and accelerator.is_main_process:
+        first, last = history[0], history[-1]
+        print(f"test accuracy (temperature {args.eval_temperature}, {args.eval_num_samples} sample(s) per problem): "
+              f"step {first['step']}: {first['eval/accuracy']:.3f} -> step {last['step']}: {last['eval/accuracy']:.3f}")
+        print(f"run folder: {run.dir}   final model: {final}")
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
