@@ -1,0 +1,433 @@
+"""RAFT and RAFT++: train on the positive samples only (Minimal-RL, Xiong et al. 2025, arXiv 2504.11343).
+
+    python raft_pp.py                       # toy task, RAFT++ (the toy settings are the defaults)
+    python raft_pp.py --algo raft           # plain RAFT: supervised step on the positive samples
+    accelerate launch raft_pp.py --model Qwen/Qwen2.5-Math-1.5B --train_file data/math_train.jsonl \
+        --test_file data/math500.jsonl --algo raft++ --prompts_per_step 1024 --num_generations 4 \
+        --mini_batches 4 --learning_rate 1e-6 --weight_decay 0.01 --max_completion_length 3072 \
+        --kl_coef 0.001 --entropy_coef 0.001 --micro_batch_size 8 --dtype bfloat16 \
+        --gradient_checkpointing --run_name raftpp_math        # the paper's reference settings
+
+One step: sample a group of completions per prompt, keep the positive samples (reward equal to the
+group's maximum and better than a wrong answer: with right/wrong rewards, every correct sample;
+ties are all kept, as the paper's indicator 1[r = max_i r_i]), then
+  raft:   supervised steps on them:   l_t = -log pi_t
+  raft++: the same with importance sampling and PPO clipping:  l_t = -min(s_t, clip(s_t, 1-eps, 1+eps))
+          with s_t = exp(log pi_t - log pi_old_t); the paper found IS without the clip worse than RAFT.
+Loss = (1/|D|) sum_{seq in D} (1/|a|) sum_t l_t with D the positive samples of the optimizer batch
+(--normalizer selected) or every sample of it (--normalizer batch: the indicator inside a sum over
+the batch). The toy defaults take two optimizer steps per rollout batch: at the first the ratio is 1
+and RAFT++ has exactly RAFT's gradient; they differ from the second on. Formulas:
+../shared/REFERENCE.md section 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common import (Run, Sampler, Timer, collate, encode_prompts, evaluate, index_batch, load_tasks, parse_args,
+                    prompts_for_step, score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+
+
+@dataclass
+class Args:
+    # --- run ---
+    algo: str = "raft++"
+    """raft (supervised step on the positive samples) or raft++ (importance sampling with clipping)"""
+    run_name: str = ""
+    """name of the run folder under output_dir (empty: ALGO_toy)"""
+    output_dir: str = "runs"
+    """where run folders go"""
+    seed: int = 0
+    """seed of sampling and of anything random in training"""
+    resume: bool = False
+    """continue the run in output_dir/run_name from its latest checkpoint"""
+    track: bool = False
+    """log to Weights & Biases (offline automatically when there is no network)"""
+    wandb_project: str = "rl-reasoning"
+    """wandb project name"""
+    # --- model and data ---
+    model: str = "data/toy/model"
+    """hub id or local path of the starting model"""
+    train_file: str = "data/toy/train.jsonl"
+    """training prompts (data_prep.py schema; every task must have a correctness check)"""
+    test_file: str = "data/toy/test.jsonl"
+    """test problems evaluated at step 0, every eval_every steps and at the end"""
+    dtype: str = "float32"
+    """training weights: float32 or bfloat16"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    # --- sampling ---
+    sampler: str = "auto"
+    """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
+    prompts_per_step: int = 16
+    """prompts sampled per step (the rollout batch), over all processes (paper: 1024)"""
+    num_generations: int = 8
+    """completions sampled per prompt (paper: 4)"""
+    max_completion_length: int = 64
+    """maximum completion tokens (paper: 3072 to 4096)"""
+    temperature: float = 1.0
+    """sampling temperature (the training log-probs use the same)"""
+    top_p: float = 1.0
+    """nucleus sampling threshold"""
+    max_model_len: int = 0
+    """vLLM: longest prompt + completion in tokens (0: the model's own limit)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM: tensor parallel size of each engine"""
+    vllm_sleep: bool = True
+    """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
+    # --- reward ---
+    negative_reward: float = -1.0
+    """reward of a wrong answer (a correct one: +1): -1 (paper) or 0 (released code); RAFT only logs it"""
+    # --- optimization ---
+    total_steps: int = 200
+    """rollout steps (each: sample, then mini_batches x num_iterations optimizer steps)"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate (paper, 1.5B-7B models: 1e-6)"""
+    lr_schedule: str = "constant"
+    """constant or cosine (both after linear warmup), per optimizer step"""
+    warmup_steps: int = 0
+    """linear warmup, in optimizer steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (paper: 0.01)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0: off)"""
+    mini_batches: int = 1
+    """optimizer steps per pass over the rollout batch, each on a slice of whole prompts (paper: 1024 / 256 = 4)"""
+    num_iterations: int = 2
+    """passes over the rollout batch; mini_batches x num_iterations > 1 recomputes old log-probs after sampling"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward pass; gradients accumulate over the mini-batch"""
+    epsilon: float = 0.2
+    """raft++: clip range below, ratio >= 1 - epsilon"""
+    epsilon_high: float = 0.2
+    """raft++: clip range above, ratio <= 1 + epsilon_high"""
+    normalizer: str = "selected"
+    """|D| of the loss: selected (the positive samples, SFT on the accepted set) or batch (every sampled completion)"""
+    loss_type: str = "seq-mean-token-mean"
+    """seq-mean-token-mean (the paper's 1/|a| per sequence, then 1/|D|) or token-mean (sum over tokens / tokens of D)"""
+    kl_coef: float = 0.0
+    """k3 KL loss weight to the starting model (paper: 0.001)"""
+    entropy_coef: float = 0.0
+    """entropy bonus weight (paper: 0.001)"""
+    log_kl: bool = True
+    """log the KL to the starting model even when kl_coef is 0 (one extra no-grad forward of a frozen copy per step)"""
+    # --- evaluation and logging ---
+    eval_every: int = 50
+    """evaluate every k steps (0: only before the first update and at the end)"""
+    eval_limit: int = 500
+    """test problems per evaluation (0: all)"""
+    eval_num_samples: int = 1
+    """samples per test problem; accuracy is the mean over all of them"""
+    eval_temperature: float = 1.0
+    """evaluation temperature (0: greedy)"""
+    save_every: int = 20
+    """checkpoint every k steps (0: only at the end)"""
+    stop_at_step: int = 0
+    """checkpoint and exit after this step, as a preempted job would; continue with --resume (0: off)"""
+    log_rollouts_every: int = 10
+    """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
+
+
+# ----------------------------------------------------------------------------------------------
+# the algorithm: pure functions, unit-tested in tests/test_raft_pp.py
+# ----------------------------------------------------------------------------------------------
+def correctness_rewards(correct: torch.Tensor, negative_reward: float) -> torch.Tensor:
+    """+1 for a correct answer, negative_reward (-1 in the paper, 0 in the released code) otherwise."""
+    return torch.where(correct > 0, torch.ones_like(correct), torch.full_like(correct, negative_reward))
+
+
+def positive_samples(rewards: torch.Tensor, negative_reward: float) -> torch.Tensor:
+    """Samples RAFT trains on, from rewards [G, n]: reward equal to its group's maximum (ties: all of
+    them, the paper's 1[r = max_i r_i]) and above a wrong answer's, so an all-wrong group gives none."""
+    return (rewards == rewards.max(1, keepdim=True).values) & (rewards > negative_reward)
+
+
+def raft_token_loss(logprobs: torch.Tensor) -> torch.Tensor:
+    """RAFT, supervised: l_t = -log pi_t  [N, C]."""
+    return -logprobs
+
+
+def raft_pp_token_loss(logprobs, old_logprobs, eps_low: float, eps_high: float):
+    """RAFT++: l_t = -min(s_t, clip(s_t, 1-eps_low, 1+eps_high)), s_t = exp(lp - old): the PPO loss with
+    advantage 1 on a positive sample. At s = 1 its gradient is RAFT's. Returns the loss [N, C] and the
+    mask of tokens clipped above (no gradient there)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss = -torch.min(ratio, torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+    return loss, ratio > 1 + eps_high
+
+
+def kl_k3(logprobs, ref_logprobs):
+    """Per-token k3 estimator of KL(pi || ref): exp(ref - lp) - (ref - lp) - 1 (>= 0, unbiased)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def loss_normalizer(count_mask: torch.Tensor, loss_type: str) -> float:
+    """|D| of one optimizer batch (this process's part; the caller sums over processes): the
+    sequences (seq-mean-token-mean) or tokens (token-mean) of count_mask [N, C]. count_mask is the
+    loss mask (--normalizer selected) or every completion token (--normalizer batch)."""
+    if loss_type == "seq-mean-token-mean":
+        return float((count_mask.sum(1) > 0).sum().item())
+    if loss_type == "token-mean":
+        return count_mask.sum().item()
+    raise SystemExit(f"--loss_type {loss_type!r}: use seq-mean-token-mean or token-mean.")
+
+
+def aggregate_loss(token_loss, loss_mask, loss_type: str, normalizer: float) -> torch.Tensor:
+    """A micro-batch's share of (1/|D|) sum_seq (1/|a|) sum_t l_t (or sum_t l_t / tokens of D);
+    summing the shares of all micro-batches and processes gives the batch loss."""
+    if loss_type == "seq-mean-token-mean":
+        per_seq = (token_loss * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)
+        return per_seq.sum() / max(normalizer, 1.0)
+    return (token_loss * loss_mask).sum() / max(normalizer, 1.0)
+
+
+def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Consecutive slices of at most `size` row indices: one forward/backward pass each."""
+    return [rows[s:s + size] for s in range(0, len(rows), size)]
+
+
+def kl_efficiency(accuracy: float, start_accuracy: float, kl: float) -> float:
+    """Reward gain per unit KL to the starting model: (accuracy - accuracy at step 1) / KL. Measured on
+    the fraction of correct samples so that it does not depend on --negative_reward."""
+    return (accuracy - start_accuracy) / kl if kl > 0 else float("nan")
+
+
+def main():
+    args = parse_args(Args)
+    if args.algo not in ("raft", "raft++"):
+        raise SystemExit(f"--algo {args.algo!r}: use raft or raft++.")
+    if args.normalizer not in ("selected", "batch"):
+        raise SystemExit(f"--normalizer {args.normalizer!r}: use selected or batch.")
+    loss_normalizer(torch.ones(1, 1), args.loss_type)  # fails early on a bad --loss_type
+    args.run_name = args.run_name or f"{args.algo}_toy"
+    # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(args.seed + rank)
+    local_prompts = args.prompts_per_step // world
+    if args.prompts_per_step % world or local_prompts % args.mini_batches:
+        raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must split into {world} processes x "
+                         f"--mini_batches {args.mini_batches} whole prompts.")
+    uses_ratio = args.algo == "raft++"
+    needs_old = uses_ratio and args.mini_batches * args.num_iterations > 1  # the policy moves within the batch
+    needs_frozen = args.kl_coef > 0 or args.log_kl
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    frozen = None  # the starting model: KL reference and the KL-to-initial-policy metric
+    if needs_frozen:
+        frozen = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
+        frozen.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    updates = args.total_steps * args.mini_batches * args.num_iterations
+
+    def lr_lambda(step):
+        warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+        if args.lr_schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * step / updates))
+        return warm
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
+
+    run = Run(args, accelerator, resume=args.resume)
+    start_step = run.load_latest_checkpoint()["step"] if args.resume else 0
+    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), max_model_len=args.max_model_len,
+                      gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                      tensor_parallel_size=args.vllm_tensor_parallel_size, dtype=args.dtype, seed=args.seed,
+                      enable_sleep_mode=args.vllm_sleep)
+    if start_step:
+        sampler.push_weights(unwrap(model))
+    train_rows = load_tasks(args.train_file)
+    if any(r["task"] == "poem" for r in train_rows):
+        raise SystemExit(f"{args.train_file}: poem rows have no correctness check; RAFT needs a verifiable task.")
+    test_rows = load_tasks(args.test_file)
+    test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run_eval(step):
+        metrics, records = evaluate(sampler, tokenizer, test_rows, n=args.eval_num_samples,
+                                    temperature=args.eval_temperature, max_tokens=args.max_completion_length,
+                                    seed=step_seed(args.seed, step, salt=1), accelerator=accelerator)
+        run.save_eval(step, records)
+        return metrics
+
+    if start_step == 0:
+        metrics = run_eval(0)
+        run.log(0, metrics)
+        accelerator.print(f"step 0 (warm start): test accuracy {metrics['eval/accuracy']:.3f}")
+    # the reference point of kl_efficiency: train accuracy at step 1 (read back after a resume)
+    # (only the main process writes metrics, so the others may find nothing: they log nothing either)
+    start_accuracy = next((m["train/accuracy"] for m in run.read_metrics() if m["step"] == 1), float("nan"))
+
+    timer = Timer()
+    bar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
+               disable=not accelerator.is_main_process, desc=args.algo)
+    for step in bar:
+        t_step = time.perf_counter()
+        # --- rollout: this rank samples its share of the prompts, whole groups ---
+        rows = shard(prompts_for_step(train_rows, step, args.prompts_per_step, args.seed), rank, world)
+        with timer("sample"):
+            sampler.wake_up()
+            groups = sampler.generate(encode_prompts(tokenizer, rows), args.num_generations, args.temperature,
+                                      args.max_completion_length, seed=step_seed(args.seed, step, rank),
+                                      top_p=args.top_p)
+            sampler.sleep()
+        rollouts = [r for g in groups for r in g]
+        rollout_rows = [row for row, g in zip(rows, groups) for _ in g]
+
+        # --- rewards and selection: the positive samples of each group ---
+        with timer("score"):
+            scores, reward_errors = score_completions(rollout_rows, [r.text for r in rollouts])
+            correct = torch.tensor([s.correct or 0.0 for s in scores])
+            rewards = correctness_rewards(correct, args.negative_reward)
+            selected = positive_samples(rewards.view(len(rows), -1), args.negative_reward).flatten()
+
+        # --- update: mini_batches x num_iterations optimizer steps on the rollout batch ---
+        with timer("update"):
+            batch = collate(rollouts, pad_id, accelerator.device)
+            batch["loss_mask"] = batch["completion_mask"] * selected.to(accelerator.device)[:, None]
+            # Every sample goes through the forward pass (the unselected ones with a zero loss mask):
+            # the entropy and KL metrics then describe the policy on all its samples, and every
+            # process runs the same forward/backward calls, as DDP's collective ops need.
+            # --normalizer batch counts the unselected samples in |D| too.
+            batch["count_mask"] = batch["loss_mask"] if args.normalizer == "selected" else batch["completion_mask"]
+            everything = micro_batches(torch.arange(len(rollouts)), args.micro_batch_size)
+            with torch.no_grad():
+                if needs_old:  # from the trainer, right after sampling: the policy that sampled
+                    batch["old_logprobs"] = torch.cat([token_logprobs(model, index_batch(batch, i), args.temperature)
+                                                       for i in everything])
+                if needs_frozen:
+                    batch["ref_logprobs"] = torch.cat([token_logprobs(frozen, index_batch(batch, i), args.temperature)
+                                                       for i in everything])
+            per_mini = len(rollouts) // args.mini_batches  # whole groups: local_prompts % mini_batches == 0
+            stats = torch.zeros(6, device=accelerator.device)  # loss, kl, entropy, tokens, clipped, skipped
+            grad_norm = torch.tensor(0.0)
+            for it in range(args.num_iterations):
+                for j in range(args.mini_batches):
+                    rows_mb = torch.arange(j * per_mini, (j + 1) * per_mini)
+                    # |D| of this optimizer step, over all processes; DDP averages gradients over
+                    # processes, so each backpropagates world * its share to get the global mean.
+                    normalizer = accelerator.reduce(torch.tensor(loss_normalizer(
+                        batch["count_mask"][rows_mb], args.loss_type), device=accelerator.device), "sum").item()
+                    # No positive sample on any process: no step (Adam would still move on its momentum).
+                    # The decision is global, so all processes skip together.
+                    skip = normalizer == 0
+                    stats[5] += float(skip)
+                    if skip and it > 0:
+                        continue
+                    parts = micro_batches(rows_mb, args.micro_batch_size)
+                    for k, idx in enumerate(parts):
+                        mb = index_batch(batch, idx)
+                        sync = accelerator.no_sync(model) if k < len(parts) - 1 else contextlib.nullcontext()
+                        with sync, torch.set_grad_enabled(not skip):
+                            logprobs, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
+                            if uses_ratio:
+                                old = mb["old_logprobs"] if needs_old else logprobs.detach()
+                                token_loss, clipped = raft_pp_token_loss(logprobs, old, args.epsilon, args.epsilon_high)
+                            else:
+                                token_loss, clipped = raft_token_loss(logprobs), torch.zeros_like(mb["loss_mask"])
+                            kl = kl_k3(logprobs, mb["ref_logprobs"]) if needs_frozen else torch.zeros_like(logprobs)
+                            token_loss = token_loss + args.kl_coef * kl - args.entropy_coef * entropy
+                            loss = aggregate_loss(token_loss, mb["loss_mask"], args.loss_type, normalizer)
+                            if not skip:
+                                accelerator.backward(loss * world)
+                        m, c = mb["loss_mask"], mb["completion_mask"]
+                        stats[0] += loss.detach() / (args.num_iterations * args.mini_batches)
+                        stats[4] += (clipped * m).sum()
+                        if it == 0:  # metrics of the policy that sampled, on every sampled token
+                            stats[1:4] += torch.stack([(kl * c).sum().detach(), (entropy * c).sum().detach(), c.sum()])
+                    if skip:
+                        continue
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
+                        if args.max_grad_norm > 0 else torch.tensor(0.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            sampler.wake_up()
+            sampler.push_weights(unwrap(model))
+
+        # --- logging ---
+        def gathered(values) -> torch.Tensor:
+            return accelerator.gather(torch.as_tensor(values, dtype=torch.float32, device=accelerator.device)).cpu()
+
+        stats = accelerator.reduce(stats, "sum")
+        tokens = max(stats[3].item(), 1.0)
+        all_rewards, all_correct = gathered(rewards), gathered(correct)
+        all_selected = gathered(selected.float()).view(-1, args.num_generations)
+        lengths = gathered([len(r.completion_ids) for r in rollouts])
+        metrics = {
+            "reward": all_rewards.mean().item(),
+            "reward_std": all_rewards.std().item(),
+            "rewards/errors": gathered([float(reward_errors)]).sum().item(),
+            "train/accuracy": all_correct.mean().item(),
+            "train/format_rate": gathered([s.format for s in scores]).mean().item(),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": gathered(batch["truncated"].float()).mean().item(),
+            "frac_reward_zero_std": (all_correct.view(-1, args.num_generations).std(1) == 0).float().mean().item(),
+            "kept_prompts_frac": (all_selected.sum(1) > 0).float().mean().item(),  # prompts with a positive sample
+            "positive_samples": all_selected.sum().item(),  # samples in the loss
+            "skipped_updates": stats[5].item() / world,  # optimizer steps with no positive sample
+            "loss": stats[0].item(),
+            "entropy": stats[2].item() / tokens,
+            "grad_norm": float(grad_norm),
+            "learning_rate": scheduler.get_last_lr()[0],
+            "num_tokens": lengths.sum().item(),
+            **timer.pop(),
+        }
+        if uses_ratio:  # share of the trained tokens clipped above, over the iterations
+            trained = gathered(batch["loss_mask"].sum()).sum().item() * args.num_iterations
+            metrics["clip_ratio/high_mean"] = stats[4].item() / max(trained, 1.0)
+        if needs_frozen:
+            metrics["kl"] = stats[1].item() / tokens  # to the starting model, before this step's update
+            if step == 1:
+                start_accuracy = metrics["train/accuracy"]
+            metrics["kl_efficiency"] = kl_efficiency(metrics["train/accuracy"], start_accuracy, metrics["kl"])
+        metrics["tokens_per_second"] = metrics["num_tokens"] / (time.perf_counter() - t_step)
+        if args.log_rollouts_every and step % args.log_rollouts_every == 0:
+            from accelerate.utils import gather_object
+
+            records = [{"id": row["id"], "prompt": row["prompt"], "completion": r.text, "reward": rw.item(),
+                        "correct": s.correct, "format": s.format, "selected": bool(sel)}
+                       for row, r, rw, s, sel in zip(rollout_rows, rollouts, rewards, scores, selected)]
+            run.log_rollouts(step, gather_object(records) if world > 1 else records)
+        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
+            metrics.update(run_eval(step))
+        run.log(step, metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+        if (args.save_every and step % args.save_every == 0) or step in (args.total_steps, args.stop_at_step):
+            run.save_checkpoint(step)
+        if step == args.stop_at_step:
+            accelerator.print(f"stopped after step {step} (--stop_at_step); continue with --resume")
+            run.finish()
+            return
+
+    final = run.save_final(model, tokenizer)
+    history = [m for m in run.read_metrics() if "eval/accuracy" in m]
+    if history and accelerator.is_main_process:
+        first, last = history[0], history[-1]
+        print(f"test accuracy (temperature {args.eval_temperature}, {args.eval_num_samples} sample(s) per problem): "
+              f"step {first['step']}: {first['eval/accuracy']:.3f} -> step {last['step']}: {last['eval/accuracy']:.3f}")
+        print(f"run folder: {run.dir}   final model: {final}")
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Reinforce / Reinforce-rej math with hand-computed numbers (loss, filtering, normalization after
+filtering), the DDP gradient with a process whose prompts were all removed, and reinforce_rej.py end
+to end on the tiny toy task (under `accelerate launch` and under a two-process torchrun)."""
+
+import math
+import sys
+import textwrap
+
+import torch
+
+from conftest import REPO, read_jsonl, run_script
+from reinforce_rej import (aggregate_loss, correctness_rewards, kl_efficiency, loss_normalizer, mixed_prompts,
+                           reinforce_token_loss)
+
+
+# --- filtering --------------------------------------------------------------------------------
+def test_mixed_prompts_drop_all_correct_and_all_wrong():
+    correct = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    assert mixed_prompts(correct).tolist() == [True, False, False, True]
+    assert mixed_prompts(torch.tensor([[1.0], [0.0]])).tolist() == [False, False]  # one sample: never mixed
+
+
+# --- the loss ---------------------------------------------------------------------------------
+def test_reinforce_loss_hand_numbers():
+    # ratios 1.5, 0.5, 1.0 with r = +1 (row 0) and r = -1 (row 1); eps 0.2
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.0], [1.5, 0.5, 1.0]])).requires_grad_()
+    loss, low, high = reinforce_token_loss(lp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), 0.2, 0.2)
+    # r=+1: -min(s, clip(s)) -> -1.2 (clipped), -0.5, -1.0;  r=-1: -min(-s, -clip(s)) -> 1.5, 0.8 (clipped), 1.0
+    assert torch.allclose(loss, torch.tensor([[-1.2, -0.5, -1.0], [1.5, 0.8, 1.0]]), atol=1e-6)
+    assert high.tolist() == [[True, False, False], [False, False, False]]
+    assert low.tolist() == [[False, False, False], [False, True, False]]
+    loss.sum().backward()
+    assert torch.allclose(lp.grad, torch.tensor([[0.0, -0.5, -1.0], [1.5, 0.0, 1.0]]), atol=1e-6)
+
+
+def test_zero_one_rewards_give_wrong_answers_no_gradient():
+    """The released code's {0, 1}: a wrong answer's reward is 0, so its loss and gradient vanish."""
+    rewards = correctness_rewards(torch.tensor([1.0, 0.0]), 0.0)
+    lp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]])).requires_grad_()
+    loss, _, _ = reinforce_token_loss(lp, lp.detach(), rewards, 0.2, 0.2)
+    loss.sum().backward()
+    assert lp.grad[1].tolist() == [0.0, 0.0] and lp.grad[0].tolist() == [-1.0, -1.0]
+
+
+# Three prompts x 3 samples, on policy (s = 1, so l_t = -r): A = [+1, +1, -1] (mixed), B all wrong,
+# C = [+1, +1, -1] (mixed). Sample lengths: A 2, 1, 1 tokens; B and C 1 token each.
+CORRECT = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+REWARDS = correctness_rewards(CORRECT, -1.0).flatten()
+COMPLETION = torch.tensor([[1.0, 1.0]] + [[1.0, 0.0]] * 8)
+
+
+def test_filtering_removes_prompts_and_the_normalizer_counts_only_kept_samples():
+    kept = mixed_prompts(CORRECT).repeat_interleave(3).float()
+    assert kept.tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+    mask = COMPLETION * kept[:, None]
+    lp = torch.full((9, 2), -0.7, requires_grad=True)
+    token_loss, _, _ = reinforce_token_loss(lp, lp.detach(), REWARDS, 0.2, 0.2)
+    norm = loss_normalizer(mask, "seq-mean-token-mean")
+    assert norm == 6  # |D| = the 6 samples of A and C
+    loss = aggregate_loss(token_loss, mask, "seq-mean-token-mean", norm)
+    # sum of per-sequence means of -r over the kept samples: -(1 + 1 - 1) * 2 = -2; / 6
+    assert math.isclose(loss.item(), -2 / 6, rel_tol=1e-6)
+    loss.backward()
+    # d/d lp_t = -r / (|a| |D|): A's first sample has 2 tokens -> -1/12 each; removed prompt B -> 0
+    assert torch.allclose(lp.grad[0], torch.tensor([-1 / 12, -1 / 12]))
+    assert torch.allclose(lp.grad[2], torch.tensor([1 / 6, 0.0]))
+    assert torch.all(lp.grad[3:6] == 0)
+    # the same as the smaller batch with B physically removed
+    rows = torch.tensor([0, 1, 2, 6, 7, 8])
+    small = aggregate_loss(token_loss.detach()[rows], COMPLETION[rows], "seq-mean-token-mean",
+                           loss_normalizer(COMPLETION[rows], "seq-mean-token-mean"))
+    assert math.isclose(small.item(), loss.item(), rel_tol=1e-6)
+    # zeroing instead (B's rewards set to 0, B still counted in |D| = 9) would give -2/9
+    zeroed = aggregate_loss(token_loss.detach() * kept[:, None], COMPLETION, "seq-mean-token-mean",
+                            loss_normalizer(COMPLETION, "seq-mean-token-mean"))
+    assert math.isclose(zeroed.item(), -2 / 9, rel_tol=1e-6)
+    # vanilla Reinforce keeps B, whose three -1 rewards push the loss to (-2 + 3) / 9
+    vanilla = aggregate_loss(token_loss.detach(), COMPLETION, "seq-mean-token-mean", 9)
+    assert math.isclose(vanilla.item(), 1 / 9, rel_tol=1e-6)
+    # token-mean after filtering: sum over kept tokens / 7 kept tokens = (-1 -1 -1 +1 -1 -1 +1) / 7
+    assert math.isclose(aggregate_loss(token_loss.detach(), mask, "token-mean",
+                                       loss_normalizer(mask, "token-mean")).item(), -3 / 7, rel_tol=1e-6)
+
+
+def test_kl_efficiency_hand_numbers():
+    assert math.isclose(kl_efficiency(0.75, 0.5, 0.05), 5.0, rel_tol=1e-9)
+
+
+# --- DDP: a process whose prompts were all removed still joins the gradient all-reduce ---------
+DDP_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, REPO)
+    from common import collate_ids, token_logprobs, unwrap
+    from reinforce_rej import aggregate_loss, correctness_rewards, loss_normalizer, mixed_prompts, reinforce_token_loss
+
+    acc = Accelerator(cpu=True)
+    rank, world = acc.process_index, acc.num_processes
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(3, 200, (p,), generator=g).tolist(), torch.randint(3, 200, (c,), generator=g).tolist())
+             for p, c in [(5, 2), (7, 9), (3, 4), (6, 1), (4, 3), (5, 5), (2, 6), (6, 2)]]
+    # 4 prompts x 2 samples; rank 0 gets prompts 0-1 (mixed), rank 1 prompts 2-3 (all right, all wrong)
+    correct = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    kept = mixed_prompts(correct).repeat_interleave(2)
+    rewards = correctness_rewards(correct, -1.0).flatten()
+    for loss_type in ("seq-mean-token-mean", "token-mean"):
+        # reference: one process, the removed prompts dropped from the batch
+        reference = AutoModelForCausalLM.from_pretrained(MODEL)
+        rows = kept.nonzero().flatten().tolist()
+        batch = collate_ids([pairs[i] for i in rows], 0, "cpu")
+        lp = token_logprobs(reference, batch)
+        loss = aggregate_loss(reinforce_token_loss(lp, lp.detach(), rewards[rows], 0.2, 0.2)[0],
+                              batch["completion_mask"], loss_type, loss_normalizer(batch["completion_mask"], loss_type))
+        loss.backward()
+        # reinforce_rej.py's way: every sample forwarded, the removed ones masked, global normalizer
+        model = acc.prepare(AutoModelForCausalLM.from_pretrained(MODEL))
+        mine = slice(4 * rank, 4 * rank + 4)
+        batch = collate_ids(pairs[mine], 0, "cpu")
+        mask = batch["completion_mask"] * kept[mine][:, None]
+        norm = acc.reduce(torch.tensor(loss_normalizer(mask, loss_type)), "sum").item()
+        lp = token_logprobs(model, batch)
+        part = aggregate_loss(reinforce_token_loss(lp, lp.detach(), rewards[mine], 0.2, 0.2)[0], mask, loss_type, norm)
+        if rank == 1:
+            assert part.item() == 0.0  # nothing kept here: a zero loss, but backward all the same
+        acc.backward(part * world)
+        for (name, p), q in zip(unwrap(model).named_parameters(), reference.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), f"{loss_type}: gradient of {name} differs"
+    acc.print("REJ_DDP_OK")
+    acc.wait_for_everyone()
+    acc.end_training()
+""")
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29542"]
+
+
+def test_ddp_gradient_with_a_process_that_kept_nothing(toy, tmp_path):
+    script = tmp_path / "rej_ddp_check.py"
+    script.write_text(f"REPO = {str(REPO)!r}\nMODEL = {str(toy / 'model')!r}\n" + DDP_CHECK)
+    assert "REJ_DDP_OK" in run_script([str(script)], launcher=TORCHRUN, timeout=300).stdout
+
+
+# --- the script end to end --------------------------------------------------------------------
+def rej_cmd(toy, out, name, *extra):
+    return ["reinforce_rej.py", "--model", str(toy / "model"), "--train_file", str(toy / "train.jsonl"),
+            "--test_file", str(toy / "test.jsonl"), "--output_dir", str(out), "--run_name", name,
+            "--total_steps", "2", "--prompts_per_step", "4", "--num_generations", "4",
+            "--max_completion_length", "48", "--eval_limit", "10", "--log_rollouts_every", "1", *extra]
+
+
+def test_reinforce_under_accelerate_launch_with_vllm(toy, tmp_path):
+    out = run_script(rej_cmd(toy, tmp_path, "acc", "--algo", "reinforce", "--sampler", "vllm", "--kl_coef", "0.01",
+                             "--entropy_coef", "0.01", "--num_iterations", "2"),
+                     launcher=ACCELERATE, env={"HF_HUB_OFFLINE": "1"})
+    metrics = read_jsonl(tmp_path / "acc" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for key in ("reward", "entropy", "kl", "kl_efficiency", "kept_prompts_frac", "used_samples", "positive_samples",
+                "clip_ratio/low_mean", "clip_ratio/high_mean", "loss", "grad_norm"):
+        assert key in metrics[1], key
+    assert all(m["kept_prompts_frac"] == 1.0 and m["used_samples"] == 16 for m in metrics[1:])  # no filter
+    assert metrics[1]["reward"] == 2 * metrics[1]["train/accuracy"] - 1  # rewards in {-1, +1}
+    assert metrics[2]["kl"] > 0 and "test accuracy" in out.stdout
+
+
+def test_reinforce_rej_on_two_processes(toy, tmp_path):
+    run_script(rej_cmd(toy, tmp_path, "ddp", "--sampler", "hf"), launcher=TORCHRUN, timeout=600)
+    metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2] and metrics[0]["eval/num_problems"] == 10
+    rollouts = read_jsonl(tmp_path / "ddp" / "rollouts.jsonl")
+    for step in (1, 2):  # the logged filter counts agree with the rollouts of both processes
+        by_prompt = {}
+        for r in (r for r in rollouts if r["step"] == step):
+            by_prompt.setdefault(r["id"], []).append(r)
+        mixed = [g for g in by_prompt.values() if 0 < sum(r["correct"] for r in g) < len(g)]
+        assert all(r["kept"] == (g in mixed) for g in by_prompt.values() for r in g)
+        assert metrics[step]["kept_prompts_frac"] == len(mixed) / 4
+        assert metrics[step]["used_samples"] == 4 * len(mixed)
+        assert metrics[step]["positive_samples"] == sum(r["correct"] for g in mixed for r in g)
+
+
+def test_reinforce_rej_skips_the_update_when_every_prompt_is_removed(toy, tmp_path):
+    """One sample per prompt: every prompt is all right or all wrong, so nothing is left to train on;
+    no optimizer step is taken (AdamW would still move the weights on its state)."""
+    run_script(rej_cmd(toy, tmp_path, "empty", "--sampler", "hf", "--num_generations", "1", "--total_steps", "1",
+                       "--eval_limit", "4", "--num_iterations", "2"))
+    metrics = read_jsonl(tmp_path / "empty" / "metrics.jsonl")
+    assert metrics[1]["kept_prompts_frac"] == 0 and metrics[1]["used_samples"] == 0
+    assert metrics[1]["skipped_updates"] == 2 and metrics[1]["loss"] == 0  # both iterations skipped
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(toy / "model").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "empty" / "final").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
