@@ -1,6 +1,7 @@
 """GRPO math with hand-computed numbers, and the script end to end on the tiny toy task."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -251,8 +252,11 @@ def test_grpo_end_to_end_hf(toy, tmp_path):
 
 
 def test_logprob_reward_end_to_end_trains_only_the_reasoning(toy, tmp_path):
+    """Also the `accelerate launch` entry point."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
     run_script(grpo_cmd(toy, tmp_path, "lp", "--sampler", "hf", "--total_steps", "2", "--reward", "logprob=1",
-                        "--logprob_scorer", "initial", "--logprob_debias", "--reward_norm", "zscore"))
+                        "--logprob_scorer", "initial", "--logprob_debias", "--reward_norm", "zscore"),
+               launcher=accelerate, env={"HF_HUB_OFFLINE": "1"})
     metrics = read_jsonl(tmp_path / "lp" / "metrics.jsonl")
     step = metrics[1]
     assert "rewards/correct/mean" not in step and "rewards/logprob/mean" in step and "rewards/no_marker" in step
