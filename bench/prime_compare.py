@@ -1,6 +1,6 @@
 """PRIME against outcome-only RLOO on the toy task: same script, warm start, seeds and sample budget.
 
-    python bench/prime_compare.py                      # 3 seeds x 2 variants x 200 toy steps
+    python bench/prime_compare.py                      # 3 seeds x 2 variants x 100 toy steps, 2 runs at a time (~20 min, 2 cores)
     python bench/prime_compare.py --total_steps 3 --runs_dir /tmp/pc --extra "--eval_limit 20"   # plumbing check
 
 Runs `prime.py` (defaults = the toy settings) for each seed, once as PRIME and once with
@@ -62,9 +62,9 @@ def smooth(values: list[float], window: int) -> list[float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per seed and variant")
-    ap.add_argument("--total_steps", type=int, default=200, help="update steps of every run")
+    ap.add_argument("--total_steps", type=int, default=100, help="update steps of every run")
     ap.add_argument("--runs_dir", default="runs/prime_compare", help="where the run folders go (reused when finished)")
-    ap.add_argument("--extra", default="", help="more prime.py flags for every run, e.g. \"--sampler hf\"")
+    ap.add_argument("--extra", default="--sampler hf", help="more prime.py flags for every run (hf: no engine start-up per run)")
     ap.add_argument("--out", default="bench/results", help="folder of prime.md and prime.png")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each with one thread when > 1)")
     args = ap.parse_args()
