@@ -11,7 +11,8 @@ steps after the first (warm-up) of completion tokens / wall time of the step:
   - trl:       trl.GRPOTrainer (transformers generate; TRL's default without a vLLM server)
 Identical: 16 prompts x 8 completions per step, temperature 1, micro-batches of 64 completions (TRL:
 per_device_train_batch_size 64, gradient_accumulation_steps 2, one generation per optimizer step),
-token-mean loss (TRL "dapo"), group std, beta 0, one iteration, AdamW lr 5e-5, grad clip 1.0,
+token-mean loss (TRL "dapo"), group std, beta 0, one iteration, AdamW lr 5e-5, grad clip 1.0 (on
+the 25M model micro-batches of 32: TRL's [64, 129, 151936] float32 logits would not fit in 24 GB),
 the same correctness reward function. Models: the toy model (natural lengths up to 64 tokens) and
 the random-weight Qwen2-shaped 25M-parameter model of bench/sampler_throughput.py (vocabulary
 151,936) with 128-token completions (random weights almost never stop early).
@@ -38,15 +39,15 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-PROMPTS, GROUP, MICRO, LR = 16, 8, 64, 5e-5
+PROMPTS, GROUP, LR = 16, 8, 5e-5
 
 
-def ours(model: str, train: str, max_len: int, sampler: str, steps: int, out: Path) -> list[float]:
+def ours(model: str, train: str, max_len: int, micro: int, sampler: str, steps: int, out: Path) -> list[float]:
     """Per-step tokens/s of grpo_logprob.py (its `tokens_per_second`: sample + score + update + push)."""
     cmd = [sys.executable, "grpo_logprob.py", "--model", model, "--train_file", train, "--test_file", train,
            "--sampler", sampler, "--total_steps", str(steps), "--prompts_per_step", str(PROMPTS),
            "--num_generations", str(GROUP), "--max_completion_length", str(max_len), "--micro_batch_size",
-           str(MICRO), "--learning_rate", str(LR), "--reward", "correct=1", "--eval_limit", "4",
+           str(micro), "--learning_rate", str(LR), "--reward", "correct=1", "--eval_limit", "4",
            "--eval_every", "0", "--save_every", "0", "--log_rollouts_every", "0", "--output_dir", str(out),
            "--run_name", sampler]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
@@ -54,7 +55,7 @@ def ours(model: str, train: str, max_len: int, sampler: str, steps: int, out: Pa
     return [m["tokens_per_second"] for m in metrics if m["step"] >= 1]
 
 
-def trl_worker(model: str, train: str, max_len: int, steps: int, out: str) -> None:
+def trl_worker(model: str, train: str, max_len: int, micro: int, steps: int, out: str) -> None:
     """Runs in its own process: TRL GRPOTrainer for `steps` steps; prints per-step tokens/s as JSON."""
     import torch
     from datasets import Dataset
@@ -83,8 +84,8 @@ def trl_worker(model: str, train: str, max_len: int, steps: int, out: str) -> No
         def on_step_end(self, *a, **k):
             ends.append(time.perf_counter())
 
-    config = GRPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=MICRO,
-                        gradient_accumulation_steps=PROMPTS * GROUP // MICRO, num_generations=GROUP,
+    config = GRPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=micro,
+                        gradient_accumulation_steps=PROMPTS * GROUP // micro, num_generations=GROUP,
                         max_completion_length=max_len, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
                         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo",
                         scale_rewards="group", temperature=1.0, top_p=1.0, num_iterations=1, epsilon=0.2,
@@ -98,8 +99,8 @@ def trl_worker(model: str, train: str, max_len: int, steps: int, out: str) -> No
     print("TRL_RATES " + json.dumps(rates))
 
 
-def trl(model: str, train: str, max_len: int, steps: int, out: Path) -> list[float]:
-    proc = subprocess.run([sys.executable, __file__, "--trl_worker", model, train, str(max_len), str(steps),
+def trl(model: str, train: str, max_len: int, micro: int, steps: int, out: Path) -> list[float]:
+    proc = subprocess.run([sys.executable, __file__, "--trl_worker", model, train, str(max_len), str(micro), str(steps),
                            str(out / "trl")], cwd=REPO, capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith("TRL_RATES ")]
     if proc.returncode or not line:
@@ -127,23 +128,23 @@ def main():
     p.add_argument("--train_file", default="data/toy/train.jsonl")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per set-up (the first is warm-up)")
     p.add_argument("--skip_big", action="store_true", help="only the toy model")
-    p.add_argument("--trl_worker", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--trl_worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.trl_worker:
-        model, train, max_len, steps, out = args.trl_worker
-        return trl_worker(model, train, int(max_len), int(steps), out)
+        model, train, max_len, micro, steps, out = args.trl_worker
+        return trl_worker(model, train, int(max_len), int(micro), int(steps), out)
 
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cases = [("toy", args.toy_model, 64)]
-        if not args.skip_big:
-            cases.append(("big", big_model(tmp, args.toy_model), 128))
-        for label, model, max_len in cases:
+        cases = [("toy", args.toy_model, 64, 64)]  # label, model, completion tokens, micro-batch
+        if not args.skip_big:  # micro-batches of 32: TRL's full [32, 129, 151936] logits fit in 24 GB
+            cases.append(("big", big_model(tmp, args.toy_model), 128, 32))
+        for label, model, max_len, micro in cases:
             out = tmp / label
-            rates = {"ours_vllm": ours(model, args.train_file, max_len, "vllm", args.steps, out),
-                     "ours_hf": ours(model, args.train_file, max_len, "hf", args.steps, out),
-                     "trl": trl(model, args.train_file, max_len, args.steps, out)}
+            rates = {"ours_vllm": ours(model, args.train_file, max_len, micro, "vllm", args.steps, out),
+                     "ours_hf": ours(model, args.train_file, max_len, micro, "hf", args.steps, out),
+                     "trl": trl(model, args.train_file, max_len, micro, args.steps, out)}
             for name, values in rates.items():
                 result[f"{label}_{name}_tok_s"] = round(statistics.median(values[1:] or values), 1)
                 print(f"{label} {name}: per-step tokens/s {[round(v, 1) for v in values]}", flush=True)
