@@ -380,6 +380,11 @@ def reward_terms(weights, scores, valid, with_reasoning, baseline, with_reasonin
     return terms
 
 
+def number(value, digits: int = 3) -> str:
+    """A metric for the console: tasks without a correctness check (poem) have no accuracy."""
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
 def main():
     args = parse_args(Args)
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
@@ -426,6 +431,9 @@ def main():
     if start_step:
         sampler.push_weights(unwrap(model))
     train_rows = load_tasks(args.train_file)
+    if "correct" in weights and any(row["task"] == "poem" for row in train_rows):
+        raise SystemExit(f"--reward {args.reward!r}: {args.train_file} has poem rows, which have no correctness "
+                         "check; use answer-blind terms such as --reward logprob=1.")
     test_rows = load_tasks(args.test_file)
     test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -449,7 +457,7 @@ def main():
     if start_step == 0:
         metrics = run_eval(0)
         run.log(0, metrics)
-        accelerator.print(f"step 0 (warm start): test accuracy {metrics['eval/accuracy']:.3f}")
+        accelerator.print(f"step 0 (warm start): test accuracy {number(metrics['eval/accuracy'])}")
 
     timer = Timer()
     bar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
@@ -596,7 +604,7 @@ def main():
         if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
             metrics.update(run_eval(step))
         run.log(step, metrics)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=number(metrics['train/accuracy'], 2))
         if (args.save_every and step % args.save_every == 0) or step in (args.total_steps, args.stop_at_step):
             run.save_checkpoint(step)
         if step == args.stop_at_step:
@@ -609,7 +617,7 @@ def main():
     if history and accelerator.is_main_process:
         first, last = history[0], history[-1]
         print(f"test accuracy (temperature {args.eval_temperature}, {args.eval_num_samples} sample(s) per problem): "
-              f"step {first['step']}: {first['eval/accuracy']:.3f} -> step {last['step']}: {last['eval/accuracy']:.3f}")
+              f"step {first['step']}: {number(first['eval/accuracy'])} -> step {last['step']}: {number(last['eval/accuracy'])}")
         print(f"run folder: {run.dir}   final model: {final}")
     run.finish()
 

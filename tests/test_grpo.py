@@ -276,6 +276,22 @@ def test_hybrid_reward_with_is_correction_end_to_end(toy, tmp_path):
     assert 0 < step["is/mean_weight"] <= 2.0 and step["is/zeroed_frac"] == 0.0
 
 
+def test_poem_completion_trains_on_the_logprob_reward(toy, tmp_path):
+    """Poem rows have no correctness check: the log-prob of the gold ending is the reward."""
+    from conftest import REPO
+
+    data = tmp_path / "poem.jsonl"
+    run_script(["data_prep.py", "poem", "--source", str(REPO / "tests" / "fixtures" / "poem.jsonl"), "--out", str(data)])
+    cmd = grpo_cmd(toy, tmp_path, "poem", "--sampler", "hf", "--total_steps", "1", "--reward", "logprob=1,format=0.1")
+    cmd[cmd.index("--train_file") + 1] = cmd[cmd.index("--test_file") + 1] = str(data)
+    run_script(cmd)
+    step = read_jsonl(tmp_path / "poem" / "metrics.jsonl")[1]
+    assert "rewards/logprob/mean" in step and step["train/accuracy"] is None  # no checker: NaN, logged as null
+    with pytest.raises(AssertionError, match="no correctness check"):
+        run_script([*cmd[:cmd.index("--run_name") + 1], "poem2", *cmd[cmd.index("--run_name") + 2:], "--reward",
+                    "correct=1"])
+
+
 def test_resume_logs_the_same_metrics(toy, tmp_path):
     """N steps straight == k steps, stop, resume, N - k steps (every metric but wall-clock timings)."""
     common = ("--sampler", "vllm", "--total_steps", "4", "--save_every", "0", "--eval_every", "2",
