@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +24,29 @@ TINY_TOY = ["--train_size", "1500", "--test_size", "48", "--sft_steps", "150", "
 def run_script(args: list[str], timeout: int = 600, env: dict | None = None, launcher: list[str] | None = None):
     """Run a repo script as a user would; fail the test with its output on a non-zero exit."""
     cmd = (launcher or [sys.executable]) + args
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    # Own process group: on a timeout, kill the launcher *and* its workers (torchrun's ranks).
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})}, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"{' '.join(cmd)} ran past {timeout} s\n--- stdout ---\n{stdout[-4000:]}"
+                                 f"\n--- stderr ---\n{stderr[-8000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}"
                              f"\n--- stderr ---\n{proc.stderr[-8000:]}")
     return proc
+
+
+def torchrun() -> list[str]:
+    """`torchrun --nproc_per_node 2` on a port free right now (a fixed port can meet a leftover process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
 
 
 def read_jsonl(path) -> list[dict]:

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import collate_ids, token_logprobs, unwrap  # noqa: E402
+from common import collate_ids, leave_process_group, token_logprobs, unwrap  # noqa: E402
 from grpo_logprob import aggregate_loss, clipped_policy_loss, loss_normalizer  # noqa: E402
 
 
@@ -47,8 +47,7 @@ def main():
             assert torch.allclose(p.grad, q.grad, atol=1e-6), f"{loss_type}: gradient of {name} differs"
         acc.print(f"{loss_type}: DDP gradients equal the single-process gradients")
     acc.print("DIST_CHECK_OK")
-    acc.wait_for_everyone()
-    acc.end_training()  # leave the gloo group together; exiting with live gloo threads aborts
+    leave_process_group(acc)  # what the training scripts do at the end (see common.py)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,12 @@
 """Two CPU processes (gloo) under torchrun, as `torchrun --nproc_per_node 2 script.py` runs them."""
 
 import shutil
-import sys
 
-from conftest import read_jsonl, run_script
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+from conftest import read_jsonl, run_script, torchrun
 
 
 def test_ddp_gradients_equal_single_process(toy):
-    out = run_script(["tests/dist_check.py", str(toy / "model")], launcher=TORCHRUN, timeout=300)
+    out = run_script(["tests/dist_check.py", str(toy / "model")], launcher=torchrun(), timeout=300)
     assert "DIST_CHECK_OK" in out.stdout
 
 
@@ -17,7 +14,7 @@ def test_grpo_runs_on_two_processes(toy, tmp_path):
     run_script(["grpo_logprob.py", "--model", str(toy / "model"), "--train_file", str(toy / "train.jsonl"),
                 "--test_file", str(toy / "test.jsonl"), "--output_dir", str(tmp_path), "--run_name", "ddp",
                 "--sampler", "hf", "--total_steps", "2", "--prompts_per_step", "4", "--num_generations", "4",
-                "--max_completion_length", "48", "--eval_limit", "10"], launcher=TORCHRUN, timeout=600)
+                "--max_completion_length", "48", "--eval_limit", "10"], launcher=torchrun(), timeout=600)
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert metrics[0]["eval/num_problems"] == 10  # both ranks' shares gathered

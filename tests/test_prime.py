@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common import Rollout, Score, prompts_for_step
-from conftest import read_jsonl, run_script
+from conftest import read_jsonl, run_script, torchrun
 from prime import (discounted_returns, from_json, implicit_process_rewards, keep_groups, last_token_mask,
                    leave_one_out, ppo_token_loss, prm_loss, prm_pair_accuracy, rank_prompts, to_json, whiten,
                    whiten_stats)
@@ -195,8 +195,7 @@ def test_resume_logs_the_same_metrics(toy, tmp_path):
 
 
 def test_prime_on_two_processes(toy, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551"]
-    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "2", "--granularity", "whole"), launcher=torchrun)
+    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "2", "--granularity", "whole"), launcher=torchrun())
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert metrics[0]["eval/num_problems"] == 10

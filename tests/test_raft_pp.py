@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import read_jsonl, run_script
+from conftest import read_jsonl, run_script, torchrun
 from raft_pp import (aggregate_loss, correctness_rewards, kl_efficiency, kl_k3, loss_normalizer, micro_batches,
                      positive_samples, raft_pp_token_loss, raft_token_loss)
 
@@ -107,7 +107,6 @@ def raft_cmd(toy, out, name, *extra):
 
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
 
 
 def test_raft_pp_under_accelerate_launch(toy, tmp_path):
@@ -130,8 +129,8 @@ def test_raft_pp_under_accelerate_launch(toy, tmp_path):
 
 
 def test_raft_on_two_processes(toy, tmp_path):
-    run_script(raft_cmd(toy, tmp_path, "ddp", "--algo", "raft", "--stop_at_step", "1"), launcher=TORCHRUN, timeout=600)
-    run_script(raft_cmd(toy, tmp_path, "ddp", "--algo", "raft", "--resume"), launcher=TORCHRUN, timeout=600)
+    run_script(raft_cmd(toy, tmp_path, "ddp", "--algo", "raft", "--stop_at_step", "1"), launcher=torchrun(), timeout=600)
+    run_script(raft_cmd(toy, tmp_path, "ddp", "--algo", "raft", "--resume"), launcher=torchrun(), timeout=600)
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert metrics[0]["eval/num_problems"] == 10  # both ranks' shares gathered

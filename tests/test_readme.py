@@ -37,3 +37,14 @@ def test_every_flag_is_documented(script):
     assert section, f"README.md has no '## ' section whose heading names {script}.py"
     missing = [f.name for f in dataclasses.fields(module.Args) if f"--{f.name}" not in section]
     assert not missing, f"{script}.py flags missing from its README section: {missing}"
+
+
+@pytest.mark.parametrize("script", ["data_prep", "eval"])
+def test_every_command_line_option_is_documented(script):
+    """data_prep.py and eval.py use argparse: each `--option` they define appears in the README."""
+    source = (REPO / f"{script}.py").read_text()
+    options = set(re.findall(r'add_argument\(\s*"(--[a-z_]+)"', source))
+    assert options, f"found no options in {script}.py"
+    readme = (REPO / "README.md").read_text()
+    missing = sorted(o for o in options if o not in readme)
+    assert not missing, f"{script}.py options missing from README.md: {missing}"

@@ -8,7 +8,7 @@ import textwrap
 
 import torch
 
-from conftest import REPO, read_jsonl, run_script
+from conftest import REPO, read_jsonl, run_script, torchrun
 from reinforce_rej import (aggregate_loss, correctness_rewards, kl_efficiency, loss_normalizer, mixed_prompts,
                            reinforce_token_loss)
 
@@ -93,7 +93,7 @@ DDP_CHECK = textwrap.dedent("""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
     sys.path.insert(0, REPO)
-    from common import collate_ids, token_logprobs, unwrap
+    from common import collate_ids, leave_process_group, token_logprobs, unwrap
     from reinforce_rej import aggregate_loss, correctness_rewards, loss_normalizer, mixed_prompts, reinforce_token_loss
 
     acc = Accelerator(cpu=True)
@@ -128,18 +128,16 @@ DDP_CHECK = textwrap.dedent("""
         for (name, p), q in zip(unwrap(model).named_parameters(), reference.parameters()):
             assert torch.allclose(p.grad, q.grad, atol=1e-6), f"{loss_type}: gradient of {name} differs"
     acc.print("REJ_DDP_OK")
-    acc.wait_for_everyone()
-    acc.end_training()
+    leave_process_group(acc)
 """)
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29542"]
 
 
 def test_ddp_gradient_with_a_process_that_kept_nothing(toy, tmp_path):
     script = tmp_path / "rej_ddp_check.py"
     script.write_text(f"REPO = {str(REPO)!r}\nMODEL = {str(toy / 'model')!r}\n" + DDP_CHECK)
-    assert "REJ_DDP_OK" in run_script([str(script)], launcher=TORCHRUN, timeout=300).stdout
+    assert "REJ_DDP_OK" in run_script([str(script)], launcher=torchrun(), timeout=300).stdout
 
 
 # --- the script end to end --------------------------------------------------------------------
@@ -165,7 +163,7 @@ def test_reinforce_under_accelerate_launch_with_vllm(toy, tmp_path):
 
 
 def test_reinforce_rej_on_two_processes(toy, tmp_path):
-    run_script(rej_cmd(toy, tmp_path, "ddp", "--sampler", "hf"), launcher=TORCHRUN, timeout=600)
+    run_script(rej_cmd(toy, tmp_path, "ddp", "--sampler", "hf"), launcher=torchrun(), timeout=600)
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2] and metrics[0]["eval/num_problems"] == 10
     rollouts = read_jsonl(tmp_path / "ddp" / "rollouts.jsonl")
