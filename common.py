@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -671,6 +672,8 @@ class Sampler:
             enable_sleep_mode=enable_sleep_mode and not on_cpu, enforce_eager=on_cpu,
         )
         self.sleep_enabled = enable_sleep_mode and not on_cpu
+        for name in _VllmPushNoise.LOGGERS:
+            logging.getLogger(name).addFilter(_VLLM_PUSH_NOISE)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
@@ -778,6 +781,7 @@ class Sampler:
         """Copy the training model's weights into the vLLM engine, in place."""
         if self.backend != "vllm":
             return
+        _VLLM_PUSH_NOISE.tied = bool(getattr(unwrap(model).config, "tie_word_embeddings", False))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_named_parameters(model)})
         self.llm.collective_rpc(_repack_cpu_lm_head)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
@@ -792,6 +796,27 @@ class Sampler:
         if self.backend == "vllm" and self.sleeping:
             self.llm.wake_up()
             self.sleeping = False
+
+
+class _VllmPushNoise(logging.Filter):
+    """Every push and every prefix-cache reset makes vLLM log a few lines that are expected here:
+    "<Layer>: Failed to load weights" for layers that get no tensors by design (rotary-embedding
+    caches; the LM head when it is tied to the embedding, re-packed just after), the reload's timing
+    and "Successfully reset prefix cache". Drop exactly those; any other failure still shows."""
+
+    LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+               "vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool")
+    tied = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.endswith(": Failed to load weights"):
+            layer = message.split(":")[0]
+            return not ("RotaryEmbedding" in layer or (self.tied and layer == "ParallelLMHead"))
+        return not message.startswith(("Reloading and processing weights took", "Successfully reset prefix cache"))
+
+
+_VLLM_PUSH_NOISE = _VllmPushNoise()
 
 
 def _repack_cpu_lm_head(worker) -> None:
@@ -1194,7 +1219,7 @@ class Run:
 
 
 def leave_process_group(accelerator) -> None:
-    """End a process: with several ranks, meet at a barrier and exit at once (os._exit(0)).
+    """End a run's process: with several ranks, meet at a barrier and exit at once (os._exit(0)).
 
     A normal interpreter shutdown under torchrun on CPU is unreliable, and we hit both failures in
     our tests: without destroy_process_group() gloo's worker threads abort it ("terminate called
@@ -1208,7 +1233,8 @@ def leave_process_group(accelerator) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-    accelerator.end_training()
+    # One process: nothing to leave. (Not accelerator.end_training(): it would destroy the
+    # one-process group that an in-process vLLM engine made, and vLLM's own exit handler fails on it.)
 
 
 def init_wandb(args, run_dir: Path):

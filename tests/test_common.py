@@ -230,3 +230,22 @@ def test_checkpoints_are_atomic_and_rotated(tmp_path):
     assert state["step"] == 3 and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
     with pytest.raises(SystemExit, match="already holds a run"):
         common.Run(A(), acc)
+
+
+def test_vllm_push_noise_filter_drops_only_the_expected_lines():
+    import logging
+
+    noise = common._VllmPushNoise()
+
+    def passes(message, *args, tied=False):
+        noise.tied = tied
+        return noise.filter(logging.LogRecord("vllm", logging.WARNING, "x.py", 1, message, args, None))
+
+    assert not passes("%s: Failed to load weights", "RotaryEmbedding")
+    assert not passes("%s: Failed to load weights", "MRotaryEmbedding")
+    assert not passes("%s: Failed to load weights", "ParallelLMHead", tied=True)
+    assert passes("%s: Failed to load weights", "ParallelLMHead", tied=False)  # untied: a real failure
+    assert passes("%s: Failed to load weights", "QKVParallelLinear", tied=True)
+    assert not passes("Reloading and processing weights took %.2f seconds", 0.01)
+    assert not passes("Successfully reset prefix cache")
+    assert passes("Failed to reset prefix cache because some blocks (3) are not freed yet")
