@@ -447,10 +447,11 @@ def main():
         flat_rows = [r for r in mine for _ in r["completions"]]
         lps, _ = reference_answer_logprobs(unwrap(model), tokenizer, flat_rows,
                                            [c for r in mine for c in r["completions"]], pad_id)
-        sums = torch.tensor([lp.sum().item() for lp in lps if lp is not None] or [float("nan")],
-                            device=accelerator.device)
-        sums = accelerator.gather(sums).cpu() if world > 1 else sums.cpu()
-        metrics["eval/gold_logprob"] = sums[~sums.isnan()].mean().item() if (~sums.isnan()).any() else float("nan")
+        sums = [lp.sum().item() for lp in lps if lp is not None]
+        # sum and count over ranks, not a gather: the ranks' shares differ in size
+        total, count = accelerator.reduce(torch.tensor([sum(sums), len(sums)], dtype=torch.float64,
+                                                       device=accelerator.device), "sum").tolist()
+        metrics["eval/gold_logprob"] = total / count if count else float("nan")  # nan: no reasoning closed
         run.save_eval(step, records)
         return metrics
 
@@ -566,7 +567,7 @@ def main():
             "reward": all_rewards.mean().item(),
             "reward_std": all_rewards.std().item(),
             "rewards/errors": gathered([float(reward_errors)]).sum().item(),
-            "train/accuracy": correct_all[~correct_all.isnan()].mean().item() if (~correct_all.isnan()).any() else float("nan"),
+            "train/accuracy": correct_all.nanmean().item(),  # nan (null in metrics.jsonl) without a checker
             "train/format_rate": gathered([s.format for s in scores]).mean().item(),
             "completions/mean_length": lengths.mean().item(),
             "completions/max_length": lengths.max().item(),
