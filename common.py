@@ -1133,7 +1133,7 @@ class Run:
     def log(self, step: int, metrics: dict) -> None:
         if not self.main:
             return
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        record = {"step": step, **jsonable(metrics)}
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -1257,7 +1257,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _jsonable(v):
+def jsonable(v):
+    """A value for json.dumps: tensors and numpy scalars as Python numbers, NaN and inf as null
+    (strict JSON has neither), through dicts and lists."""
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [jsonable(x) for x in v]
     if isinstance(v, torch.Tensor):
         v = v.item()
     if isinstance(v, (np.floating, np.integer)):

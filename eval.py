@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (Sampler, atomic_write_text, evaluate, load_tasks, normalize_answer, score_completions,
-                    shutdown_grader, vllm_available)
+from common import (Sampler, atomic_write_text, evaluate, jsonable, load_tasks, normalize_answer,
+                    score_completions, shutdown_grader, vllm_available)
 from data_prep import ANSWER_STYLE, PRIME_SUFFIX, build_prompt
 
 # ----------------------------------------------------------------------------------------------
@@ -215,18 +215,8 @@ def write_outputs(records: list[dict], summary: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     summary_path = path.with_name(path.name.removesuffix(".jsonl") + ".summary.json")
-    atomic_write_text(summary_path, json.dumps(_no_nan(summary), indent=2) + "\n")
+    atomic_write_text(summary_path, json.dumps(jsonable(summary), indent=2) + "\n")
     return summary_path
-
-
-def _no_nan(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_no_nan(v) for v in x]
-    return x
 
 
 # ----------------------------------------------------------------------------------------------

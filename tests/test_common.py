@@ -249,3 +249,10 @@ def test_vllm_push_noise_filter_drops_only_the_expected_lines():
     assert not passes("Reloading and processing weights took %.2f seconds", 0.01)
     assert not passes("Successfully reset prefix cache")
     assert passes("Failed to reset prefix cache because some blocks (3) are not freed yet")
+
+
+def test_jsonable_writes_strict_json_values():
+    import numpy as np
+
+    value = {"a": float("nan"), "b": [torch.tensor(2.0), np.float32(0.5), float("inf")], "c": {"d": np.int64(3)}, "e": "x"}
+    assert common.jsonable(value) == {"a": None, "b": [2.0, 0.5, None], "c": {"d": 3}, "e": "x"}
