@@ -1165,7 +1165,8 @@ class Run:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp), safe_serialization=True)
+        self.acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its RNG state there
+        self.acc.wait_for_everyone()  # save_state ends without a barrier: rename only when all have written
         if self.main:
             atomic_write_text(tmp / "trainer_state.json", json.dumps({"step": step, **(extra or {})}))
             final = ckpt_root / f"step_{step}"

@@ -1,8 +1,13 @@
-"""Run under `torchrun --nproc_per_node 2 tests/dist_check.py MODEL_DIR`: the gradient of the GRPO
-loss computed on two ranks (each with half of a batch of unequal lengths, DDP through accelerate,
-global token-mean normalizer) equals the gradient of the same loss on the whole batch in one process."""
+"""Run under `torchrun --nproc_per_node 2 tests/dist_check.py MODEL_DIR OUT_DIR`:
+1. the gradient of the GRPO loss computed on two ranks (each with half of a batch of unequal lengths,
+   DDP through accelerate, global token-mean normalizer) equals the gradient of the same loss on the
+   whole batch in one process;
+2. a checkpoint holds every rank's RNG state even when rank 1 writes late (the main process must not
+   rename the temporary folder before all ranks have written into it)."""
 
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,7 +15,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import collate_ids, leave_process_group, token_logprobs, unwrap  # noqa: E402
+from common import Run, collate_ids, leave_process_group, token_logprobs, unwrap  # noqa: E402
 from grpo_logprob import aggregate_loss, clipped_policy_loss, loss_normalizer  # noqa: E402
 
 
@@ -46,8 +51,32 @@ def main():
         for (name, p), q in zip(unwrap(model).named_parameters(), reference.parameters()):
             assert torch.allclose(p.grad, q.grad, atol=1e-6), f"{loss_type}: gradient of {name} differs"
         acc.print(f"{loss_type}: DDP gradients equal the single-process gradients")
+    check_checkpoint(acc, model)
     acc.print("DIST_CHECK_OK")
     leave_process_group(acc)  # what the training scripts do at the end (see common.py)
+
+
+@dataclass
+class CheckArgs:
+    output_dir: str
+    run_name: str = "ckpt"
+
+
+def check_checkpoint(acc, model):
+    optimizer = acc.prepare(torch.optim.AdamW(model.parameters(), lr=1e-4))
+    run = Run(CheckArgs(sys.argv[2]), acc)
+    if acc.process_index == 1:  # a slow rank: its save_state starts (and ends) after rank 0's
+        save_state = acc.save_state
+        acc.save_state = lambda *a, **k: (time.sleep(3), save_state(*a, **k))
+    run.save_checkpoint(1)
+    acc.wait_for_everyone()
+    folder = run.dir / "checkpoints" / "step_1"
+    for rank in range(acc.num_processes):
+        assert (folder / f"random_states_{rank}.pkl").exists(), f"checkpoint lacks rank {rank}'s RNG state"
+    assert not list(folder.parent.glob(".tmp_*")), "a temporary checkpoint folder was left behind"
+    assert run.load_latest_checkpoint()["step"] == 1
+    del optimizer
+    acc.print("checkpoint: every rank's state written before the atomic rename")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ import shutil
 from conftest import read_jsonl, run_script, torchrun
 
 
-def test_ddp_gradients_equal_single_process(toy):
-    out = run_script(["tests/dist_check.py", str(toy / "model")], launcher=torchrun(), timeout=300)
+def test_ddp_gradients_and_checkpoint(toy, tmp_path):
+    out = run_script(["tests/dist_check.py", str(toy / "model"), str(tmp_path)], launcher=torchrun(), timeout=300)
+    assert "checkpoint: every rank's state written" in out.stdout
     assert "DIST_CHECK_OK" in out.stdout
 
 
