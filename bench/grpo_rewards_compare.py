@@ -4,58 +4,22 @@
     python bench/grpo_rewards_compare.py --seeds 0       # one seed
 
 Runs grpo_logprob.py once per set-up and seed (runs/bench_rewards/<setup>_s<seed>; a finished run
-is reused), then writes bench/results/grpo_rewards.md and prints one RESULT line. The log-prob
-set-ups never see a correctness check: their reward is log p(reference answer | own reasoning).
+is reused, see bench/comparisons.py), then writes bench/results/grpo_rewards.md and prints one
+RESULT line. The log-prob set-ups never see a correctness check: their reward is
+log p(reference answer | own reasoning).
 """
 
-from __future__ import annotations
-
 import argparse
-import json
-import os
-import shutil
 import statistics
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from comparisons import REPO, mean_sd, train_all
+
 SETUPS = {  # name -> grpo_logprob.py flags
     "rule": ["--reward", "correct=1,format=0.1"],
     "logprob_masked": ["--reward", "logprob=1", "--reasoning_only_loss", "on"],
     "logprob_unmasked": ["--reward", "logprob=1", "--reasoning_only_loss", "off"],
     "hybrid": ["--reward", "correct=1,logprob=1", "--reward_norm", "zscore"],
 }
-
-
-def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-
-
-def run_setup(name: str, seed: int, args) -> list[dict]:
-    run = REPO / args.output_dir / f"{name}_s{seed}"
-    metrics = read_metrics(run)
-    if metrics and metrics[-1]["step"] == args.total_steps and (run / "final").exists():
-        return metrics
-    cmd = [sys.executable, "grpo_logprob.py", *SETUPS[name], "--seed", str(seed), "--total_steps",
-           str(args.total_steps), "--output_dir", args.output_dir, "--run_name", f"{name}_s{seed}",
-           "--prompts_per_step", str(args.prompts_per_step), "--sampler", args.sampler, "--save_every", "0",
-           *args.extra]
-    print(" ".join(cmd), flush=True)
-    shutil.rmtree(run, ignore_errors=True)  # an interrupted run starts over
-    run.parent.mkdir(parents=True, exist_ok=True)
-    # one thread per run and --jobs runs at a time: tiny models use cores better side by side
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
-    with open(run.parent / f"{run.name}.log", "w") as log:
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return read_metrics(run)
-
-
-def fmt(values: list[float], digits: int = 3) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
 def main():
@@ -70,17 +34,21 @@ def main():
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more grpo_logprob.py flags for every run")
     args = p.parse_args()
 
+    done = train_all(args.jobs, {
+        (name, seed): dict(command=["grpo_logprob.py", *SETUPS[name], "--save_every", "0", *args.extra],
+                           runs_dir=args.output_dir, name=f"{name}_s{seed}",
+                           settings=dict(seed=seed, total_steps=args.total_steps, prompts_per_step=args.prompts_per_step,
+                                         sampler=args.sampler))
+        for name in args.setups for seed in args.seeds})
     rows, result = [], {}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = {(n, s): pool.submit(run_setup, n, s, args) for n in args.setups for s in args.seeds}
     for name in args.setups:
-        runs = [done[name, seed].result() for seed in args.seeds]
+        runs = [done[name, seed] for seed in args.seeds]
         evals = [[m for m in ms if "eval/accuracy" in m] for ms in runs]
         first, last = [e[0] for e in evals], [e[-1] for e in evals]
         acc0, acc = [m["eval/accuracy"] for m in first], [m["eval/accuracy"] for m in last]
-        rows.append(f"| {name} | `{' '.join(SETUPS[name])}` | {fmt(acc0)} | {fmt(acc)} | "
-                    f"{fmt([m['eval/format_rate'] for m in last])} | {fmt([m['eval/gold_logprob'] for m in first], 2)} | "
-                    f"{fmt([m['eval/gold_logprob'] for m in last], 2)} |")
+        rows.append(f"| {name} | `{' '.join(SETUPS[name])}` | {mean_sd(acc0)} | {mean_sd(acc)} | "
+                    f"{mean_sd([m['eval/format_rate'] for m in last])} | {mean_sd([m['eval/gold_logprob'] for m in first], 2)} | "
+                    f"{mean_sd([m['eval/gold_logprob'] for m in last], 2)} |")
         result[f"{name}_acc"] = round(statistics.fmean(acc), 3)
         result[f"{name}_gain"] = round(statistics.fmean(a - b for a, b in zip(acc, acc0)), 3)
     table = "\n".join([

@@ -10,9 +10,9 @@ schedule: --num_iterations optimizer steps on each rollout batch, old log-probs 
 sampling (with a single on-policy step RAFT++'s ratio is 1 and it is exactly RAFT). GRPO runs with
 `--reward correct=1` (the same signal as the others), `--loss_type seq-mean-token-mean` (the others'
 aggregation) and `--beta 1e-9`: grpo_logprob.py measures the KL to the starting model only when it
-loads it, and a weight of 1e-9 leaves the update unchanged. Runs go to --runs_dir/ALGO_sSEED; a run
-whose metrics.jsonl reaches the last step with an evaluation is reused, an unfinished one is resumed
-from its checkpoint (or restarted without one), so the script can be stopped and started again.
+loads it, and a weight of 1e-9 leaves the update unchanged. Runs go to --runs_dir/ALGO_sSEED; a finished
+run is reused, an unfinished one is resumed from its checkpoint (or restarted without one), so the
+script can be stopped and started again (bench/comparisons.py).
 
 Writes --results_dir/minimal_rl.md (table) and minimal_rl.png (train reward and entropy against step,
 one line per algorithm, mean over seeds). The "reward" compared is the fraction of correct samples:
@@ -21,17 +21,11 @@ Ends with one line: RESULT key=value ...
 """
 
 import argparse
-import json
-import os
-import shutil
 import statistics
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from comparisons import REPO, mean_sd, train_all
+
 ALGOS = {  # name -> (run folder prefix, command after the interpreter)
     "RAFT": ("raft", ["raft_pp.py", "--algo", "raft"]),
     "RAFT++": ("raftpp", ["raft_pp.py", "--algo", "raft++"]),
@@ -64,48 +58,6 @@ def parser():
     return p
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def complete(run: Path, total_steps: int) -> bool:
-    return any(m["step"] == total_steps and "eval/accuracy" in m for m in read_jsonl(run / "metrics.jsonl"))
-
-
-def run_one(args, name: str, command: list[str], seed: int) -> Path:
-    """Train one algorithm with one seed unless its finished run is already there."""
-    runs = REPO / args.runs_dir
-    run = runs / f"{ALGOS[name][0]}_s{seed}"
-    config = run / "config.json"
-    if config.exists():
-        old = json.loads(config.read_text())
-        if any(old.get(k) != getattr(args, k) for k in BUDGET):
-            raise SystemExit(f"{run} was run with another budget ({ {k: old.get(k) for k in BUDGET} }); "
-                             "pass another --runs_dir or delete it.")
-    if complete(run, args.total_steps):
-        print(f"{name} seed {seed}: reusing {run}")
-        return run
-    resume = (run / "checkpoints").exists() and any((run / "checkpoints").glob("step_*/trainer_state.json"))
-    if run.exists() and not resume:
-        shutil.rmtree(run)
-    cmd = [sys.executable, *command, "--seed", str(seed), "--output_dir", str(runs), "--run_name", run.name,
-           "--sampler", args.sampler, "--log_rollouts_every", "0", *[f"--{k}={getattr(args, k)}" for k in BUDGET],
-           *(["--resume"] if resume else [])]
-    runs.mkdir(parents=True, exist_ok=True)
-    log = runs / f"{run.name}.log"
-    print(f"{name} seed {seed}: {' '.join(cmd[1:])}  (log: {log})", flush=True)
-    t0 = time.time()
-    with open(log, "a") as f:
-        # one thread per run and --jobs runs at a time: tiny models use cores better side by side
-        env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
-        code = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if code != 0 or not complete(run, args.total_steps):
-        tail = log.read_text()[-3000:]
-        raise SystemExit(f"{name} seed {seed} failed (exit {code}); end of {log}:\n{tail}")
-    print(f"{name} seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
-    return run
-
-
 def summarize(metrics: list[dict], window: int) -> dict:
     """One run's numbers: test accuracy at step 0 and at the end, and train metrics over the last steps."""
     evals = {m["step"]: m["eval/accuracy"] for m in metrics if "eval/accuracy" in m}
@@ -116,10 +68,6 @@ def summarize(metrics: list[dict], window: int) -> dict:
     start, final = evals[0], evals[max(evals)]
     return {"acc0": start, "acc": final, "train_acc": mean("train/accuracy"), "entropy": mean("entropy"), "kl": kl,
             "kl_eff": (final - start) / kl if kl > 0 else float("nan"), "evals": evals}
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def curve(runs: list[list[dict]], key: str, smooth: int):
@@ -152,9 +100,12 @@ def plot(all_metrics: dict[str, list[list[dict]]], path: Path, smooth: int) -> N
 
 def main():
     args = parser().parse_args()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = {(n, s): pool.submit(run_one, args, n, ALGOS[n][1], s) for n in args.algos for s in args.seeds}
-    all_metrics = {n: [read_jsonl(done[n, s].result() / "metrics.jsonl") for s in args.seeds] for n in args.algos}
+    done = train_all(args.jobs, {
+        (name, seed): dict(command=[*ALGOS[name][1], "--log_rollouts_every", "0"], runs_dir=args.runs_dir,
+                           name=f"{ALGOS[name][0]}_s{seed}",
+                           settings=dict(seed=seed, sampler=args.sampler, **{k: getattr(args, k) for k in BUDGET}))
+        for name in args.algos for seed in args.seeds})
+    all_metrics = {name: [done[name, seed] for seed in args.seeds] for name in args.algos}
 
     results = REPO / args.results_dir
     results.mkdir(parents=True, exist_ok=True)
@@ -170,7 +121,7 @@ def main():
         f"{args.num_iterations} optimizer steps per rollout batch for every algorithm; "
         f"test accuracy on {args.eval_limit or 'all'} test problems at temperature 1, one sample each. "
         f"Train columns: mean over the last {args.window} steps. KL: mean k3 KL per token to the starting model on "
-        "the step's samples. KL efficiency: (final test accuracy - step-0 test accuracy) / KL. Mean +- sd over seeds.",
+        "the step's samples. KL efficiency: (final test accuracy - step-0 test accuracy) / KL. Mean ± sd over seeds.",
         "",
         f"Regenerate: `{command}` (reuses finished runs in `{args.runs_dir}`).",
         "",
@@ -183,14 +134,15 @@ def main():
     for name, runs in all_metrics.items():
         s = [summarize(r, args.window) for r in runs]
         summaries[name] = s
-        cells = {k: mean_sd([x[k] for x in s]) for k in ("acc0", "acc", "train_acc", "entropy", "kl", "kl_eff")}
-        fmt = {"kl": "{:.4f} +- {:.4f}", "kl_eff": "{:.1f} +- {:.1f}"}
-        lines.append(f"| {name} | " + " | ".join(fmt.get(k, "{:.3f} +- {:.3f}").format(*v) for k, v in cells.items())
-                     + " |")
+        digits = {"kl": 4, "kl_eff": 1}
+        lines.append(f"| {name} | " + " | ".join(mean_sd([x[k] for x in s], digits.get(k, 3))
+                                                 for k in ("acc0", "acc", "train_acc", "entropy", "kl", "kl_eff")) + " |")
+        mean = lambda k: statistics.fmean(x[k] for x in s)  # noqa: E731
         slug = ALGOS[name][0]
-        result.update({f"{slug}_acc": round(cells["acc"][0], 4), f"{slug}_acc_sd": round(cells["acc"][1], 4),
-                       f"{slug}_entropy": round(cells["entropy"][0], 4), f"{slug}_kl": round(cells["kl"][0], 5),
-                       f"{slug}_kl_eff": round(cells["kl_eff"][0], 2)})
+        result.update({f"{slug}_acc": round(mean("acc"), 4),
+                       f"{slug}_acc_sd": round(statistics.stdev([x["acc"] for x in s]) if len(s) > 1 else 0.0, 4),
+                       f"{slug}_entropy": round(mean("entropy"), 4), f"{slug}_kl": round(mean("kl"), 5),
+                       f"{slug}_kl_eff": round(mean("kl_eff"), 2)})
     eval_steps = sorted(set.intersection(*(set(x["evals"]) for s in summaries.values() for x in s)))
     lines += ["", "Test accuracy at each evaluation (mean over seeds):", "",
               "| algorithm | " + " | ".join(f"step {k}" for k in eval_steps) + " |",

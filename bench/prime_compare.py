@@ -5,54 +5,19 @@
 
 Runs `prime.py` (defaults = the toy settings) for each seed, once as PRIME and once with
 `--process_reward_coef 0` (outcome-only RLOO: no PRM; the prompt filter, buffer, PPO mini-batches
-and whitening stay the same), as subprocesses. A finished run folder (it has final/) is reused; a
-folder with checkpoints but no final/ is continued with --resume. Then writes
+and whitening stay the same), as subprocesses. A finished run folder is reused; one with checkpoints but
+unfinished is continued with --resume (bench/comparisons.py). Then writes
 bench/results/prime.md (table) and bench/results/prime.png (test accuracy and PRM accuracy against
 the step) and ends with one line: RESULT key=value ...
 """
 
 import argparse
-import json
-import os
 import shlex
 import statistics
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from comparisons import REPO, mean_sd, train_all
+
 VARIANTS = {"prime": [], "rloo": ["--process_reward_coef", "0"]}
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def ensure_run(args, variant: str, seed: int) -> Path:
-    name = f"{variant}_s{seed}"
-    run = Path(args.runs_dir) / name
-    if (run / "final").exists():
-        print(f"{name}: finished run reused")
-        return run
-    cmd = [sys.executable, "prime.py", "--run_name", name, "--output_dir", args.runs_dir, "--seed", str(seed),
-           "--total_steps", str(args.total_steps), *VARIANTS[variant], *shlex.split(args.extra)]
-    if (run / "checkpoints").exists() and any((run / "checkpoints").glob("step_*")):
-        cmd.append("--resume")
-    print("+ " + " ".join(cmd), flush=True)
-    run.parent.mkdir(parents=True, exist_ok=True)
-    # one thread per run and --jobs runs at a time: tiny models use cores better side by side
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
-    with open(run.parent / f"{name}.log", "a") as log:
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return run
-
-
-def mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -69,9 +34,12 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each with one thread when > 1)")
     args = ap.parse_args()
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = {(v, s): pool.submit(ensure_run, args, v, s) for v in VARIANTS for s in args.seeds}
-    runs = {v: {s: read_metrics(done[v, s].result()) for s in args.seeds} for v in VARIANTS}
+    done = train_all(args.jobs, {
+        (variant, seed): dict(command=["prime.py", *VARIANTS[variant], *shlex.split(args.extra)],
+                              runs_dir=args.runs_dir, name=f"{variant}_s{seed}",
+                              settings=dict(seed=seed, total_steps=args.total_steps))
+        for variant in VARIANTS for seed in args.seeds})
+    runs = {v: {s: done[v, s] for s in args.seeds} for v in VARIANTS}
     eval_steps = sorted({m["step"] for ms in runs["prime"].values() for m in ms if "eval/accuracy" in m})
 
     def evals(variant, step):
@@ -97,7 +65,7 @@ def main():
         sampled = [sum(m.get("filter/sampled_groups", 0) for m in ms) for ms in runs[v].values()]
         prm_acc = late_mean(v, "prm/accuracy")
         kept = late_mean(v, "filter/kept_frac", last=10**9)
-        lines.append(f"| {v} | " + " | ".join(mean_std(evals(v, s)) for s in eval_steps)
+        lines.append(f"| {v} | " + " | ".join(mean_sd(evals(v, s)) for s in eval_steps)
                      + f" | {'-' if prm_acc is None else f'{prm_acc:.3f}'} | {kept:.3f} | {statistics.mean(sampled):.0f} |")
     extra = f' --extra "{args.extra}"' if args.extra else ""
     lines += ["", "PRM accuracy: within groups holding correct and incorrect samples, the fraction of (correct, "
