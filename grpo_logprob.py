@@ -323,12 +323,14 @@ def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str,
 # scoring the reference answer after the model's own reasoning (needs a model: not pure)
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[str], pad_id: int):
+def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[str], pad_id: int,
+                              with_baseline: bool = True):
     """Per-token log-probs of each row's reference answer (a) after prompt + reasoning + cue, and
-    (b) after prompt + cue alone (the no-reasoning baseline, once per distinct prompt).
+    (b) after prompt + cue alone (the no-reasoning baseline, once per distinct prompt; only
+    with_baseline: debiasing and the perplexity terms need it).
 
     Returns (with_reasoning: list of tensors, None where the completion has no end-of-reasoning
-    marker; baseline: list of tensors, one per completion).
+    marker; baseline: list of tensors, one per completion, or of None without with_baseline).
     """
     prefixes, continuations, owners = [], [], []
     base_index: dict[str, int] = {}
@@ -340,6 +342,8 @@ def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[s
         if reasoning is not None:
             prefixes.append(tokenizer(prompt + reasoning + cue, add_special_tokens=False)["input_ids"])
             continuations.append(answer_ids), owners.append(i)
+        if not with_baseline:
+            continue
         key = prompt + "\x00" + str(row["answer"])
         if key not in base_index:
             base_index[key] = len(prefixes)
@@ -351,7 +355,7 @@ def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[s
     for lp, owner in zip(lps, owners):
         if owner >= 0:
             with_reasoning[owner] = lp
-    return with_reasoning, [lps[b] for b in base_of]
+    return with_reasoning, [lps[b] for b in base_of] if with_baseline else [None] * len(rows)
 
 
 def reward_terms(weights, scores, valid, with_reasoning, baseline, with_reasoning_frozen, baseline_frozen, args,
@@ -446,7 +450,7 @@ def main():
         mine = records[rank::world]
         flat_rows = [r for r in mine for _ in r["completions"]]
         lps, _ = reference_answer_logprobs(unwrap(model), tokenizer, flat_rows,
-                                           [c for r in mine for c in r["completions"]], pad_id)
+                                           [c for r in mine for c in r["completions"]], pad_id, with_baseline=False)
         sums = [lp.sum().item() for lp in lps if lp is not None]
         # sum and count over ranks, not a gather: the ranks' shares differ in size
         total, count = accelerator.reduce(torch.tensor([sum(sums), len(sums)], dtype=torch.float64,
@@ -483,7 +487,8 @@ def main():
             lp_policy = lp_policy_base = lp_frozen = lp_frozen_base = None
             if "logprob" in weights:
                 scorer = frozen if args.logprob_scorer == "initial" else unwrap(model)
-                lp_policy, lp_policy_base = reference_answer_logprobs(scorer, tokenizer, rollout_rows, texts, pad_id)
+                lp_policy, lp_policy_base = reference_answer_logprobs(scorer, tokenizer, rollout_rows, texts, pad_id,
+                                                                      with_baseline=args.logprob_debias)
             if any(n.startswith("ppl_") for n in weights):
                 lp_frozen, lp_frozen_base = reference_answer_logprobs(frozen, tokenizer, rollout_rows, texts, pad_id)
             valid = torch.tensor([scoring_texts(t, "", answer_style(row))[0] is not None

@@ -213,6 +213,11 @@ def test_logprob_reward_prefers_reasoning_that_leads_to_the_answer(toy):
     with_r, base = reference_answer_logprobs(model, tok, [row, row, row], [right, wrong, "no marker"], tok.pad_token_id)
     assert with_r[2] is None and torch.equal(base[0], base[1])
     assert with_r[0].sum() > with_r[1].sum()
+    # without the baseline: the same with-reasoning scores, no baseline pass
+    alone, none = reference_answer_logprobs(model, tok, [row, row, row], [right, wrong, "no marker"], tok.pad_token_id,
+                                            with_baseline=False)
+    assert none == [None, None, None] and alone[2] is None
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(alone[:2], with_r[:2]))
 
 
 # --- the script end to end --------------------------------------------------------------------
