@@ -25,7 +25,6 @@ Ends with one line: RESULT key=value ...
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile

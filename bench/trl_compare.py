@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from comparisons import read_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / ".bench-deps"))
@@ -51,8 +53,7 @@ def ours(model: str, train: str, max_len: int, micro: int, sampler: str, steps: 
            "--eval_every", "0", "--save_every", "0", "--log_rollouts_every", "0", "--output_dir", str(out),
            "--run_name", sampler]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    metrics = [json.loads(x) for x in (out / sampler / "metrics.jsonl").read_text().splitlines()]
-    return [m["tokens_per_second"] for m in metrics if m["step"] >= 1]
+    return [m["tokens_per_second"] for m in read_jsonl(out / sampler / "metrics.jsonl") if m["step"] >= 1]
 
 
 def trl_worker(model: str, train: str, max_len: int, micro: int, steps: int, out: str) -> None:

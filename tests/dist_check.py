@@ -63,7 +63,7 @@ class CheckArgs:
 
 
 def check_checkpoint(acc, model):
-    optimizer = acc.prepare(torch.optim.AdamW(model.parameters(), lr=1e-4))
+    acc.prepare(torch.optim.AdamW(model.parameters(), lr=1e-4))  # registered: the checkpoint holds its state too
     run = Run(CheckArgs(sys.argv[2]), acc)
     if acc.process_index == 1:  # a slow rank: its save_state starts (and ends) after rank 0's
         save_state = acc.save_state
@@ -75,7 +75,6 @@ def check_checkpoint(acc, model):
         assert (folder / f"random_states_{rank}.pkl").exists(), f"checkpoint lacks rank {rank}'s RNG state"
     assert not list(folder.parent.glob(".tmp_*")), "a temporary checkpoint folder was left behind"
     assert run.load_latest_checkpoint()["step"] == 1
-    del optimizer
     acc.print("checkpoint: every rank's state written before the atomic rename")
 
 
