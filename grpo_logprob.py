@@ -10,20 +10,19 @@ DAPO and Dr. GRPO). Formulas: ../shared/REFERENCE.md section 1.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (END_OF_REASONING, Run, Sampler, Timer, answer_style, collate, continuation_logprobs,
-                    encode_prompts, evaluate, index_batch, load_tasks, parse_args, prompts_for_step,
-                    reasoning_mask, render_prompt, score_completions, set_seed, shard, step_seed,
-                    token_logprobs, unwrap)
+from common import (END_OF_REASONING, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
+                    collate, continuation_logprobs, encode_prompts, evaluate, index_batch, load_tasks,
+                    logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory,
+                    prompts_for_step, reasoning_mask, render_prompt, sampler_dtype, score_completions, set_seed,
+                    shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -70,7 +69,9 @@ class Args:
     vllm_gpu_memory_utilization: float = 0.3
     """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
     vllm_tensor_parallel_size: int = 1
-    """vLLM: tensor parallel size of each engine"""
+    """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
+    vllm_dtype: str = "auto"
+    """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
     vllm_sleep: bool = True
     """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
     # --- reward ---
@@ -320,11 +321,110 @@ def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str,
 
 
 # ----------------------------------------------------------------------------------------------
+# the update: one sampled batch -> optimizer step(s), exactly as main() runs it (tests/dist_update.py
+# runs it on one process and on two, and checks that both leave the same weights)
+# ----------------------------------------------------------------------------------------------
+def micro_batch_loss(model, mb: dict, normalizer: float, args):
+    """GRPO's loss on one micro-batch: its share of the optimizer batch's loss (clipped policy loss,
+    times the importance weights, plus beta * k3 KL, aggregated by --loss_type over the whole batch's
+    normalizer), the trainer's log-probs of its tokens, and its statistics as sums over trained tokens."""
+    logprobs, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
+    old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()  # one step: ratio 1, gradient only
+    token_loss, low, high = clipped_policy_loss(logprobs, old, mb["advantages"], args.epsilon, args.epsilon_high)
+    if "is_weights" in mb:
+        token_loss = token_loss * mb["is_weights"]
+    kl = kl_k3(logprobs, mb["ref_logprobs"]) if "ref_logprobs" in mb else torch.zeros_like(logprobs)
+    token_loss = token_loss + args.beta * kl
+    m = mb["loss_mask"]
+    loss = aggregate_loss(token_loss, m, args.loss_type, normalizer)
+    sums = dict(kl=(kl * m).sum(), entropy=(entropy * m).sum(), clip_low=(low * m).sum(), clip_high=(high * m).sum(),
+                tokens=m.sum())
+    return loss, logprobs, sums
+
+
+def training_batch(rollouts, advantages: torch.Tensor, pad_id: int, device, args, reasoning_tokenizer=None) -> dict:
+    """Rollouts -> tensors, with the advantages and the loss mask: every completion token, or only the
+    reasoning's (given the tokenizer that finds the end-of-reasoning marker), minus truncated
+    completions with --mask_truncated_completions."""
+    batch = collate(rollouts, pad_id, device)
+    batch["advantages"] = advantages.to(device)
+    mask = batch["completion_mask"].clone()
+    if reasoning_tokenizer is not None:  # the reward ignores the written answer: train only the reasoning
+        mask = mask * reasoning_mask(reasoning_tokenizer, rollouts, mask.shape[1])[0].to(device)
+    if args.mask_truncated_completions:
+        mask = mask * (~batch["truncated"])[:, None]
+    batch["loss_mask"] = mask
+    return batch
+
+
+def batch_advantages(rewards: torch.Tensor, args, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages [N] of this process's rewards [N] (whole groups of num_generations), and every
+    process's rewards gathered (--scale_rewards batch divides by their std, over all processes)."""
+    all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
+    grouped = rewards.view(-1, args.num_generations)
+    return group_advantages(grouped, args.scale_rewards, batch_std=all_rewards.std().item()).flatten(), all_rewards
+
+
+def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=None) -> dict:
+    """num_iterations optimizer steps on a sampled batch (this process's share): batch = collate(...)
+    plus "advantages" [N] and "loss_mask" [N, C]. Old log-probs (several iterations, IS correction)
+    and reference log-probs (beta > 0) are computed first. Returns the update's metrics, reduced over
+    processes."""
+    world = accelerator.num_processes
+    micro = micro_batches(torch.arange(len(batch["advantages"]), device=accelerator.device), args.micro_batch_size)
+    stats = StepStats()
+    with torch.no_grad():
+        # old log-probs from the trainer: the policy moves between its steps on this batch, and the
+        # IS correction compares them with the sampler's
+        if args.num_iterations > 1 or args.is_correction != "none":
+            batch["old_logprobs"] = torch.cat([token_logprobs(model, index_batch(batch, i), args.temperature)
+                                               for i in micro])
+            add_logprob_gap(stats, batch["old_logprobs"], batch["sampler_logprobs"], batch["completion_mask"])
+        if args.beta > 0:
+            batch["ref_logprobs"] = torch.cat([token_logprobs(frozen, index_batch(batch, i), args.temperature)
+                                               for i in micro])
+    mask = batch["loss_mask"]
+    if args.is_correction != "none":
+        batch["is_weights"] = importance_weights(batch["old_logprobs"], batch["sampler_logprobs"], mask,
+                                                 args.is_correction, args.is_level, args.is_cap, args.is_floor)
+        w = batch["is_weights"][mask.bool()]
+        stats.add(is_weight_sum=w.sum(), is_zeroed=(w == 0).sum(), is_tokens=w.numel())
+    # The normalizer spans the optimizer batch on all processes; DDP averages gradients over
+    # processes, so each backpropagates world * its share to get the global mean.
+    normalizer = accelerator.reduce(torch.tensor(loss_normalizer(mask, args.loss_type, args.max_completion_length),
+                                                 device=accelerator.device), "sum").item()
+    grad_norm = 0.0
+    for it in range(args.num_iterations):
+        for k, idx in enumerate(micro):
+            mb = index_batch(batch, idx)
+            with accumulate(accelerator, model, last=k == len(micro) - 1):
+                loss, logprobs, sums = micro_batch_loss(model, mb, normalizer, args)
+                accelerator.backward(loss * world)
+            stats.add(loss=loss / args.num_iterations, **sums)
+            if it == 0 and "old_logprobs" not in mb:  # on-policy: these are the sampling weights' log-probs
+                add_logprob_gap(stats, logprobs, mb["sampler_logprobs"], mb["completion_mask"])
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm)
+    stats.add(completion_tokens=batch["completion_mask"].sum())
+    t = stats.reduce(accelerator)
+    tokens = max(t["tokens"], 1.0)
+    metrics = {
+        "loss": t["loss"], "kl": t["kl"] / tokens, "entropy": t["entropy"] / tokens,
+        "clip_ratio/low_mean": t["clip_low"] / tokens, "clip_ratio/high_mean": t["clip_high"] / tokens,
+        "loss_tokens_frac": tokens / args.num_iterations / max(t["completion_tokens"], 1.0),
+        "grad_norm": grad_norm, **logprob_gap_metrics(t),
+    }
+    if "is_tokens" in t:
+        metrics["is/mean_weight"] = t["is_weight_sum"] / max(t["is_tokens"], 1.0)
+        metrics["is/zeroed_frac"] = t["is_zeroed"] / max(t["is_tokens"], 1.0)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
 # scoring the reference answer after the model's own reasoning (needs a model: not pure)
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[str], pad_id: int,
-                              with_baseline: bool = True):
+                              with_baseline: bool = True, accelerator=None):
     """Per-token log-probs of each row's reference answer (a) after prompt + reasoning + cue, and
     (b) after prompt + cue alone (the no-reasoning baseline, once per distinct prompt; only
     with_baseline: debiasing and the perplexity terms need it).
@@ -350,7 +450,7 @@ def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[s
             prefixes.append(tokenizer(prompt + cue, add_special_tokens=False)["input_ids"])
             continuations.append(answer_ids), owners.append(-1)
         base_of.append(base_index[key])
-    lps = continuation_logprobs(scorer, prefixes, continuations, pad_id)
+    lps = continuation_logprobs(scorer, prefixes, continuations, pad_id, accelerator=accelerator)
     with_reasoning: list[torch.Tensor | None] = [None] * len(rows)
     for lp, owner in zip(lps, owners):
         if owner >= 0:
@@ -392,7 +492,7 @@ def number(value, digits: int = 3) -> str:
 def main():
     args = parse_args(Args)
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)
     weights = parse_reward_weights(args.reward, RULE_TERMS + ANSWER_BLIND_TERMS)
@@ -428,10 +528,10 @@ def main():
 
     run = Run(args, accelerator, resume=args.resume)
     start_step = run.load_latest_checkpoint()["step"] if args.resume else 0
-    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), max_model_len=args.max_model_len,
-                      gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                      tensor_parallel_size=args.vllm_tensor_parallel_size, dtype=args.dtype, seed=args.seed,
-                      enable_sleep_mode=args.vllm_sleep)
+    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), accelerator=accelerator,
+                      max_model_len=args.max_model_len, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                      tensor_parallel_size=args.vllm_tensor_parallel_size,
+                      dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed, enable_sleep_mode=args.vllm_sleep)
     if start_step:
         sampler.push_weights(unwrap(model))
     train_rows = load_tasks(args.train_file)
@@ -450,7 +550,8 @@ def main():
         mine = records[rank::world]
         flat_rows = [r for r in mine for _ in r["completions"]]
         lps, _ = reference_answer_logprobs(unwrap(model), tokenizer, flat_rows,
-                                           [c for r in mine for c in r["completions"]], pad_id, with_baseline=False)
+                                           [c for r in mine for c in r["completions"]], pad_id, with_baseline=False,
+                                           accelerator=accelerator)
         sums = [lp.sum().item() for lp in lps if lp is not None]
         # sum and count over ranks, not a gather: the ranks' shares differ in size
         total, count = accelerator.reduce(torch.tensor([sum(sums), len(sums)], dtype=torch.float64,
@@ -474,7 +575,7 @@ def main():
         with timer("sample"):
             sampler.wake_up()
             groups = sampler.generate(encode_prompts(tokenizer, rows), args.num_generations, args.temperature,
-                                      args.max_completion_length, seed=step_seed(args.seed, step, rank),
+                                      args.max_completion_length, seed=step_seed(args.seed, step),
                                       top_p=args.top_p)
             sampler.sleep()
         rollouts = [r for g in groups for r in g]
@@ -488,7 +589,8 @@ def main():
             if "logprob" in weights:
                 scorer = frozen if args.logprob_scorer == "initial" else unwrap(model)
                 lp_policy, lp_policy_base = reference_answer_logprobs(scorer, tokenizer, rollout_rows, texts, pad_id,
-                                                                      with_baseline=args.logprob_debias)
+                                                                      with_baseline=args.logprob_debias,
+                                                                      accelerator=accelerator)
             if any(n.startswith("ppl_") for n in weights):
                 lp_frozen, lp_frozen_base = reference_answer_logprobs(frozen, tokenizer, rollout_rows, texts, pad_id)
             valid = torch.tensor([scoring_texts(t, "", answer_style(row))[0] is not None
@@ -501,62 +603,14 @@ def main():
 
         # --- advantages (per group; the groups of this rank are complete) ---
         grouped = rewards.view(len(rows), args.num_generations)
-        all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
-        advantages = group_advantages(grouped, args.scale_rewards, batch_std=all_rewards.std().item()).flatten()
+        advantages, all_rewards = batch_advantages(rewards, args, accelerator)
 
         # --- update ---
         with timer("update"):
-            batch = collate(rollouts, pad_id, accelerator.device)
-            batch["advantages"] = advantages.to(accelerator.device)
-            mask = batch["completion_mask"].clone()
-            if reasoning_only:  # the reward ignores the written answer: train only the reasoning
-                mask = mask * reasoning_mask(tokenizer, rollouts, mask.shape[1])[0].to(mask.device)
-            if args.mask_truncated_completions:
-                mask = mask * (~batch["truncated"])[:, None]
-            batch["loss_mask"] = mask
-            micro = [torch.arange(s, min(s + args.micro_batch_size, len(rollouts)))
-                     for s in range(0, len(rollouts), args.micro_batch_size)]
-            # Old log-probs from the trainer: needed when the policy moves between its optimizer
-            # steps on this batch, and to compare with the sampler's for the IS correction.
-            if args.num_iterations > 1 or args.is_correction != "none":
-                with torch.no_grad():
-                    batch["old_logprobs"] = torch.cat([token_logprobs(model, index_batch(batch, i), args.temperature)
-                                                       for i in micro])
-            if args.is_correction != "none":
-                batch["is_weights"] = importance_weights(batch["old_logprobs"], batch["sampler_logprobs"], mask,
-                                                         args.is_correction, args.is_level, args.is_cap, args.is_floor)
-            if args.beta > 0:
-                with torch.no_grad():
-                    batch["ref_logprobs"] = torch.cat([token_logprobs(frozen, index_batch(batch, i), args.temperature)
-                                                       for i in micro])
-            # The normalizer spans the optimizer batch on all ranks. DDP averages gradients over
-            # ranks, so each rank backpropagates world * its share to get the global mean.
-            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(mask, args.loss_type, args.max_completion_length),
-                                                         device=accelerator.device), "sum").item()
-            stats = torch.zeros(6, device=accelerator.device)  # loss, kl, entropy, clip low, clip high, tokens
-            for _ in range(args.num_iterations):
-                for k, idx in enumerate(micro):
-                    mb = index_batch(batch, idx)
-                    sync = accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
-                    with sync:
-                        logprobs, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
-                        old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
-                        token_loss, low, high = clipped_policy_loss(logprobs, old, mb["advantages"],
-                                                                    args.epsilon, args.epsilon_high)
-                        if "is_weights" in mb:
-                            token_loss = token_loss * mb["is_weights"]
-                        kl = kl_k3(logprobs, mb["ref_logprobs"]) if args.beta > 0 else torch.zeros_like(logprobs)
-                        token_loss = token_loss + args.beta * kl
-                        loss = aggregate_loss(token_loss, mb["loss_mask"], args.loss_type, normalizer)
-                        accelerator.backward(loss * world)
-                    m = mb["loss_mask"]
-                    stats += torch.stack([loss.detach() / args.num_iterations, (kl * m).sum().detach(),
-                                          (entropy * m).sum().detach(), (low * m).sum(), (high * m).sum(), m.sum()])
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
-                    if args.max_grad_norm > 0 else torch.tensor(0.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            batch = training_batch(rollouts, advantages, pad_id, accelerator.device, args,
+                                   tokenizer if reasoning_only else None)
+            update_metrics = update(model, optimizer, scheduler, batch, args, accelerator, frozen)
+        with timer("push"):
             sampler.wake_up()
             sampler.push_weights(unwrap(model))
 
@@ -564,8 +618,6 @@ def main():
         def gathered(values) -> torch.Tensor:
             return accelerator.gather(torch.as_tensor(values, dtype=torch.float32, device=accelerator.device)).cpu()
 
-        stats = accelerator.reduce(stats, "sum")
-        tokens = max(stats[5].item(), 1.0)
         lengths = gathered([len(r.completion_ids) for r in rollouts])
         correct_all = gathered([s.correct if s.correct is not None else float("nan") for s in scores])
         metrics = {
@@ -578,26 +630,17 @@ def main():
             "completions/max_length": lengths.max().item(),
             "completions/clipped_ratio": gathered(batch["truncated"].float()).mean().item(),
             "frac_reward_zero_std": gathered((grouped.std(1) == 0).float()).mean().item(),
-            "loss": stats[0].item(),
-            "kl": stats[1].item() / tokens,
-            "entropy": stats[2].item() / tokens,
-            "clip_ratio/low_mean": stats[3].item() / tokens,
-            "clip_ratio/high_mean": stats[4].item() / tokens,
-            "loss_tokens_frac": tokens / args.num_iterations / max(gathered(batch["completion_mask"].sum()).sum().item(), 1.0),
-            "grad_norm": float(grad_norm),
+            **update_metrics,
             "learning_rate": scheduler.get_last_lr()[0],
             "num_tokens": lengths.sum().item(),
             **timer.pop(),
+            **peak_memory(),
         }
         for name, values in terms.items():
             values = gathered(values)
             metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = values.mean().item(), values.std().item()
         if any(n in ANSWER_BLIND_TERMS for n in weights):
             metrics["rewards/no_marker"] = 1.0 - gathered(valid.float()).mean().item()
-        if "is_weights" in batch:
-            w = batch["is_weights"][mask.bool()]
-            metrics["is/mean_weight"] = gathered(w.mean()).mean().item()
-            metrics["is/zeroed_frac"] = gathered((w == 0).float().mean()).mean().item()
         metrics["tokens_per_second"] = metrics["num_tokens"] / (time.perf_counter() - t_step)
         if args.log_rollouts_every and step % args.log_rollouts_every == 0:
             from accelerate.utils import gather_object

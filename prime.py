@@ -19,19 +19,19 @@ The paper's setting (Qwen2.5-Math-7B SFT; Eurus-2-RL-Data), as a command line:
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (Rollout, Run, Sampler, Score, Timer, collate, encode_prompts, evaluate, index_batch, load_tasks,
-                    parse_args, prompts_for_step, score_completions, set_seed, step_seed, token_logprobs, unwrap)
+from common import (Rollout, Run, Sampler, Score, StepStats, Timer, accumulate, add_logprob_gap, collate,
+                    encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics, make_accelerator,
+                    micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, sampler_dtype,
+                    score_completions, set_seed, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -75,6 +75,10 @@ class Args:
     """vLLM: longest prompt + completion in tokens (0: the model's own limit)"""
     vllm_gpu_memory_utilization: float = 0.3
     """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
+    vllm_dtype: str = "auto"
+    """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
     # --- prompt filter ---
     filter_low: float = 0.2
     """keep a prompt if the mean accuracy of its group is >= filter_low"""
@@ -238,9 +242,100 @@ def from_json(groups: list[dict]) -> list[dict]:
             for g in groups]
 
 
+# ----------------------------------------------------------------------------------------------
+# the update: one batch of kept groups -> PRM and policy steps, exactly as main() runs it
+# (tests/dist_update.py runs it on one process and on two, and checks that both leave the same weights)
+# ----------------------------------------------------------------------------------------------
+def mini_batch_pass(model, optimizer, batch: dict, loss_of, size_of, args, accelerator, stats: StepStats,
+                    prefix: str) -> float:
+    """One pass over the batch in num_mini_batches optimizer steps. loss_of(mb) -> (summed loss, sums);
+    the normalizer size_of(completion_mask) spans the mini-batch on all processes, and DDP averages
+    gradients over processes, so each backpropagates world * its share. Returns the last grad norm."""
+    world, grad_norm = accelerator.num_processes, 0.0
+    order = torch.arange(len(batch["completion_mask"]), device=accelerator.device)
+    for mb_rows in order.tensor_split(args.num_mini_batches):
+        if len(mb_rows) == 0:  # fewer sequences than mini-batches (the same on every process)
+            continue
+        normalizer = max(accelerator.reduce(torch.tensor(float(size_of(batch["completion_mask"][mb_rows])),
+                                                         device=accelerator.device), "sum").item(), 1.0)
+        parts = micro_batches(mb_rows, args.micro_batch_size)
+        for k, idx in enumerate(parts):
+            with accumulate(accelerator, model, last=k == len(parts) - 1):
+                loss, sums = loss_of(index_batch(batch, idx))
+                accelerator.backward(loss / normalizer * world)
+            stats.add(**{f"{prefix}loss": loss / normalizer / args.num_mini_batches},
+                      **{f"{prefix}{name}": v for name, v in sums.items()})
+        grad_norm = optimizer_step(accelerator, model, optimizer, None, args.max_grad_norm)
+    return grad_norm
+
+
+def logprobs_of(model, batch: dict, size: int, temperature: float = 1.0) -> torch.Tensor:
+    """Token log-probs [N, C] of the batch's completions under `model`, no gradient, `size` rows at a time."""
+    rows = torch.arange(len(batch["completion_mask"]), device=batch["completion_mask"].device)
+    with torch.no_grad():
+        return torch.cat([token_logprobs(model, index_batch(batch, i), temperature)
+                          for i in micro_batches(rows, size)])
+
+
+def update(model, optimizer, batch: dict, args, accelerator, prm=None, prm_optimizer=None, ref=None) -> tuple:
+    """Implicit process rewards, the PRM update (before or after scoring), leave-one-out returns per
+    reward source, summed and whitened over all processes, then the PPO mini-batch pass of the policy.
+    batch = collate(...) of whole groups plus "labels" [N] (the outcome, 0/1). Returns the metrics
+    (reduced over processes) and the per-sequence process rewards [N] of this process's completions."""
+    stats, n, mask = StepStats(), args.num_generations, batch["completion_mask"]
+    size = args.micro_batch_size
+    batch["old_logprobs"] = logprobs_of(model, batch, size, args.temperature)
+    add_logprob_gap(stats, batch["old_logprobs"], batch["sampler_logprobs"], mask)
+    token_rewards = torch.zeros_like(mask)
+    if prm is not None:
+        # log pi_ref: the frozen starting model, or the policy before this step's update (at temperature 1)
+        batch["ref_logprobs"] = logprobs_of(ref, batch, size) if ref is not None else \
+            batch["old_logprobs"] if args.temperature == 1.0 else logprobs_of(model, batch, size)
+
+        def prm_loss_of(mb):
+            lp = token_logprobs(prm, mb)
+            return prm_loss(lp, mb["ref_logprobs"], mb["completion_mask"], mb["labels"], args.beta).sum(), {}
+
+        def update_prm():
+            mini_batch_pass(prm, prm_optimizer, batch, prm_loss_of, len, args, accelerator, stats, "prm_")
+
+        if args.prm_update == "before":
+            update_prm()
+        prm_logprobs = logprobs_of(prm, batch, size)
+        if args.prm_update == "after":
+            update_prm()
+        token_rewards = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, args.beta, args.granularity)
+    # --- advantages: leave-one-out per reward source, returns-to-go, summed, whitened ---
+    last = last_token_mask(mask)
+    outcome_returns = discounted_returns(leave_one_out(batch["labels"][:, None] * last, last, n), mask, args.gamma)
+    process_returns = discounted_returns(leave_one_out(token_rewards, mask, n), mask, args.gamma)
+    returns = outcome_returns + args.process_reward_coef * process_returns
+    if args.whiten_advantages:
+        returns = whiten(returns, mask, accelerator.reduce(whiten_stats(returns, mask), "sum"))
+    batch["advantages"] = returns
+
+    # --- update: PPO clip, token-mean over each mini-batch ---
+    def policy_loss_of(mb):
+        lp, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
+        loss, clipped = ppo_token_loss(lp, mb["old_logprobs"], mb["advantages"], args.epsilon)
+        m = mb["completion_mask"]
+        return (loss * m).sum(), dict(entropy=(entropy * m).sum(), clipped=(clipped * m).sum(), tokens=m.sum())
+
+    grad_norm = mini_batch_pass(model, optimizer, batch, policy_loss_of, lambda m: m.sum(), args, accelerator,
+                                stats, "")
+    stats.add(abs_advantage=(returns.abs() * mask).sum())
+    t = stats.reduce(accelerator)
+    tokens = max(t["tokens"], 1.0)
+    metrics = {"loss": t["loss"], "entropy": t["entropy"] / tokens, "clip_ratio": t["clipped"] / tokens,
+               "advantages/abs_mean": t["abs_advantage"] / tokens, "grad_norm": grad_norm, **logprob_gap_metrics(t)}
+    if prm is not None:
+        metrics["prm/loss"] = t["prm_loss"]
+    return metrics, token_rewards.sum(1).cpu()
+
+
 def main():
     args = parse_args(Args)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)
     if args.prompts_per_step % world:
@@ -253,6 +348,9 @@ def main():
         if value not in allowed:
             raise SystemExit(f"--{flag} {value!r}: use {' or '.join(allowed)}.")
     use_prm = args.process_reward_coef != 0
+    if use_prm and accelerator.distributed_type.name == "DEEPSPEED":
+        raise SystemExit("prime.py trains two models (policy and PRM), and accelerate runs one DeepSpeed engine per "
+                         "process: launch with configs/fsdp2.yaml, or pass --process_reward_coef 0 (RLOO, no PRM).")
     per_rank, n = args.prompts_per_step // world, args.num_generations
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -282,8 +380,10 @@ def main():
             raise SystemExit(f"--resume: the checkpoint was written by {len(state['data_pos'])} processes; "
                              "resume with as many.")
         start_step, data_pos, buffer = state["step"], state["data_pos"][rank], from_json(state["buffer"][rank])
-    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), max_model_len=args.max_model_len,
-                      gpu_memory_utilization=args.vllm_gpu_memory_utilization, dtype=args.dtype, seed=args.seed)
+    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), accelerator=accelerator,
+                      max_model_len=args.max_model_len, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                      tensor_parallel_size=args.vllm_tensor_parallel_size,
+                      dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed)
     if start_step:
         sampler.push_weights(unwrap(model))
     train_rows, test_rows = load_tasks(args.train_file), load_tasks(args.test_file)
@@ -303,32 +403,6 @@ def main():
     def global_sum(value) -> float:
         return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum").item()
 
-    def logprobs_of(m, batch, micro, temperature=1.0):
-        with torch.no_grad():
-            return torch.cat([token_logprobs(m, index_batch(batch, i), temperature) for i in micro])
-
-    def mini_batch_steps(m, opt, batch, size_of, loss_of, stats):
-        """One pass in num_mini_batches optimizer steps. The loss normalizer spans the mini-batch on
-        all ranks; DDP averages gradients over ranks, so each rank backpropagates world * its share."""
-        grad_norm = torch.tensor(0.0)
-        order = torch.arange(len(batch["completion_mask"]), device=accelerator.device)
-        for mb_idx in order.tensor_split(args.num_mini_batches):
-            if len(mb_idx) == 0:  # fewer sequences than mini-batches (the same on every rank)
-                continue
-            normalizer = max(global_sum(size_of(batch["completion_mask"][mb_idx])), 1.0)
-            micro = [mb_idx[s:s + args.micro_batch_size] for s in range(0, len(mb_idx), args.micro_batch_size)]
-            for k, idx in enumerate(micro):
-                sync = accelerator.no_sync(m) if k < len(micro) - 1 else contextlib.nullcontext()
-                with sync:
-                    loss, extra = loss_of(index_batch(batch, idx))
-                    accelerator.backward(loss / normalizer * world)
-                stats += torch.cat([loss.detach()[None] / normalizer / args.num_mini_batches, extra])
-            if args.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(m.parameters(), args.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return grad_norm
-
     if start_step == 0:
         metrics = run_eval(0)
         run.log(0, metrics)
@@ -343,12 +417,14 @@ def main():
         batch_groups, buffer = buffer[:per_rank], buffer[per_rank:]
         sampled_correct, sampled_format, sampled_groups, kept_groups, rounds = [], [], 0, 0, 0
         with timer("sample"):
-            while len(batch_groups) < per_rank and rounds < args.max_sample_rounds:
+            # rounds are global (a full process samples nothing), so that processes sharing a
+            # tensor-parallel engine always generate together
+            while gathered([per_rank - len(batch_groups)]).max() > 0 and rounds < args.max_sample_rounds:
                 rows = rank_prompts(train_rows, data_pos, args.oversample * (per_rank - len(batch_groups)),
                                     args.seed, rank, world)
                 data_pos += len(rows)
                 groups = sampler.generate(encode_prompts(tokenizer, rows), n, args.temperature,
-                                          args.max_completion_length, seed=step_seed(args.seed, step, rank, rounds))
+                                          args.max_completion_length, seed=step_seed(args.seed, step, 0, rounds))
                 scores, _ = score_completions([r for r in rows for _ in range(n)], [c.text for g in groups for c in g])
                 if any(s.correct is None for s in scores):
                     raise SystemExit(f"{args.train_file}: PRIME needs tasks with a correctness check (not poem).")
@@ -367,84 +443,30 @@ def main():
 
         metrics = {}
         if size > 0:
+            # --- update: PRM and policy on the kept groups ---
             rollouts = [r for g in batch_groups for r in g["rollouts"]]
-            labels = torch.tensor([s.correct for g in batch_groups for s in g["scores"]], device=accelerator.device)
-            batch = collate(rollouts, pad_id, accelerator.device)
-            mask = batch["completion_mask"]
-            micro = [torch.arange(s, min(s + args.micro_batch_size, len(rollouts)), device=accelerator.device)
-                     for s in range(0, len(rollouts), args.micro_batch_size)]
-            with timer("score"):
-                batch["old_logprobs"] = logprobs_of(model, batch, micro, args.temperature)
-            # --- implicit process rewards, and the PRM update (before or after scoring) ---
-            token_rewards = torch.zeros_like(mask)
-            prm_stats = torch.zeros(1, device=accelerator.device)
-            if use_prm:
-                with timer("prm"):
-                    if ref is not None:
-                        batch["ref_logprobs"] = logprobs_of(ref, batch, micro)
-                    else:  # old_policy: the policy before this step's update, at temperature 1
-                        batch["ref_logprobs"] = batch["old_logprobs"] if args.temperature == 1.0 \
-                            else logprobs_of(model, batch, micro)
-                    batch["labels"] = labels
-
-                    def prm_loss_of(mb):
-                        lp = token_logprobs(prm, mb)
-                        return prm_loss(lp, mb["ref_logprobs"], mb["completion_mask"], mb["labels"], args.beta).sum(), \
-                            torch.zeros(0, device=accelerator.device)
-
-                    def update_prm():
-                        return mini_batch_steps(prm, prm_optimizer, batch, lambda m: len(m), prm_loss_of, prm_stats)
-
-                    if args.prm_update == "before":
-                        update_prm()
-                    prm_logprobs = logprobs_of(prm, batch, micro)
-                    if args.prm_update == "after":
-                        update_prm()
-                token_rewards = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, args.beta,
-                                                         args.granularity)
-            # --- advantages: leave-one-out per reward source, returns-to-go, summed, whitened ---
-            last = last_token_mask(mask)
-            outcome_returns = discounted_returns(leave_one_out(labels[:, None] * last, last, n), mask, args.gamma)
-            process_returns = discounted_returns(leave_one_out(token_rewards, mask, n), mask, args.gamma)
-            returns = outcome_returns + args.process_reward_coef * process_returns
-            if args.whiten_advantages:
-                returns = whiten(returns, mask, accelerator.reduce(whiten_stats(returns, mask), "sum"))
-            batch["advantages"] = returns
-
-            # --- update: PPO clip, token-mean over each mini-batch ---
-            def policy_loss_of(mb):
-                lp, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
-                loss, clipped = ppo_token_loss(lp, mb["old_logprobs"], mb["advantages"], args.epsilon)
-                m = mb["completion_mask"]
-                return (loss * m).sum(), torch.stack([(entropy * m).sum(), (clipped * m).sum(), m.sum()]).detach()
-
-            stats = torch.zeros(4, device=accelerator.device)  # loss, entropy, clipped tokens, tokens
             with timer("update"):
-                grad_norm = mini_batch_steps(model, optimizer, batch, lambda m: m.sum(), policy_loss_of, stats)
+                batch = collate(rollouts, pad_id, accelerator.device)
+                batch["labels"] = torch.tensor([s.correct for g in batch_groups for s in g["scores"]],
+                                               device=accelerator.device)
+                metrics, seq_rewards = update(model, optimizer, batch, args, accelerator, prm, prm_optimizer, ref)
+            with timer("push"):
                 sampler.push_weights(unwrap(model))
 
             # --- logging ---
-            stats = accelerator.reduce(stats, "sum")
-            tokens = max(stats[3].item(), 1.0)
-            seq_rewards = token_rewards.sum(1).cpu()
+            labels = batch["labels"]
             lengths = gathered([len(r.completion_ids) for r in rollouts])
-            metrics = {
+            metrics.update({
                 "reward": gathered(labels).mean().item(),
                 "completions/mean_length": lengths.mean().item(),
                 "completions/max_length": lengths.max().item(),
                 "completions/clipped_ratio": gathered(batch["truncated"].float()).mean().item(),
-                "loss": stats[0].item(),
-                "entropy": stats[1].item() / tokens,
-                "clip_ratio": stats[2].item() / tokens,
-                "advantages/abs_mean": global_sum((returns.abs() * mask).sum()) / tokens,
-                "grad_norm": float(grad_norm),
                 "num_tokens": lengths.sum().item(),
-            }
+            })
             if use_prm:
                 right, pairs = prm_pair_accuracy(seq_rewards, labels.cpu(), n)
                 is_correct = labels.cpu() > 0.5
                 metrics.update({
-                    "prm/loss": accelerator.reduce(prm_stats, "sum").item(),
                     "prm/accuracy": global_sum(right) / max(global_sum(pairs), 1.0),
                     "prm/reward_correct": global_sum(seq_rewards[is_correct].sum()) / max(global_sum(is_correct.sum()), 1),
                     "prm/reward_incorrect": global_sum(seq_rewards[~is_correct].sum())
@@ -464,9 +486,10 @@ def main():
             "filter/kept_frac": global_sum(kept_groups) / max(global_sum(sampled_groups), 1.0),
             "filter/sampled_groups": global_sum(sampled_groups),
             "filter/batch_groups": size * world,
-            "filter/sample_rounds": gathered([rounds]).max().item(),
+            "filter/sample_rounds": rounds,
             "buffer/size": global_sum(len(buffer)),
             **timer.pop(),
+            **peak_memory(),
         })
         metrics["tokens_per_second"] = metrics.get("num_tokens", 0) / (time.perf_counter() - t_step)
         if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:

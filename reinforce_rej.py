@@ -26,18 +26,18 @@ Formulas: ../shared/REFERENCE.md section 3.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (Run, Sampler, Timer, collate, encode_prompts, evaluate, index_batch, load_tasks, parse_args,
-                    prompts_for_step, score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, collate, encode_prompts, evaluate,
+                    index_batch, load_tasks, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step,
+                    parse_args, peak_memory, prompts_for_step, sampler_dtype, score_completions, set_seed, shard,
+                    step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -86,7 +86,9 @@ class Args:
     vllm_gpu_memory_utilization: float = 0.3
     """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
     vllm_tensor_parallel_size: int = 1
-    """vLLM: tensor parallel size of each engine"""
+    """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
+    vllm_dtype: str = "auto"
+    """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
     vllm_sleep: bool = True
     """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
     # --- reward ---
@@ -191,15 +193,97 @@ def aggregate_loss(token_loss, loss_mask, loss_type: str, normalizer: float) -> 
     return (token_loss * loss_mask).sum() / max(normalizer, 1.0)
 
 
-def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Consecutive slices of at most `size` row indices: one forward/backward pass each."""
-    return [rows[s:s + size] for s in range(0, len(rows), size)]
-
-
 def kl_efficiency(accuracy: float, start_accuracy: float, kl: float) -> float:
     """Reward gain per unit KL to the starting model: (accuracy - accuracy at step 1) / KL. Measured on
     the fraction of correct samples so that it does not depend on --negative_reward."""
     return (accuracy - start_accuracy) / kl if kl > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# the update: one sampled batch -> optimizer steps, exactly as main() runs it (tests/dist_update.py
+# runs it on one process and on two, and checks that both leave the same weights)
+# ----------------------------------------------------------------------------------------------
+def training_batch(rollouts, rewards: torch.Tensor, in_batch: torch.Tensor, pad_id: int, device) -> dict:
+    """Rollouts -> tensors, with the rewards and the loss mask. Removing a prompt = a zero loss mask
+    on its samples, which the normalizer does not count: the same loss as a smaller batch."""
+    batch = collate(rollouts, pad_id, device)
+    batch["rewards"] = rewards.to(device)
+    batch["loss_mask"] = batch["completion_mask"] * in_batch.to(device)[:, None]
+    return batch
+
+
+def micro_batch_loss(model, mb: dict, normalizer: float, args):
+    """Reinforce loss on one micro-batch (its share of (1/|D|) sum_seq (1/|a|) sum_t l_t, plus
+    kl_coef * k3 and minus entropy_coef * entropy on the same tokens), the trainer's log-probs, and sums."""
+    logprobs, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
+    old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()  # one on-policy step: ratio 1
+    token_loss, low, high = reinforce_token_loss(logprobs, old, mb["rewards"], args.epsilon, args.epsilon_high)
+    kl = kl_k3(logprobs, mb["ref_logprobs"]) if "ref_logprobs" in mb else torch.zeros_like(logprobs)
+    token_loss = token_loss + args.kl_coef * kl - args.entropy_coef * entropy
+    m, c = mb["loss_mask"], mb["completion_mask"]
+    loss = aggregate_loss(token_loss, m, args.loss_type, normalizer)
+    return loss, logprobs, dict(clip_low=(low * m).sum(), clip_high=(high * m).sum(), kl=(kl * c).sum(),
+                                entropy=(entropy * c).sum(), tokens=c.sum())
+
+
+def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=None) -> dict:
+    """mini_batches x num_iterations optimizer steps on a sampled batch (this process's share; the
+    i-th mini-batch is the i-th slice of whole prompts). Returns the update's metrics, reduced over
+    processes. The removed prompts' samples still go through the forward pass: the entropy and KL
+    metrics describe the policy on all its samples, and a process whose prompts were all removed
+    still runs the forward/backward calls (with a zero loss) that DDP's collective ops expect."""
+    world, device = accelerator.num_processes, accelerator.device
+    n = len(batch["completion_mask"])
+    everything = micro_batches(torch.arange(n, device=device), args.micro_batch_size)
+    stats = StepStats()
+    with torch.no_grad():
+        if args.mini_batches * args.num_iterations > 1:
+            # the policy moves within the batch: old log-probs from the trainer, right after sampling
+            batch["old_logprobs"] = torch.cat([token_logprobs(model, index_batch(batch, i), args.temperature)
+                                               for i in everything])
+            add_logprob_gap(stats, batch["old_logprobs"], batch["sampler_logprobs"], batch["completion_mask"])
+        if frozen is not None:
+            batch["ref_logprobs"] = torch.cat([token_logprobs(frozen, index_batch(batch, i), args.temperature)
+                                               for i in everything])
+    per_mini = n // args.mini_batches  # whole groups: the local prompt count is a multiple of mini_batches
+    grad_norm = 0.0
+    for it in range(args.num_iterations):
+        for j in range(args.mini_batches):
+            rows = torch.arange(j * per_mini, (j + 1) * per_mini, device=device)
+            # |D| of this optimizer step, over all processes; DDP averages gradients over
+            # processes, so each backpropagates world * its share to get the global mean.
+            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(batch["loss_mask"][rows], args.loss_type),
+                                                         device=device), "sum").item()
+            # Every prompt removed on every process: no step (Adam would still move on its momentum).
+            # The decision is global, so all processes skip together.
+            skip = normalizer == 0
+            stats.add(skipped=float(skip) / world)
+            if skip and it > 0:
+                continue
+            parts = micro_batches(rows, args.micro_batch_size)
+            for k, idx in enumerate(parts):
+                mb = index_batch(batch, idx)
+                with accumulate(accelerator, model, last=k == len(parts) - 1), torch.set_grad_enabled(not skip):
+                    loss, logprobs, sums = micro_batch_loss(model, mb, normalizer, args)
+                    if not skip:
+                        accelerator.backward(loss * world)
+                stats.add(loss=loss / (args.num_iterations * args.mini_batches), clip_low=sums.pop("clip_low"),
+                          clip_high=sums.pop("clip_high"))
+                if it == 0:  # metrics of the policy that sampled, on every sampled token
+                    stats.add(**sums)
+                    if j == 0 and "old_logprobs" not in mb:
+                        add_logprob_gap(stats, logprobs, mb["sampler_logprobs"], mb["completion_mask"])
+            if not skip:
+                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm)
+    stats.add(trained=batch["loss_mask"].sum() * args.num_iterations)
+    t = stats.reduce(accelerator)
+    tokens, trained = max(t["tokens"], 1.0), max(t["trained"], 1.0)
+    metrics = {"loss": t["loss"], "entropy": t["entropy"] / tokens, "grad_norm": grad_norm,
+               "skipped_updates": t["skipped"], "clip_ratio/low_mean": t["clip_low"] / trained,
+               "clip_ratio/high_mean": t["clip_high"] / trained, **logprob_gap_metrics(t)}
+    if frozen is not None:
+        metrics["kl"] = t["kl"] / tokens  # to the starting model, before this step's update
+    return metrics
 
 
 def main():
@@ -209,14 +293,13 @@ def main():
     loss_normalizer(torch.ones(1, 1), args.loss_type)  # fails early on a bad --loss_type
     args.run_name = args.run_name or f"{args.algo}_toy"
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)
     local_prompts = args.prompts_per_step // world
     if args.prompts_per_step % world or local_prompts % args.mini_batches:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must split into {world} processes x "
                          f"--mini_batches {args.mini_batches} whole prompts.")
-    needs_old = args.mini_batches * args.num_iterations > 1  # the policy moves within the batch
     needs_frozen = args.kl_coef > 0 or args.log_kl
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -243,10 +326,10 @@ def main():
 
     run = Run(args, accelerator, resume=args.resume)
     start_step = run.load_latest_checkpoint()["step"] if args.resume else 0
-    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), max_model_len=args.max_model_len,
-                      gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                      tensor_parallel_size=args.vllm_tensor_parallel_size, dtype=args.dtype, seed=args.seed,
-                      enable_sleep_mode=args.vllm_sleep)
+    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), accelerator=accelerator,
+                      max_model_len=args.max_model_len, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                      tensor_parallel_size=args.vllm_tensor_parallel_size,
+                      dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed, enable_sleep_mode=args.vllm_sleep)
     if start_step:
         sampler.push_weights(unwrap(model))
     train_rows = load_tasks(args.train_file)
@@ -281,7 +364,7 @@ def main():
         with timer("sample"):
             sampler.wake_up()
             groups = sampler.generate(encode_prompts(tokenizer, rows), args.num_generations, args.temperature,
-                                      args.max_completion_length, seed=step_seed(args.seed, step, rank),
+                                      args.max_completion_length, seed=step_seed(args.seed, step),
                                       top_p=args.top_p)
             sampler.sleep()
         rollouts = [r for g in groups for r in g]
@@ -298,65 +381,9 @@ def main():
 
         # --- update: mini_batches x num_iterations optimizer steps on the rollout batch ---
         with timer("update"):
-            batch = collate(rollouts, pad_id, accelerator.device)
-            batch["rewards"] = rewards.to(accelerator.device)
-            # Removing a prompt = a zero loss mask on its samples, which the normalizer does not count:
-            # the same loss as a smaller batch. They still go through the forward pass, so that the
-            # entropy and KL metrics describe the policy on all its samples, and so that a process
-            # whose prompts were all removed still runs the forward/backward calls (with a zero loss)
-            # that DDP's collective ops expect from every process.
-            batch["loss_mask"] = batch["completion_mask"] * in_batch.to(accelerator.device)[:, None]
-            everything = micro_batches(torch.arange(len(rollouts)), args.micro_batch_size)
-            with torch.no_grad():
-                if needs_old:  # from the trainer, right after sampling: the policy that sampled
-                    batch["old_logprobs"] = torch.cat([token_logprobs(model, index_batch(batch, i), args.temperature)
-                                                       for i in everything])
-                if needs_frozen:
-                    batch["ref_logprobs"] = torch.cat([token_logprobs(frozen, index_batch(batch, i), args.temperature)
-                                                       for i in everything])
-            per_mini = len(rollouts) // args.mini_batches  # whole groups: local_prompts % mini_batches == 0
-            stats = torch.zeros(7, device=accelerator.device)  # loss, kl, entropy, tokens, clip low, skipped, clip high
-            grad_norm = torch.tensor(0.0)
-            for it in range(args.num_iterations):
-                for j in range(args.mini_batches):
-                    rows_mb = torch.arange(j * per_mini, (j + 1) * per_mini)
-                    # |D| of this optimizer step, over all processes; DDP averages gradients over
-                    # processes, so each backpropagates world * its share to get the global mean.
-                    normalizer = accelerator.reduce(torch.tensor(loss_normalizer(
-                        batch["loss_mask"][rows_mb], args.loss_type), device=accelerator.device), "sum").item()
-                    # Every prompt removed on every process: no step (Adam would still move on its momentum).
-                    # The decision is global, so all processes skip together.
-                    skip = normalizer == 0
-                    stats[5] += float(skip)
-                    if skip and it > 0:
-                        continue
-                    parts = micro_batches(rows_mb, args.micro_batch_size)
-                    for k, idx in enumerate(parts):
-                        mb = index_batch(batch, idx)
-                        sync = accelerator.no_sync(model) if k < len(parts) - 1 else contextlib.nullcontext()
-                        with sync, torch.set_grad_enabled(not skip):
-                            logprobs, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
-                            old = mb["old_logprobs"] if needs_old else logprobs.detach()
-                            token_loss, low, high = reinforce_token_loss(logprobs, old, mb["rewards"], args.epsilon,
-                                                                         args.epsilon_high)
-                            kl = kl_k3(logprobs, mb["ref_logprobs"]) if needs_frozen else torch.zeros_like(logprobs)
-                            token_loss = token_loss + args.kl_coef * kl - args.entropy_coef * entropy
-                            loss = aggregate_loss(token_loss, mb["loss_mask"], args.loss_type, normalizer)
-                            if not skip:
-                                accelerator.backward(loss * world)
-                        m, c = mb["loss_mask"], mb["completion_mask"]
-                        stats[0] += loss.detach() / (args.num_iterations * args.mini_batches)
-                        stats[4] += (low * m).sum()
-                        stats[6] += (high * m).sum()
-                        if it == 0:  # metrics of the policy that sampled, on every sampled token
-                            stats[1:4] += torch.stack([(kl * c).sum().detach(), (entropy * c).sum().detach(), c.sum()])
-                    if skip:
-                        continue
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
-                        if args.max_grad_norm > 0 else torch.tensor(0.0)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+            batch = training_batch(rollouts, rewards, in_batch, pad_id, accelerator.device)
+            update_metrics = update(model, optimizer, scheduler, batch, args, accelerator, frozen)
+        with timer("push"):
             sampler.wake_up()
             sampler.push_weights(unwrap(model))
 
@@ -364,8 +391,6 @@ def main():
         def gathered(values) -> torch.Tensor:
             return accelerator.gather(torch.as_tensor(values, dtype=torch.float32, device=accelerator.device)).cpu()
 
-        stats = accelerator.reduce(stats, "sum")
-        tokens = max(stats[3].item(), 1.0)
         all_rewards, all_correct = gathered(rewards), gathered(correct)
         all_in_batch = gathered(in_batch.float()).view(-1, args.num_generations)
         lengths = gathered([len(r.completion_ids) for r in rollouts])
@@ -382,19 +407,13 @@ def main():
             "kept_prompts_frac": (all_in_batch.sum(1) > 0).float().mean().item(),  # left after filtering
             "used_samples": all_in_batch.sum().item(),  # samples in the loss
             "positive_samples": (all_in_batch.flatten() * all_correct).sum().item(),  # correct ones among them
-            "skipped_updates": stats[5].item() / world,  # optimizer steps with every prompt removed
-            "loss": stats[0].item(),
-            "entropy": stats[2].item() / tokens,
-            "grad_norm": float(grad_norm),
+            **update_metrics,  # loss, entropy, kl, grad_norm, skipped_updates, clip ratios, log-prob gap
             "learning_rate": scheduler.get_last_lr()[0],
             "num_tokens": lengths.sum().item(),
             **timer.pop(),
+            **peak_memory(),
         }
-        trained = max(gathered(batch["loss_mask"].sum()).sum().item() * args.num_iterations, 1.0)
-        metrics["clip_ratio/low_mean"] = stats[4].item() / trained  # share of the trained tokens, over iterations
-        metrics["clip_ratio/high_mean"] = stats[6].item() / trained
         if needs_frozen:
-            metrics["kl"] = stats[1].item() / tokens  # to the starting model, before this step's update
             if step == 1:
                 start_accuracy = metrics["train/accuracy"]
             metrics["kl_efficiency"] = kl_efficiency(metrics["train/accuracy"], start_accuracy, metrics["kl"])
