@@ -41,12 +41,15 @@ def run_script(args: list[str], timeout: int = 600, env: dict | None = None, lau
     return proc
 
 
-def torchrun() -> list[str]:
-    """`torchrun --nproc_per_node 2` on a port free right now (a fixed port can meet a leftover process)."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+        return s.getsockname()[1]
+
+
+def torchrun() -> list[str]:
+    """`torchrun --nproc_per_node 2` on a port free right now (a fixed port can meet a leftover process)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
 
 
 def read_jsonl(path) -> list[dict]:

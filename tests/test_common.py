@@ -150,8 +150,15 @@ def test_prompts_for_step_is_a_function_of_the_step():
     assert [r["id"] for r in prompts_for_step(rows, 3, 4, seed=1)] == ids[8:12]
 
 
-def test_shard_keeps_prompts_whole():
-    assert shard(list(range(6)), 1, 2) == [3, 4, 5]
+def test_shard_keeps_prompts_whole_and_mini_batches_the_same_for_any_process_count():
+    assert shard(list(range(6)), 1, 2) == [1, 3, 5]
+    # the j-th half of every rank's share, together, is the j-th half of the whole list
+    prompts = list(range(8))
+    for world in (1, 2, 4):
+        shares = [shard(prompts, r, world) for r in range(world)]
+        for j in range(2):
+            together = sorted(p for share in shares for p in share[j * len(share) // 2:(j + 1) * len(share) // 2])
+            assert together == prompts[j * 4:(j + 1) * 4], (world, j)
     with pytest.raises(SystemExit, match="multiple of the process count"):
         shard(list(range(5)), 0, 2)
 

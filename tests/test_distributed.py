@@ -1,28 +1,109 @@
-"""Two CPU processes (gloo) under torchrun, as `torchrun --nproc_per_node 2 script.py` runs them."""
+"""Several processes as our users run them: torchrun / accelerate launch with DDP or FSDP2 (gloo on CPU),
+colocated vLLM engines (external_launcher, tensor parallel 1 and 2)."""
 
 import shutil
+import sys
 
-from conftest import read_jsonl, run_script, torchrun
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import common
+from conftest import REPO, free_port, read_jsonl, run_script, torchrun
+
+def fsdp2() -> list[str]:
+    """The repo's FSDP2 launch config with 2 processes on CPU (float32, so the results compare exactly)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "fsdp2.yaml"),
+            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
 
 
-def test_ddp_gradients_and_checkpoint(toy, tmp_path):
-    out = run_script(["tests/dist_check.py", str(toy / "model"), str(tmp_path)], launcher=torchrun(), timeout=300)
-    assert "checkpoint: every rank's state written" in out.stdout
-    assert "DIST_CHECK_OK" in out.stdout
+CASES = ["grpo_token-mean", "grpo_seq-mean-token-mean", "grpo_seq-mean-token-sum-norm", "raft++",
+         "raft_token-mean_batch", "reinforce_rej", "reinforce_token-mean", "prime"]
+needs_vllm = pytest.mark.skipif(not common.vllm_available(), reason="vLLM is not installed (bash install.sh)")
 
 
-def test_grpo_runs_on_two_processes(toy, tmp_path):
-    run_script(["grpo_logprob.py", "--model", str(toy / "model"), "--train_file", str(toy / "train.jsonl"),
-                "--test_file", str(toy / "test.jsonl"), "--output_dir", str(tmp_path), "--run_name", "ddp",
-                "--sampler", "hf", "--total_steps", "2", "--prompts_per_step", "4", "--num_generations", "4",
-                "--max_completion_length", "48", "--eval_limit", "9"], launcher=torchrun(), timeout=600)
-    metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [0, 1, 2]
-    # an odd count: the ranks' shares differ in size (5 and 4), and all are gathered
-    assert metrics[0]["eval/num_problems"] == 9
-    assert len(read_jsonl(tmp_path / "ddp" / "eval" / "step_000002.jsonl")) == 9
-    assert metrics[0]["eval/gold_logprob"] < 0
-    # 4 prompts x 4 samples over the two ranks, all counted in the logged metrics
-    assert all(m["num_tokens"] > 0 for m in metrics[1:])
-    assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
-    shutil.rmtree(tmp_path / "ddp")
+@pytest.fixture(scope="module")
+def one_process_updates(toy, tmp_path_factory):
+    """Every script's update on the whole fixed batch, in one process (tests/dist_update.py)."""
+    out = tmp_path_factory.mktemp("updates")
+    run_script(["tests/dist_update.py", str(toy / "model"), str(out)])
+    return out
+
+
+@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
+def test_update_on_two_processes_equals_one_process(toy, one_process_updates, launch):
+    """Each script's own update (normalizer over processes, loss scaled by the process count,
+    micro- and mini-batches, filtered prompts, a rank that keeps nothing, skipped steps, PRIME's
+    whitening and PRM) with two processes holding half the batch leaves the weights of one process
+    holding all of it. Also: a checkpoint written by two processes (one of them late) holds both
+    ranks' states, and loading it restores the weights (DDP and FSDP)."""
+    out = run_script(["tests/dist_update.py", str(toy / "model"), str(one_process_updates)],
+                     launcher=torchrun() if launch == "ddp" else fsdp2(), timeout=600)
+    assert "DIST_UPDATE_OK" in out.stdout and "weights restored" in out.stdout
+    suffix = "" if launch == "ddp" else "_fsdp"
+    initial = AutoModelForCausalLM.from_pretrained(toy / "model").state_dict()
+    for case in CASES:
+        one = torch.load(one_process_updates / f"{case}_world1.pt")
+        two = torch.load(one_process_updates / f"{case}_world2{suffix}.pt")
+        for a, b in zip(one, two):
+            moved = max((a[k] - initial[k]).abs().max().item() for k in a if k in initial)
+            assert moved > 1e-4, f"{case}: the update barely moved the weights; the comparison would prove little"
+            worst = max((a[k] - b[k]).abs().max().item() for k in a)
+            assert worst < 1e-5, f"{case} ({launch}): weights differ by {worst:.2e} between one and two processes"
+
+
+@needs_vllm
+@pytest.mark.parametrize("tp,launch", [(2, "ddp"), (1, "fsdp2")])
+def test_colocated_vllm_on_every_rank(toy, tp, launch):
+    """external_launcher engines, one per process (tp 1) or shared by both (tp 2): log-probs equal the
+    trainer's within 1e-3 on every rank, and after an update and a push (FSDP2: gathered one parameter at
+    a time) every rank's greedy output equals the trainer's."""
+    out = run_script(["tests/dist_vllm.py", str(toy / "model"), str(tp)],
+                     launcher=torchrun() if launch == "ddp" else fsdp2(), timeout=600)
+    assert "DIST_VLLM_OK" in out.stdout
+    for rank in (0, 1):
+        assert f"rank {rank}: log-probs agree" in out.stdout
+        assert f"rank {rank}: after an update and a push, vLLM's greedy output equals the trainer's" in out.stdout
+
+
+def grpo_cmd(toy, out, name, *extra):
+    return ["grpo_logprob.py", "--model", str(toy / "model"), "--train_file", str(toy / "train.jsonl"),
+            "--test_file", str(toy / "test.jsonl"), "--output_dir", str(out), "--run_name", name,
+            "--sampler", "vllm", "--total_steps", "2", "--prompts_per_step", "4", "--num_generations", "4",
+            "--max_completion_length", "48", "--eval_limit", "9", "--save_every", "0", *extra]
+
+
+TIMING_KEYS = ("time/", "tokens_per_second", "memory/")
+
+
+@needs_vllm
+def test_grpo_two_processes_vllm_resume_equals_straight(toy, tmp_path):
+    """Two processes with colocated vLLM: 2 steps straight == 1 step, stop, --resume, 1 more (every
+    metric but timings and memory, and the rollouts)."""
+    run_script(grpo_cmd(toy, tmp_path, "straight", "--log_rollouts_every", "1"), launcher=torchrun())
+    run_script(grpo_cmd(toy, tmp_path, "resumed", "--log_rollouts_every", "1", "--stop_at_step", "1"),
+               launcher=torchrun())
+    run_script(grpo_cmd(toy, tmp_path, "resumed", "--log_rollouts_every", "1", "--resume"), launcher=torchrun())
+
+    def strip(m):
+        return {k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)}
+
+    straight = [strip(m) for m in read_jsonl(tmp_path / "straight" / "metrics.jsonl")]
+    resumed = [strip(m) for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [m["step"] for m in straight] == [0, 1, 2] and straight == resumed
+    assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
+    # an odd eval count: the ranks' shares differ in size (5 and 4), and all are gathered
+    assert straight[0]["eval/num_problems"] == 9 and straight[0]["eval/gold_logprob"] < 0
+    assert len(read_jsonl(tmp_path / "straight" / "eval" / "step_000002.jsonl")) == 9
+    step = straight[1]
+    assert step["num_tokens"] > 0 and 0 <= step["sampler/logprob_gap_mean"] <= step["sampler/logprob_gap_max"] < 1e-3
+    assert (tmp_path / "straight" / "final" / "model.safetensors").exists()
+    shutil.rmtree(tmp_path / "straight")
+
+
+@needs_vllm
+def test_bad_tensor_parallel_size_stops_with_one_sentence(toy, tmp_path):
+    with pytest.raises(AssertionError) as e:
+        run_script(grpo_cmd(toy, tmp_path, "badtp", "--vllm_tensor_parallel_size", "3"), launcher=torchrun())
+    assert "--vllm_tensor_parallel_size 3 must divide the number of processes (2)" in str(e.value)
+    assert "[rank0]: Traceback" not in str(e.value)  # torchrun's own report of a failed child is not ours

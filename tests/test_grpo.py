@@ -228,7 +228,7 @@ def grpo_cmd(toy, out, name, *extra):
             "--eval_limit", "16", "--log_rollouts_every", "1", *extra]
 
 
-TIMING_KEYS = ("time/", "tokens_per_second")
+TIMING_KEYS = ("time/", "tokens_per_second", "memory/")
 
 
 def test_grpo_end_to_end_hf(toy, tmp_path):

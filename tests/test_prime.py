@@ -140,7 +140,7 @@ def prime_cmd(toy, out, name, *extra):
             "--eval_limit", "10", "--num_mini_batches", "2", "--micro_batch_size", "4", *extra]
 
 
-TIMING_KEYS = ("time/", "tokens_per_second")
+TIMING_KEYS = ("time/", "tokens_per_second", "memory/")
 
 
 def test_prime_end_to_end(toy, tmp_path):
@@ -194,8 +194,11 @@ def test_resume_logs_the_same_metrics(toy, tmp_path):
     assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
 
 
-def test_prime_on_two_processes(toy, tmp_path):
-    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "2", "--granularity", "whole"), launcher=torchrun())
+def test_prime_on_two_processes_sharing_a_tensor_parallel_engine(toy, tmp_path):
+    """torchrun, colocated vLLM with --vllm_tensor_parallel_size 2: both processes share one engine, so
+    their sampling rounds must stay in step even when one of them has filled its batch."""
+    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "2", "--granularity", "whole", "--sampler", "vllm",
+                         "--vllm_tensor_parallel_size", "2"), launcher=torchrun())
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert metrics[0]["eval/num_problems"] == 10
