@@ -121,7 +121,7 @@ def test_poem_rows_without_checker_are_not_counted_as_wrong():
 
 
 # --- grading through the eval path (score_completions on outputs rows) ----------------------------
-# New cases only: tests/test_grading.py has 82 more. (style, model output, reference, expected)
+# New cases only: tests/test_grading.py has 124 more. (style, model output, reference, expected)
 def gsm8k_gold_of(field):
     """The reference answer data_prep.py stores for a GSM8K `answer` field."""
     rows, _ = dp.convert_gsm8k([{"question": "q", "answer": field}], "qwen_math", "mem", "test")
