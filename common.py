@@ -266,6 +266,42 @@ _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL_RE = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
 _SLASH_RE = re.compile(r"(-?\d+)/(\d+)")
 _FRAC_RE = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
+_PAREN_NUMBER_RE = re.compile(r"\((-?(?:\d+(?:\.\d+)?|\.\d+))\)")  # "(073)": AIME's answer style
+# Scientific notation, matched against a WHOLE normalized answer only, so that Euler's e in
+# "3e^{-2t}" or "2e" is never read as an exponent: 4.5e33, 4.5E+33, 4.5\times10^{33},
+# 4.5\cdot10^{33}, 10^{-8}. (TeX's 10^33 means 10^3 followed by 3, so only 10^{..} or 10^d.)
+_MANTISSA = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_E_NOTATION_RE = re.compile(rf"(-?)({_MANTISSA})[eE]([+-]?\d+)")
+_TIMES_TEN_RE = re.compile(rf"(-?)(?:({_MANTISSA})(?:\\times|\\cdot|×|·))?10\^(?:\{{([+-]?\d+)\}}|(\d))")
+_MAX_EXPONENT = 10_000  # 10**10000 is instant; 1e999999999 from a model must not hang the grader
+_REL_TOL = Fraction(1, 10**6)
+_ZERO_TOL = Fraction(1, 10**9)
+
+
+def _strip_outer_braces(s: str) -> str:
+    """`{(2,3)}` -> `(2,3)`: peel brace groups that span the whole text (a TeX group is its content).
+    One pass pairs every { with its }; escaped \\{ \\} (sets) are never touched."""
+    close_of, opened, i = {}, [], 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            opened.append(i)
+        elif c == "}" and opened:
+            close_of[opened.pop()] = i
+        i += 1
+    lo, hi = 0, len(s) - 1
+    while True:
+        while lo < hi and s[lo].isspace():
+            lo += 1
+        while hi > lo and s[hi].isspace():
+            hi -= 1
+        if lo < hi and s[lo] == "{" and close_of.get(lo) == hi:
+            lo, hi = lo + 1, hi - 1
+        else:
+            return s[lo : hi + 1]
 
 
 def normalize_answer(s: str) -> str:
@@ -285,14 +321,36 @@ def normalize_answer(s: str) -> str:
     for spacing in ("\\!", "\\,", "\\;", "\\:", "\\ "):
         s = s.replace(spacing, "")
     s = re.sub(r"\s+", "", s)
+    s = _strip_outer_braces(s)  # "\boxed{{(2,3)}}"
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     if s.endswith("."):  # "5." at the end of a sentence
         s = s[:-1]
     if _THOUSANDS_RE.fullmatch(s):  # "1,234,567" but not "1,23" (a list)
         s = s.replace(",", "")
+    if m := _PAREN_NUMBER_RE.fullmatch(s):  # "\textbf{(073)}" -> "073"
+        s = m[1]
     if s.endswith("%") and not s.endswith("\\%"):
         s = s[:-1] + "\\%"
     return s
+
+
+def _scientific_parts(s: str) -> tuple[str, str, int] | None:
+    """(sign, mantissa, exponent) of a normalized number in scientific notation, or None."""
+    if m := _E_NOTATION_RE.fullmatch(s):
+        return m[1], m[2], int(m[3])
+    if m := _TIMES_TEN_RE.fullmatch(s):
+        return m[1], m[2] or "1", int(m[3] or m[4])
+    return None
+
+
+def _scientific(s: str) -> Fraction | None:
+    """Exact value of a normalized number in scientific notation, or None (also beyond the exponent cap)."""
+    parts = _scientific_parts(s)
+    if parts is None or abs(parts[2]) > _MAX_EXPONENT:
+        return None
+    sign, mantissa, exponent = parts
+    value = Fraction(mantissa) * Fraction(10) ** exponent
+    return -value if sign else value
 
 
 def _parse_fraction(s: str) -> Fraction | None:
@@ -306,13 +364,27 @@ def _parse_fraction(s: str) -> Fraction | None:
         if m := _FRAC_RE.fullmatch(s):
             value = Fraction(int(m[2]), int(m[3]))
             return -value if m[1] else value
+        return _scientific(s)
     except (ValueError, ZeroDivisionError):  # x/0, or too many digits for int()
         return None
-    return None
+
+
+def _numbers_equal(a: Fraction, b: Fraction) -> bool:
+    """Integers exactly (73 != 730, 1000001 != 1000000, 4.5e33 == 45\\times10^{32}); otherwise a
+    relative tolerance of 1e-6, so 2.0000001 == 2 but 0.33 != 1/3 and 4.5e32 != 4.5e33. An absolute
+    tolerance only against zero: 1e-12 and 1e-15 are different answers."""
+    if a == b:
+        return True
+    if a.denominator == 1 and b.denominator == 1:
+        return False
+    if a == 0 or b == 0:
+        return abs(a - b) <= _ZERO_TOL
+    return abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
 
 
 def parse_number(s: str) -> float | None:
-    """Plain number (int, decimal, a/b, \\frac{a}{b}, 50\\% -> 50.0) or None. Never evals."""
+    """Plain number (int, decimal, a/b, \\frac{a}{b}, 4.5e33, 4.5\\times10^{33}, 50\\% -> 50.0) or None.
+    Never evals."""
     value = _parse_fraction(normalize_answer(s))
     if value is None:
         return None
@@ -321,6 +393,15 @@ def parse_number(s: str) -> float | None:
     except OverflowError:
         return None
     return value if math.isfinite(value) else None
+
+
+def _for_math_verify(s: str) -> str:
+    """The text Math-Verify gets: a whole-text brace group peeled, and e-notation spelled
+    \\times10^{n} (Math-Verify's LaTeX reader takes 4.5e33 for 4.5 * Euler's e * 33)."""
+    s = _strip_outer_braces(s.strip())
+    if m := _E_NOTATION_RE.fullmatch(normalize_answer(s)):
+        s = f"{m[1]}{m[2]}\\times10^{{{int(m[3])}}}"
+    return s
 
 
 # ---- equivalence: fast path + Math-Verify in a worker pool ----------------
@@ -341,12 +422,10 @@ def _fast_match(pred: str | None, gold: str) -> bool | None:
         return True
     a, b = _parse_fraction(p), _parse_fraction(g)
     if a is None or b is None:
+        if any((parts := _scientific_parts(s)) and abs(parts[2]) > _MAX_EXPONENT for s in (p, g)):
+            return False  # no answer is 1e999999999; sympy would try to build that power
         return None
-    if a.denominator == 1 and b.denominator == 1:
-        equal = a == b  # integers exactly: rel 1e-6 would make 1000000 == 1000001
-    else:
-        equal = math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
-    if equal:
+    if _numbers_equal(a, b):
         return True
     if p.endswith("\\%") or g.endswith("\\%"):
         return None  # 50\% vs 0.5: Math-Verify accepts both readings of a percent
@@ -443,7 +522,7 @@ def answers_match_many(
         jobs = []
         for i in todo:
             pred, gold = pairs[i]
-            jobs.append((i, pool.apply_async(_mv_verify, (gold.strip(), pred.strip()))))
+            jobs.append((i, pool.apply_async(_mv_verify, (_for_math_verify(gold), _for_math_verify(pred)))))
     except Exception:  # pool failed to start, or another thread just killed it
         return results, len(todo)
 

@@ -15,7 +15,11 @@ Usage:
     python data_prep.py gsm8k --split test --out data/gsm8k_test.jsonl
     python data_prep.py countdown --limit 2000 --seed 0 --out data/countdown.jsonl
     python data_prep.py math500 --source ~/MATH-500/test.jsonl --template r1 --out data/math500_r1.jsonl
+    python data_prep.py minerva --source minerva_math.jsonl --out data/minerva.jsonl   # gold: last \\boxed{}
     python data_prep.py poem --source poems.jsonl --out data/poem.jsonl
+
+Ids name the split: --split, else the split a local file's name holds (gsm8k_test.jsonl), else the
+task's default (test for the evaluation benchmarks).
 """
 import argparse
 import itertools
@@ -30,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from common import last_boxed  # the one brace-matching extractor, shared with the reward code
+# the one brace-matching extractor and GSM8K reader, shared with the reward code
+from common import gsm8k_gold, last_boxed
 
 # Default hub ids per task. Every one of them can be replaced by a local file or folder
 # with --source (that is how the tests run: there is no hub access there).
@@ -43,7 +48,9 @@ HUB_IDS = {
     # evaluation benchmarks
     "math500": "HuggingFaceH4/MATH-500",
     "aime24": "HuggingFaceH4/aime_2024",
+    "aime": "AI-MO/aimo-validation-aime",  # AIME 2022-2024
     "amc23": "math-ai/amc23",
+    "amc": "AI-MO/aimo-validation-amc",  # AMC 12 2022-2023
     "minerva": "math-ai/minervamath",
     "olympiadbench": "Hothan/OlympiadBench",
     # "poem" has no hub default: pass a local file with --source.
@@ -92,6 +99,9 @@ def build_prompt(template, question):
 # Loading: local file/folder via `datasets`, otherwise a hub id
 # ---------------------------------------------------------------------------------------
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+SPLIT_WORDS = ("train", "test", "validation", "val", "dev")
+JSON_LAYOUTS = ("JSON lines, an array of row objects, or column-oriented JSON "
+                "({\"column\": {\"row\": value}}, as pandas writes it)")
 
 
 def looks_like_path(source):
@@ -101,17 +111,104 @@ def looks_like_path(source):
             or source.count("/") > 1)
 
 
+def is_saved_dataset(path):
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def splits_named(file_name):
+    """Split words that a file name holds as whole words: gsm8k_test.jsonl -> {"test"}."""
+    return set(re.split(r"[^a-z]+", Path(file_name).stem.lower())) & set(SPLIT_WORDS)
+
+
 def data_files_in(folder, split):
     files = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix in FORMATS)
     # A downloaded hub snapshot keeps splits apart by file name (train-0000.parquet,
     # test.jsonl): if some names mention the split, use only those.
-    named = [f for f in files if split in Path(f).name]
+    named = [f for f in files if split in splits_named(f)]
     return named or files
+
+
+def split_of_local(source, default):
+    """(split, True) when a local file, or every file of a folder, names one split as a word
+    (gsm8k_test.jsonl -> "test"); else (default, False)."""
+    path = Path(source).expanduser()
+    if is_saved_dataset(path):
+        return default, False
+    files = data_files_in(path, default) if path.is_dir() else [str(path)]
+    named = [splits_named(f) for f in files]
+    if named and all(len(n) == 1 and n == named[0] for n in named):
+        return next(iter(named[0])), True
+    return default, False
 
 
 def first_line(e):
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def column_oriented_rows(path):
+    """Rows of a pandas column-oriented JSON file ({"column": {"row": value}}), else None."""
+    if Path(path).suffix != ".json":
+        return None
+    with open(path, encoding="utf-8") as f:
+        start = f.read(1)
+        while start.isspace():
+            start = f.read(1)
+        if start != "{":
+            return None  # an array, or nothing
+        f.seek(0)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError:
+            return None  # several objects: JSON lines, left to `datasets`
+    columns = list(data.values()) if isinstance(data, dict) else []
+    if not columns or not all(isinstance(c, dict) for c in columns):
+        return None  # one object with plain values: a single row
+    index = list(columns[0])
+    if any(list(c) != index for c in columns[1:]):
+        raise DataError(f"{path} is one JSON object of objects whose row keys differ between columns; "
+                        f"expected {JSON_LAYOUTS}")
+    return {name: [column[k] for k in index] for name, column in data.items()}
+
+
+def read_file(path, kind):
+    """One local file as a datasets.Dataset; any failure is one sentence naming the file."""
+    import datasets
+
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty; expected " + (JSON_LAYOUTS if kind == "json" else f"a {kind} file"))
+    # A local file reads in a blink: no progress bar, and no log line of datasets' own before our sentence.
+    datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        if (columns := column_oriented_rows(path)) is not None:
+            return datasets.Dataset.from_dict(columns)
+        return datasets.load_dataset(kind, data_files=[path], split="train")
+    except DataError:
+        raise
+    except Exception as e:  # malformed JSON/CSV/parquet, mixed types in a column, bad encoding
+        cause = e.__cause__ or e
+        expected = JSON_LAYOUTS if kind == "json" else f"a {kind} file"
+        raise DataError(f"could not read {path} ({first_line(cause)}); expected {expected}") from e
+    finally:
+        datasets.enable_progress_bars()
+        datasets.logging.set_verbosity(verbosity)
+
+
+def refuse_duplicates(parts, source):
+    """Rows repeated across the files of one folder (the same data as .jsonl and .json) are refused:
+    reading both would hold every problem twice."""
+    seen = {}  # row as canonical JSON -> the file it was first read from
+    for path, part in parts:
+        repeated, other = 0, None
+        for row in part:
+            first = seen.setdefault(json.dumps(row, sort_keys=True, default=str), path)
+            if first != path:
+                repeated, other = repeated + 1, first
+        if repeated:
+            raise DataError(f"{path} repeats {repeated} of its {len(part)} rows from {other} (the same data "
+                            f"in two files of {source}); pass one of the files with --source")
 
 
 def load_rows(source, split, config=None):
@@ -128,7 +225,7 @@ def load_rows(source, split, config=None):
             raise DataError(f"could not load hub dataset {source!r} (config={config}, split={split}): "
                             f"{first_line(e)}; check the id or pass a local file with --source") from e
 
-    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+    if is_saved_dataset(path):
         ds = datasets.load_from_disk(str(path))  # a folder written by save_to_disk
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -143,11 +240,20 @@ def load_rows(source, split, config=None):
     if len(kinds) > 1:
         raise DataError(f"{source} mixes file formats {sorted(kinds)}; keep one format per folder")
     kind = kinds.pop()
-    try:  # local files form a single split; --split then only names the ids
-        return datasets.load_dataset(kind, data_files=files, split="train")
-    except datasets.exceptions.DatasetGenerationError as e:  # malformed file, or files that disagree
-        raise DataError(f"could not read {source} as {kind} ({first_line(e.__cause__ or e)}); check the "
-                        f"file, and that all files in a folder have the same fields") from e
+    # local files form a single split; --split then only names the ids
+    parts = [(f, read_file(f, kind)) for f in files]
+    if len(parts) == 1:
+        return parts[0][1]
+    layouts = "; ".join(f"{Path(f).name}: {', '.join(part.column_names)}" for f, part in parts)
+    mismatch = DataError(f"the files in {source} do not have the same fields and types ({layouts}); "
+                         f"keep one layout per folder, or pass one file with --source")
+    if len({tuple(sorted(part.column_names)) for _, part in parts}) > 1:
+        raise mismatch
+    refuse_duplicates(parts, source)
+    try:
+        return datasets.concatenate_datasets([part for _, part in parts])
+    except ValueError as e:  # the same fields with different types
+        raise mismatch from e
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,22 +267,43 @@ def need(row, key, where):
     return row[key]
 
 
+def need_text(row, key, where):
+    """row[key] as text: a string, or a list of strings (joined by blank lines)."""
+    return as_text(need(row, key, where), key, where)
+
+
+def as_text(value, key, where):
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return "\n\n".join(value)
+    if not isinstance(value, str):
+        raise DataError(f"{where} field {key!r} is a {type(value).__name__}, not text; "
+                        f"point --source at data in this task's layout or fix that row")
+    return value
+
+
 def first_of(row, keys, where):
     """The first present field among `keys`, for benchmarks whose copies name fields differently."""
     for key in keys:
         if row.get(key) is not None:
-            return row[key]
+            return as_text(row[key], key, where)
     raise DataError(f"{where} has none of the fields {list(keys)} (it has: {', '.join(row)}); "
                     f"point --source at data in this task's layout or fix that row")
 
 
 def as_answer(x):
-    """Reference answers are strings: lists are joined, 27.0 becomes "27"."""
+    """Reference answers are strings: 27.0 becomes "27"; lists (OlympiadBench's ["$1$", "$2$"]) are
+    joined after their $...$ delimiters are dropped."""
     if isinstance(x, (list, tuple)):
-        return ", ".join(as_answer(v) for v in x)
+        return ", ".join(strip_dollars(as_answer(v)) for v in x)
     if isinstance(x, float) and x.is_integer():
         return str(int(x))
     return str(x).strip()
+
+
+def strip_dollars(s):
+    while len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+        s = s[1:-1].strip()
+    return s
 
 
 def as_level(x):
@@ -204,34 +331,74 @@ def convert_gsm8k(rows, template, source, split, task="gsm8k"):
     out = []
     for i, row in enumerate(rows):
         where = f"{source} row {i}"
-        solution = need(row, "answer", where)
+        solution = need_text(row, "answer", where)
         if "####" not in solution:
             raise DataError(f"{where} has no '#### <answer>' line in 'answer'; is --source in the gsm8k layout?")
-        gold = solution.split("####")[-1].strip().replace(",", "")  # commas are thousands separators
-        out.append(make_row(task, split, i, template, source, need(row, "question", where), gold,
-                            solution=solution))
+        out.append(make_row(task, split, i, template, source, need_text(row, "question", where),
+                            gsm8k_gold(solution), solution=solution))
     return out, 0
 
 
-def convert_math(rows, template, source, split, task="math"):
-    """MATH-lighteval (`problem`, `solution`, `level`, `type`) or MATH-500 (`problem`, `solution`,
-    `answer`, `subject`, `level`, `unique_id`). Rows without any answer are skipped."""
+# Where benchmark copies keep the curated final answer; without one, the gold is the last \boxed{}
+# of the worked solution (Hendrycks MATH, Minerva).
+ANSWER_FIELDS = ("answer", "expected_answer", "final_answer")
+# Fields worth keeping when a benchmark has them (olympiadbench's `unit` matters for grading).
+BENCH_EXTRA = ("id", "idx", "unique_id", "year", "url", "subfield", "unit", "answer_type",
+               "is_multiple_answer", "error")
+
+
+def gold_of(row, where):
+    """(gold answer, field it came from) of a problem row; (None, None) when there is none."""
+    for key in ANSWER_FIELDS:
+        value = row.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (str, int, float, list, tuple)):
+            raise DataError(f"{where} field {key!r} is a {type(value).__name__}, not an answer; "
+                            f"point --source at data in this task's layout or fix that row")
+        answer = as_answer(value)
+        if "####" in answer:
+            raise DataError(f"{where} field {key!r} is a worked solution ending in '#### N': "
+                            f"that is the gsm8k layout, convert it with the gsm8k task")
+        if answer:
+            return answer, key
+    if "solution" not in row and not any(key in row for key in ANSWER_FIELDS):
+        raise DataError(f"{where} has none of the fields {[*ANSWER_FIELDS, 'solution']} "
+                        f"(it has: {', '.join(row)}); point --source at data in this task's layout")
+    solution = row.get("solution")
+    boxed = last_boxed(as_text(solution, "solution", where)) if solution is not None else None
+    return (boxed, "solution") if boxed else (None, None)
+
+
+def convert_problems(rows, template, source, split, task):
+    """Math problems with a final answer: MATH-lighteval and the Hendrycks MATH test (`problem`,
+    `solution`, `level`, `type`), MATH-500 (+ `answer`, `subject`, `unique_id`), PRIME's MATH-500
+    (`expected_answer`), AIME, AMC, Minerva (`problem`, `solution` only), OlympiadBench
+    (`question`, `final_answer` list, `solution` list). Copies name fields differently: question
+    from `problem`/`question`; gold from the first of ANSWER_FIELDS, else the solution's last
+    \\boxed{}. The worked solution is kept in metadata. Rows without any answer are skipped."""
     out, skipped = [], 0
     for i, row in enumerate(rows):
         where = f"{source} row {i}"
-        question = need(row, "problem", where)
-        answer = row.get("answer")  # MATH-500 ships the answer; MATH-lighteval only the solution
-        if answer is None or not str(answer).strip():
-            answer = last_boxed(need(row, "solution", where))
-        if not answer:
+        question = first_of(row, ("problem", "question"), where)
+        gold, field = gold_of(row, where)
+        if gold is None:
             skipped += 1
             continue
-        meta = {"solution": row.get("solution"), "level": as_level(row.get("level")),
-                "subject": row.get("subject") or row.get("type")}
-        if row.get("unique_id"):
-            meta["unique_id"] = row["unique_id"]
-        out.append(make_row(task, split, i, template, source, question, as_answer(answer), **meta))
+        meta = {"answer_field": field}
+        if row.get("solution") is not None:
+            meta["solution"] = as_text(row["solution"], "solution", where)
+        if row.get("level") is not None:
+            meta["level"] = as_level(row["level"])
+        if subject := row.get("subject") or row.get("type"):
+            meta["subject"] = subject
+        meta.update({k: row[k] for k in BENCH_EXTRA if row.get(k) is not None})
+        out.append(make_row(task, split, i, template, source, question, gold, **meta))
     return out, skipped
+
+
+def convert_math(rows, template, source, split, task="math"):
+    return convert_problems(rows, template, source, split, task)
 
 
 def convert_numina(rows, template, source, split, task="numina"):
@@ -240,7 +407,7 @@ def convert_numina(rows, template, source, split, task="numina"):
     out, skipped = [], 0
     for i, row in enumerate(rows):
         where = f"{source} row {i}"
-        question, solution = need(row, "problem", where), need(row, "solution", where)
+        question, solution = need_text(row, "problem", where), need_text(row, "solution", where)
         answer = last_boxed(solution)
         if not answer:
             skipped += 1
@@ -339,59 +506,50 @@ def convert_poem(rows, template, source, split, task="poem"):
     out = []
     for i, row in enumerate(rows):
         where = f"{source} row {i}"
-        author, title, form = (need(row, k, where) for k in ("author", "title", "form"))
+        author, title, form = (need_text(row, k, where) for k in ("author", "title", "form"))
         question = (f"Here is the beginning of a poem by {author}, titled \"{title}\" ({form}). "
-                    f"Continue the poem until its end.\n\n{need(row, 'poem_start', where)}")
-        out.append(make_row(task, split, i, template, source, question, need(row, "poem_end", where),
+                    f"Continue the poem until its end.\n\n{need_text(row, 'poem_start', where)}")
+        out.append(make_row(task, split, i, template, source, question, need_text(row, "poem_end", where),
                             author=author, title=title, form=form))
     return out, 0
 
 
-# --- evaluation benchmarks ---------------------------------------------------------------
-# Fields worth keeping when a benchmark has them (olympiadbench's `unit` matters for grading).
-BENCH_EXTRA = ("id", "year", "url", "subject", "subfield", "level", "unit", "answer_type",
-               "is_multiple_answer")
-
-
-def convert_qa(rows, template, source, split, task):
-    """Plain question/answer benchmarks. Tolerant about field names because copies of the same
-    benchmark differ: question from `problem`/`question`, answer from `answer`/`final_answer`
-    (OlympiadBench's final_answer is a list of strings, joined with ", ")."""
-    out = []
-    for i, row in enumerate(rows):
-        where = f"{source} row {i}"
-        question = first_of(row, ("problem", "question"), where)
-        answer = as_answer(first_of(row, ("answer", "final_answer"), where))
-        extra = {k: row[k] for k in BENCH_EXTRA if row.get(k) is not None}
-        out.append(make_row(task, split, i, template, source, question, answer, **extra))
-    return out, 0
-
-
+# --- evaluation benchmarks: the same converter, named per benchmark ------------------------
 def convert_math500(rows, template, source, split):
-    return convert_math(rows, template, source, split, task="math500")
+    return convert_problems(rows, template, source, split, task="math500")
 
 
 def convert_aime24(rows, template, source, split):
-    return convert_qa(rows, template, source, split, task="aime24")
+    return convert_problems(rows, template, source, split, task="aime24")
+
+
+def convert_aime(rows, template, source, split):
+    return convert_problems(rows, template, source, split, task="aime")
 
 
 def convert_amc23(rows, template, source, split):
-    return convert_qa(rows, template, source, split, task="amc23")
+    return convert_problems(rows, template, source, split, task="amc23")
+
+
+def convert_amc(rows, template, source, split):
+    return convert_problems(rows, template, source, split, task="amc")
 
 
 def convert_minerva(rows, template, source, split):
-    return convert_qa(rows, template, source, split, task="minerva")
+    return convert_problems(rows, template, source, split, task="minerva")
 
 
 def convert_olympiadbench(rows, template, source, split):
-    return convert_qa(rows, template, source, split, task="olympiadbench")
+    return convert_problems(rows, template, source, split, task="olympiadbench")
 
 
-# task -> converter, default template / split / hub config, and why rows get skipped
+NO_ANSWER = "no answer field and no \\boxed{} in the solution"
+# task -> converter, default template, the split its ids name by default (evaluation benchmarks:
+# test), the split to request from its hub id when that differs (single-split hub copies call
+# theirs "train"), hub config, and why rows get skipped
 TASKS = {
     "gsm8k": dict(convert=convert_gsm8k, template="qwen_math", split="train", config="main"),
-    "math": dict(convert=convert_math, template="qwen_math", split="train", config=None,
-                 skip="no answer and no \\boxed{} in the solution"),
+    "math": dict(convert=convert_math, template="qwen_math", split="train", config=None, skip=NO_ANSWER),
     "numina": dict(convert=convert_numina, template="qwen_math", split="train", config=None,
                    skip="no \\boxed{} answer in the solution"),
     "eurus": dict(convert=convert_eurus, template="qwen_math", split="train", config=None,
@@ -399,14 +557,18 @@ TASKS = {
     "countdown": dict(convert=convert_countdown, template="r1", split="train", config=None,
                       skip="no equation reaches the target"),
     "poem": dict(convert=convert_poem, template="r1", split="train", config=None),
-    "math500": dict(convert=convert_math500, template="qwen_math", split="test", config=None,
-                    skip="no answer and no \\boxed{} in the solution"),
-    "aime24": dict(convert=convert_aime24, template="qwen_math", split="train", config=None),
-    "amc23": dict(convert=convert_amc23, template="qwen_math", split="test", config=None),
-    "minerva": dict(convert=convert_minerva, template="qwen_math", split="test", config=None),
+    "math500": dict(convert=convert_math500, template="qwen_math", split="test", config=None, skip=NO_ANSWER),
+    "aime24": dict(convert=convert_aime24, template="qwen_math", split="test", hub_split="train", config=None,
+                   skip=NO_ANSWER),
+    "aime": dict(convert=convert_aime, template="qwen_math", split="test", hub_split="train", config=None,
+                 skip=NO_ANSWER),
+    "amc23": dict(convert=convert_amc23, template="qwen_math", split="test", config=None, skip=NO_ANSWER),
+    "amc": dict(convert=convert_amc, template="qwen_math", split="test", hub_split="train", config=None,
+                skip=NO_ANSWER),
+    "minerva": dict(convert=convert_minerva, template="qwen_math", split="test", config=None, skip=NO_ANSWER),
     # OlympiadBench is split into configs; this one is the usual text-only English math part.
-    "olympiadbench": dict(convert=convert_olympiadbench, template="qwen_math", split="train",
-                          config="OE_TO_maths_en_COMP"),
+    "olympiadbench": dict(convert=convert_olympiadbench, template="qwen_math", split="test", hub_split="train",
+                          config="OE_TO_maths_en_COMP", skip=NO_ANSWER),
 }
 
 
@@ -425,21 +587,34 @@ def write_jsonl(rows, path):
     return path
 
 
+def resolve_split(args, spec):
+    """(split to load, split the ids name, why). --split wins; a hub id gets the task's split (its hub
+    copy may call it differently); a local file gets the split its name holds (gsm8k_test.jsonl),
+    else the task's default."""
+    if args.split:
+        return args.split, args.split, "--split"
+    if not Path(args.source).expanduser().exists():
+        return spec.get("hub_split", spec["split"]), spec["split"], f"the {args.task} default"
+    split, named = split_of_local(args.source, spec["split"])
+    return split, split, "named in the file name" if named else f"the {args.task} default"
+
+
 def prepare(args):
-    """Load -> (shuffle, limit) -> convert -> write. Returns (rows written, rows skipped)."""
+    """Load -> (shuffle, limit) -> convert -> write. Returns (rows written, rows skipped, split, why)."""
     spec = TASKS[args.task]
     if not args.source:
         raise DataError(f"{args.task} has no hub default; pass a local file with --source")
-    rows = load_rows(args.source, args.split, args.config)
+    load_split, split, why = resolve_split(args, spec)
+    rows = load_rows(args.source, load_split, args.config)
     # --limit picks source rows BEFORE converting (converting all of Countdown/Numina is slow);
     # rows skipped by the converter are not replaced. --seed makes the pick random.
     if args.seed is not None:
         rows = rows.shuffle(seed=args.seed)
     if args.limit is not None:
         rows = rows.select(range(min(args.limit, len(rows))))
-    out, skipped = spec["convert"](rows, args.template, args.source, args.split)
+    out, skipped = spec["convert"](rows, args.template, args.source, split)
     write_jsonl(out, args.out)
-    return len(out), skipped
+    return len(out), skipped, split, why
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,7 +785,9 @@ def main(argv=None):
         p.add_argument("--source", default=HUB_IDS.get(name),
                        help="hub id, or a local .jsonl/.json/.parquet/.csv file or folder (default: %(default)s)")
         p.add_argument("--config", default=spec["config"], help="hub config name (default: %(default)s)")
-        p.add_argument("--split", default=spec["split"], help="split to read; also used in the ids (default: %(default)s)")
+        p.add_argument("--split", default=None,
+                       help=f"split to read, also named in the ids (default: the split a local file's name holds, "
+                            f"e.g. gsm8k_test.jsonl, else {spec['split']})")
         p.add_argument("--template", default=spec["template"], choices=sorted(ANSWER_STYLE),
                        help="prompt template (default: %(default)s)")
         p.add_argument("--limit", type=int, default=None, help="keep only N source rows")
@@ -634,11 +811,11 @@ def main(argv=None):
     if args.task == "toy":
         return build_toy(args)
     try:
-        written, skipped = prepare(args)
+        written, skipped, split, why = prepare(args)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     reason = f" (skipped {skipped}: {TASKS[args.task].get('skip', 'see converter')})" if skipped else ""
-    print(f"{args.task}: wrote {written} rows{reason} to {args.out}")
+    print(f"{args.task}: wrote {written} rows{reason} of split {split!r} ({why}) to {args.out}")
 
 
 if __name__ == "__main__":

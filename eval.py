@@ -3,11 +3,14 @@
     python eval.py --model runs/grpo_toy/final --dataset data/toy/test.jsonl --n 4
     python eval.py runs/grpo_toy/eval/step_000200.jsonl              # re-score saved outputs, no model
     python eval.py runs/grpo_toy/eval/step_*.jsonl --plot             # one table, accuracy against step
+    python eval.py samples_gsm8k_2025-01-01T00-00-00.jsonl             # another tool's outputs: agreement too
 
 The sampler, the answer checker and the outputs format are common.py's (Sampler, evaluate,
 score_completions): the files a training run writes under runs/NAME/eval/ are outputs files of this
-script. Re-scoring always recomputes preds/correct/format from the completions, so a fix to the
-grader applies to old runs too. Metric definitions: README "eval.py"; REFERENCE.md section 5.
+script. Outputs of the Qwen2.5-Math evaluation harness and lm-evaluation-harness --log_samples files
+are read too, and their own verdicts compared with ours. Re-scoring always recomputes
+preds/correct/format from the completions, so a fix to the grader applies to old runs too.
+Metric definitions: README "eval.py"; REFERENCE.md section 5.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (Sampler, atomic_write_text, evaluate, jsonable, load_tasks, normalize_answer,
-                    score_completions, shutdown_grader, vllm_available)
-from data_prep import ANSWER_STYLE, PRIME_SUFFIX, build_prompt
+from common import (Sampler, atomic_write_text, evaluate, gsm8k_gold, jsonable, last_boxed, last_tag, load_tasks,
+                    normalize_answer, score_completions, shutdown_grader, vllm_available)
+from data_prep import ANSWER_STYLE, PRIME_SUFFIX, as_answer, build_prompt
 
 # ----------------------------------------------------------------------------------------------
 # metrics of one problem (hand-computed tests: tests/test_eval.py)
@@ -160,30 +163,142 @@ def record_problem(r) -> str | None:
     comps = r["completions"]
     if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
         return "'completions' must be a non-empty list of strings"
-    for key in ("lengths", "finish_reasons"):
+    for key in ("lengths", "finish_reasons", "original_correct"):
         if r.get(key) is not None and len(r[key]) != len(comps):
             return f"'{key}' has {len(r[key])} entries for {len(comps)} completions"
     return None
 
 
+# Outputs of other evaluation tools, mapped onto eval.py records so that published outputs can be
+# re-scored with this project's grader (layout_of tells them apart by their fields; from_qwen and
+# from_lm_eval map one line). The tool's own verdicts are kept as `original_correct`.
+LAYOUTS = {
+    "eval": "eval.py outputs (id, task, answer, completions)",
+    "qwen": "Qwen2.5-Math evaluation-harness outputs (idx, gt, code, pred, score)",
+    "lm_eval": "lm-evaluation-harness --log_samples (doc, target, resps, filtered_resps)",
+}
+VERDICT_KEYS = ("exact_match", "acc", "math_verify")  # lm-eval metrics that are a 0/1 verdict
+ANSWER_STYLE_TEXT = {"boxed": "the last \\boxed{}", "gsm8k": "the text after '####'", "tag": "<answer>...</answer>"}
+
+
+def layout_of(obj: dict) -> str | None:
+    if all(k in obj for k in ("idx", "gt", "code")):
+        return "qwen"
+    if "resps" in obj and ("target" in obj or "doc" in obj):
+        return "lm_eval"
+    if any(k in obj for k in ("id", "task", "answer", "completions")):
+        return "eval"
+    return None
+
+
+def as_verdict(value) -> float | None:
+    """1.0/0.0 for a boolean or 0/1 verdict, None for anything else (a score, a missing value)."""
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+        return float(value)
+    return None
+
+
+def texts_in(value) -> list[str] | None:
+    """lm-eval's resps/filtered_resps: strings nested one level per request ([["text", ...]])."""
+    flat = [x for item in value for x in (item if isinstance(item, list) else [item])] \
+        if isinstance(value, list) else None
+    return flat if flat and all(isinstance(x, str) for x in flat) else None
+
+
+def from_qwen(r: dict) -> dict | str:
+    """A Qwen2.5-Math harness line (one problem: gt, code = its completions, score = their verdicts)."""
+    code = r["code"]
+    if not isinstance(code, list) or not code or not all(isinstance(c, str) for c in code):
+        return "'code' must be a non-empty list of completion strings"
+    score, pred = r.get("score"), r.get("pred")
+    verdicts = [as_verdict(v) for v in score] if isinstance(score, list) and len(score) == len(code) else None
+    meta = {k: r[k] for k in ("level", "subfield", "unit", "answer_type") if r.get(k) is not None}
+    if r.get("type") is not None:
+        meta["subject"] = r["type"]
+    return {"id": str(r["idx"]), "task": "qwen_harness", "answer": as_answer(r["gt"]), "metadata": meta,
+            "prompt": [{"role": "user", "content": r["question"]}] if isinstance(r.get("question"), str) else [],
+            "completions": code, "original_correct": verdicts,
+            "original_preds": [str(x) for x in pred] if isinstance(pred, list) and len(pred) == len(code) else None}
+
+
+def from_lm_eval(r: dict, line: int) -> dict | str:
+    """An lm-evaluation-harness sample (one document under one filter). Its verdict is per document:
+    it is compared with ours only when the document has one response."""
+    completions = texts_in(r["resps"])
+    if completions is None:
+        return "'resps' holds no text completions (a log-likelihood task has nothing to grade)"
+    target = r.get("target")
+    if target is None:
+        return "missing field(s) ['target']"
+    if isinstance(target, str) and "####" in target:
+        gold = gsm8k_gold(target)
+    else:
+        gold = (last_boxed(target) if isinstance(target, str) else None) or as_answer(target)
+    keys = [k for k in (r.get("metrics") or []) if k in r] + [k for k in VERDICT_KEYS if k in r]
+    verdict = next((v for v in (as_verdict(r[k]) for k in keys) if v is not None), None)
+    doc = r.get("doc") if isinstance(r.get("doc"), dict) else {}
+    meta = {k: doc[k] for k in ("level", "subject", "type") if isinstance(doc.get(k), (str, int))}
+    question = next((doc[k] for k in ("problem", "question") if isinstance(doc.get(k), str)), None)
+    filtered = texts_in(r.get("filtered_resps"))
+    one = len(completions) == 1
+    return {"id": str(r.get("doc_id", line)), "task": "lm_eval", "answer": gold, "metadata": meta,
+            "prompt": [{"role": "user", "content": question}] if question else [], "completions": completions,
+            "original_correct": [verdict] if one and verdict is not None else None,
+            "original_preds": filtered if one and filtered and len(filtered) == 1 else None}
+
+
+def to_record(layout: str, obj, lineno: int) -> dict | str:
+    """The eval.py record of one parsed line, or why the line is not usable."""
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    if layout != "eval":
+        missing = [k for k in {"qwen": ("idx", "gt", "code"), "lm_eval": ("resps",)}[layout] if k not in obj]
+        if missing:
+            return f"missing field(s) {missing}"
+        obj = from_qwen(obj) if layout == "qwen" else from_lm_eval(obj, lineno)
+        if isinstance(obj, str):
+            return obj
+    return record_problem(obj) or obj
+
+
+def answer_style_of(records: list[dict]) -> str:
+    """The final-answer format most completions of another tool's file use (ties: boxed first)."""
+    texts = [c for r in records for c in r["completions"]]
+    counts = {"boxed": sum(last_boxed(t) is not None for t in texts),
+              "gsm8k": sum("####" in t for t in texts),
+              "tag": sum(last_tag(t) is not None for t in texts)}
+    return max(counts, key=counts.get)
+
+
 def read_outputs(path: Path, strict: bool) -> list[dict]:
-    """Records of an outputs file. Each malformed line is reported as FILE:LINE and skipped;
-    --strict stops instead."""
+    """Records of an outputs file: eval.py's own, or another tool's (see LAYOUTS), mapped onto ours.
+    Each malformed line is reported as FILE:LINE and skipped; --strict stops instead. A file in an
+    unknown layout is refused with one sentence."""
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; pass an outputs .jsonl (e.g. runs/NAME/eval/step_N.jsonl).")
-    records, bad = [], []
+    lines, bad = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
+                lines.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 bad.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
-                continue
-            if why := record_problem(r):
-                bad.append(f"{path}:{lineno}: {why}")
-                continue
+    first = next((obj for _, obj in lines if isinstance(obj, dict)), None)
+    layout = layout_of(first) if first is not None else "eval"
+    if layout is None:
+        raise SystemExit(f"{path}: unknown layout: its first record has the fields {sorted(first)}; eval.py reads "
+                         + "; ".join(LAYOUTS.values()) + ".")
+    records = []
+    filters = list(dict.fromkeys(obj.get("filter") for _, obj in lines if isinstance(obj, dict)))
+    for lineno, obj in lines:
+        if layout == "lm_eval" and isinstance(obj, dict) and obj.get("filter") != filters[0]:
+            continue  # lm-eval logs each document once per filter; the first filter is read
+        r = to_record(layout, obj, lineno)
+        if isinstance(r, str):
+            bad.append(f"{path}:{lineno}: {r}")
+        else:
             records.append(r)
     for message in bad:
         print(message, file=sys.stderr)
@@ -194,6 +309,13 @@ def read_outputs(path: Path, strict: bool) -> list[dict]:
         raise SystemExit(f"{path}: no valid records to score.")
     if bad:
         print(f"{path}: skipped {len(bad)} malformed line(s), scored {len(records)} records", file=sys.stderr)
+    if layout != "eval":
+        style = answer_style_of(records)
+        for r in records:
+            r["metadata"]["answer_style"] = style
+        which = f", filter {filters[0]!r} of {filters}" if layout == "lm_eval" and len(filters) > 1 else ""
+        print(f"{path}: {LAYOUTS[layout]}{which}: {len(records)} problems mapped onto eval.py records; "
+              f"answers read from {ANSWER_STYLE_TEXT[style]}")
     return records
 
 
@@ -217,6 +339,34 @@ def write_outputs(records: list[dict], summary: dict, path: Path) -> Path:
     summary_path = path.with_name(path.name.removesuffix(".jsonl") + ".summary.json")
     atomic_write_text(summary_path, json.dumps(jsonable(summary), indent=2) + "\n")
     return summary_path
+
+
+def disagreements(records: list[dict]) -> tuple[list[tuple[dict, int]], list[tuple[dict, int]]]:
+    """(samples carrying the file's own verdict and ours, those of them where the two differ)."""
+    both = [(r, j) for r in records if r.get("original_correct")
+            for j, v in enumerate(r["original_correct"]) if v is not None and r["correct"][j] is not None]
+    return both, [(r, j) for r, j in both if r["original_correct"][j] != r["correct"][j]]
+
+
+def agreement(records: list[dict]) -> dict | None:
+    """The file's own accuracy and ours over the samples the file has verdicts for; None without any."""
+    both, differ = disagreements(records)
+    if not both:
+        return None
+    return {"samples": len(both), "file_accuracy": float(np.mean([r["original_correct"][j] for r, j in both])),
+            "our_accuracy": float(np.mean([r["correct"][j] for r, j in both])), "disagreements": len(differ)}
+
+
+def agreement_report(records: list[dict], a: dict, show: int) -> str:
+    lines = [f"  agreement with the file's own verdicts over {a['samples']} samples: file accuracy "
+             f"{a['file_accuracy']:.3f}, ours {a['our_accuracy']:.3f}, {a['disagreements']} disagreement(s)"]
+    for r, j in disagreements(records)[1][:show]:
+        theirs = (r.get("original_preds") or [None] * (j + 1))[j]
+        verdict = lambda v: "right" if v else "wrong"  # noqa: E731
+        lines.append(f"    id {r['id']} sample {j}: gold {r['answer']!r}; file: {verdict(r['original_correct'][j])}"
+                     + (f" (pred {theirs!r})" if theirs is not None else "")
+                     + f"; ours: {verdict(r['correct'][j])} (pred {r['preds'][j]!r})")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,6 +529,8 @@ def parse(argv=None):
     p.add_argument("--plot", nargs="?", const="", help="PNG of accuracy against step (files named step_N.jsonl); "
                                                        "default path: accuracy_vs_step.png in the output folder")
     p.add_argument("--strict", action="store_true", help="stop at malformed lines instead of skipping them")
+    p.add_argument("--show_disagreements", type=int, default=0, metavar="N",
+                   help="files with their own verdicts (other tools' outputs): list N samples where ours differ")
     args = p.parse_args(argv)
     if bool(args.files) == bool(args.model or args.dataset):
         p.error("give either OUTPUTS files to score, or --model and --dataset to generate (not both).")
@@ -416,8 +568,12 @@ def main(argv=None) -> None:
         for path, target in zip(paths, targets):
             records, errors = rescore(read_outputs(path, args.strict))
             summary = summarize(records, errors, by)
+            if (agree := agreement(records)) is not None:
+                summary["agreement"] = agree
             summary_path = write_outputs(records, summary, target)
             print(report(str(path), summary))
+            if agree is not None:
+                print(agreement_report(records, agree, args.show_disagreements))
             print(f"wrote {target} and {summary_path}\n")
             summaries.append((path, summary))
     if len(summaries) > 1:

@@ -1,11 +1,13 @@
-"""bench/comparisons.py: the run-or-reuse rules and the mean ± sd cells of the learning comparisons."""
+"""bench/comparisons.py: the run-or-reuse rules and the mean ± sd cells of the learning comparisons;
+bench/real_data.py on a tiny folder of hand-made benchmark files."""
 
 import json
+import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "bench"))
 import comparisons  # noqa: E402
@@ -50,3 +52,34 @@ def test_train_refuses_a_folder_made_with_other_settings(tmp_path, monkeypatch):
     make_run(tmp_path / "runs" / "x_s0", [0, 1, 2], {"seed": 0, "total_steps": 2})
     with pytest.raises(SystemExit, match=r"other settings.*total_steps.*\(2, 3\).*another --runs_dir"):
         comparisons.train(["no_such_script.py"], "runs", "x_s0", dict(seed=0, total_steps=3), jobs=1)
+
+
+def test_real_data_on_a_tiny_folder(tmp_path):
+    """bench/real_data.py on hand-made files in three real layouts: the table, the rejected rows by id,
+    the e-notation respellings, the RESULT line; and one clear sentence when the folder is absent."""
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("gsm8k_test.jsonl", [{"question": "3 + 4?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
+                               {"question": "1000 + 234?", "answer": "It is 1,234.\n#### 1,234"}])
+    write("minerva_math.jsonl", [{"problem": "Energy?", "solution": "$E=\\boxed{7.2e19}$", "type": "t", "idx": 0},
+                                 {"problem": "Ratio?", "solution": "$\\boxed{\\frac{1}{2}}$", "type": "t", "idx": 1}])
+    write("aime24.jsonl", [{"problem": "p1", "solution": "so $\\boxed{\\textbf{(042)}}$", "answer": "42"},
+                           {"problem": "p2", "solution": "it is 17, no box", "answer": "17"},
+                           {"problem": "p3", "solution": "so $\\boxed{9}$", "answer": "8"}])
+    out = run_script(["bench/real_data.py", "--data", str(tmp_path)]).stdout
+    assert "| gsm8k_test.jsonl | gsm8k | test | 2 | 2 | 0 | solution, #### N boxed | 2/2 = 100.0% |" in out
+    assert "| minerva_math.jsonl | minerva | test | 2 | 2 | 0 | solution | 2/2 = 100.0% |" in out
+    assert "| aime24.jsonl | aime24 | test | 3 | 3 | 0 | solution | 1/3 = 33.3% |" in out
+    assert "  aime24.jsonl aime24-test-00001: no final \\boxed{} in the solution" in out
+    assert "  aime24.jsonl aime24-test-00002: solution's answer '9' is not the gold '8'" in out
+    assert "1 golds, 4 of 4 other spellings accepted, 1 of 1 wrong twins (exponent + 1) rejected" in out
+    result = dict(kv.split("=") for kv in out.strip().splitlines()[-1].removeprefix("RESULT ").split())
+    assert (result["files"], result["rows_out"], result["accepted"], result["rejected_no_box"]) == ("3", "7", "5", "1")
+    assert result["acc_minerva_math"] == "1.0000" and "grade_s100_aime24" in result
+
+    absent = subprocess.run([sys.executable, "bench/real_data.py", "--data", str(tmp_path / "nope")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert absent.returncode == 1 and absent.stdout == ""
+    assert absent.stderr.strip() == (f"no benchmark files: {tmp_path / 'nope'} is absent; pass --data DIR, a folder "
+                                     "of benchmark .jsonl/.json/.parquet/.csv files (nothing was checked)")

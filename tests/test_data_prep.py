@@ -1,5 +1,6 @@
 """Tests for data_prep.py. Fixtures in tests/fixtures/ copy the real hub layouts (a few rows
 each, answers checked by hand); no hub access is needed."""
+import argparse
 import json
 import os
 import subprocess
@@ -127,6 +128,8 @@ def test_gsm8k():
     assert rows[0]["id"] == "gsm8k-train-00000"
     assert rows[2]["metadata"]["solution"].endswith("#### 1,234")
     assert rows[0]["prompt"][1]["content"].startswith("Natalia sold clips")
+    rows, _ = convert("aime24", "aime24.jsonl")
+    assert rows[0]["id"] == "aime24-test-00000"  # evaluation benchmarks are test sets
 
 
 def test_math_lighteval():
@@ -216,12 +219,107 @@ def test_poem():
     ("aime24", "aime24.jsonl", ["16", "401", "120"]),
     ("amc23", "amc23.jsonl", ["27", "2.5", "3"]),  # floats on the hub: 27.0 -> "27"
     ("minerva", "minerva.jsonl", ["6e14", "\\sqrt{2}", "3600"]),
-    ("olympiadbench", "olympiadbench.jsonl", ["8", "$1$, $2$", "20"]),  # final_answer lists joined
+    ("olympiadbench", "olympiadbench.jsonl", ["8", "1, 2", "20"]),  # final_answer lists joined, $...$ dropped
 ])
 def test_benchmarks(task, fixture, answers):
     rows, skipped = convert(task, fixture)
     check_schema(rows, task, "qwen_math")
     assert skipped == 0 and [r["answer"] for r in rows] == answers
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_minerva_gold_is_the_solutions_last_box(tmp_path):
+    """The common Minerva copy: problem, solution, type, idx, and no answer field."""
+    path = write_rows(tmp_path / "minerva_math.jsonl", [
+        {"problem": "Energy of the flare?", "solution": "First $E=\\boxed{1}$ is wrong; $E=\\boxed{7.2e19}$.",
+         "type": "Astrophysics", "idx": 0},
+        {"problem": "Period?", "solution": "No final answer here.", "type": "Mechanics", "idx": 1}])
+    rows, skipped = dp.convert_minerva(dp.load_rows(str(path), "test"), "qwen_math", str(path), "test")
+    assert skipped == 1 and [r["answer"] for r in rows] == ["7.2e19"]
+    meta = rows[0]["metadata"]
+    assert meta["answer_field"] == "solution" and meta["solution"].endswith("$E=\\boxed{7.2e19}$.")
+    assert (meta["subject"], meta["idx"]) == ("Astrophysics", 0)
+
+
+def test_curated_answer_wins_over_the_solutions_box():
+    rows, _ = dp.convert_math500([
+        {"problem": "p", "solution": "so $\\boxed{x=5}$", "answer": "5"},
+        {"problem": "p", "solution": "so $\\boxed{\\frac 12}$", "expected_answer": "\\frac{1}{2}"},
+        {"problem": "p", "solution": ["no box", "at all"], "final_answer": ["$(1,2)$"]},
+        {"problem": "p", "solution": "so $\\boxed{9}$", "answer": " "}], "qwen_math", "mem", "test")
+    assert [r["answer"] for r in rows] == ["5", "\\frac{1}{2}", "(1,2)", "9"]
+    assert [r["metadata"]["answer_field"] for r in rows] == ["answer", "expected_answer", "final_answer", "solution"]
+    assert rows[2]["metadata"]["solution"] == "no box\n\nat all"  # OlympiadBench's solution list, kept as text
+
+
+def test_column_oriented_json_is_read_as_rows(tmp_path):
+    """pandas' column-oriented JSON ({"column": {"row": value}}), e.g. PRIME's copy of MATH-500."""
+    columns = {"problem": {"0": "What is 1+1?", "1": "Half of 1?"},
+               "solution": {"0": "$\\boxed{2}$", "1": "$\\boxed{\\frac 12}$"},
+               "expected_answer": {"0": "2", "1": "\\frac{1}{2}"},
+               "level": {"0": "Level 1", "1": "Level 2"}, "type": {"0": "Algebra", "1": "Prealgebra"},
+               "id": {"0": "test/algebra/1.json", "1": "test/prealgebra/2.json"}}
+    path = tmp_path / "math500_columns.json"
+    path.write_text(json.dumps(columns))
+    ds = dp.load_rows(str(path), "test")
+    assert len(ds) == 2 and ds[1]["problem"] == "Half of 1?"
+    rows, skipped = dp.convert_math500(ds, "qwen_math", str(path), "test")
+    assert skipped == 0 and [r["answer"] for r in rows] == ["2", "\\frac{1}{2}"]
+    assert rows[1]["metadata"]["level"] == 2 and rows[1]["metadata"]["id"] == "test/prealgebra/2.json"
+    # the same rows as one JSON array and as JSON lines read the same
+    (tmp_path / "array.json").write_text(json.dumps(list(ds)))
+    assert list(dp.load_rows(str(tmp_path / "array.json"), "test")) == list(ds)
+    # columns whose row keys differ are refused, naming the file and the layouts expected
+    path.write_text(json.dumps({"problem": {"0": "a", "1": "b"}, "answer": {"0": "1"}}))
+    with pytest.raises(dp.DataError, match=r"math500_columns.json is one JSON object of objects whose row keys "
+                                           r"differ.*expected JSON lines, an array of row objects, or column"):
+        dp.load_rows(str(path), "test")
+
+
+def test_same_rows_in_two_files_of_a_folder_are_refused(tmp_path):
+    rows = [{"problem": "What is 1+1?", "answer": "2"}, {"problem": "What is 2+2?", "answer": "4"}]
+    write_rows(tmp_path / "bench.jsonl", rows)
+    (tmp_path / "bench_array.json").write_text(json.dumps(rows))
+    with pytest.raises(dp.DataError, match=r"bench_array.json repeats 2 of its 2 rows from .*bench.jsonl .*pass "
+                                           r"one of the files with --source"):
+        dp.load_rows(str(tmp_path), "test")
+    (tmp_path / "bench_array.json").write_text(json.dumps([{"problem": "What is 3+3?", "answer": "6"}]))
+    assert len(dp.load_rows(str(tmp_path), "test")) == 3  # different rows: one folder, one dataset
+    write_rows(tmp_path / "other.jsonl", [{"question": "q", "final_answer": ["1"]}])
+    with pytest.raises(dp.DataError, match=r"do not have the same fields.*other.jsonl: question, final_answer"):
+        dp.load_rows(str(tmp_path), "test")
+
+
+def test_rows_in_the_wrong_layout_are_one_sentence():
+    with pytest.raises(dp.DataError, match=r"mem row 0 field 'problem' is a dict, not text"):
+        dp.convert_math([{"problem": {"0": "p"}, "answer": "1"}], "qwen_math", "mem", "test")
+    with pytest.raises(dp.DataError, match=r"field 'answer' is a worked solution ending in '#### N'.*gsm8k task"):
+        dp.convert_minerva([{"question": "q", "answer": "3 + 4 = 7\n#### 7"}], "qwen_math", "mem", "test")
+    with pytest.raises(dp.DataError, match=r"has none of the fields \['answer', 'expected_answer', 'final_answer', "
+                                           r"'solution'\] \(it has: problem, level\)"):
+        dp.convert_math([{"problem": "p", "level": 1}], "qwen_math", "mem", "test")
+    with pytest.raises(dp.DataError, match=r"field 'solution' is a int, not text"):
+        dp.convert_numina([{"problem": "p", "solution": 5}], "qwen_math", "mem", "train")
+
+
+def test_split_named_truthfully(tmp_path):
+    assert dp.splits_named("gsm8k_test.jsonl") == {"test"} and dp.splits_named("train-00000-of-00002.parquet") == {"train"}
+    assert dp.splits_named("contest.jsonl") == set() and dp.splits_named("math500.jsonl") == set()
+    args = lambda source, split=None: argparse.Namespace(task="aime24", source=source, split=split)  # noqa: E731
+    spec = dp.TASKS["aime24"]
+    # a hub copy with one split called "train" is loaded as such, but the ids say test
+    assert dp.resolve_split(args("HuggingFaceH4/aime_2024"), spec) == ("train", "test", "the aime24 default")
+    assert dp.resolve_split(args(str(FIX / "aime24.jsonl")), spec) == ("test", "test", "the aime24 default")
+    copy = tmp_path / "aime_validation.jsonl"
+    copy.write_text((FIX / "aime24.jsonl").read_text())
+    assert dp.resolve_split(args(str(copy)), spec) == ("validation", "validation", "named in the file name")
+    assert dp.resolve_split(args(str(copy), "dev"), spec) == ("dev", "dev", "--split")
+    assert all(dp.TASKS[t]["split"] == "test" for t in ("math500", "aime24", "aime", "amc23", "amc", "minerva",
+                                                        "olympiadbench"))
 
 
 def test_benchmark_metadata_and_tolerant_fields():
@@ -230,10 +328,11 @@ def test_benchmark_metadata_and_tolerant_fields():
     rows, _ = convert("aime24", "aime24.jsonl")
     assert rows[0]["metadata"]["year"] == "2024"
     # other copies of the same benchmark name fields differently
-    mem = [{"problem": "p1", "final_answer": ["7"]}, {"question": "p2", "answer": 5}]
+    mem = [{"problem": "p1", "final_answer": ["7"]}, {"question": "p2", "answer": 5},
+           {"question": "p3", "answer": 142.0, "solution": None}]  # AMC copies: float answers, null solutions
     rows, _ = dp.convert_olympiadbench(mem, "r1", "mem", "test")
-    assert [r["answer"] for r in rows] == ["7", "5"]
-    assert [r["prompt"][1]["content"] for r in rows] == ["p1", "p2"]
+    assert [r["answer"] for r in rows] == ["7", "5", "142"] and "solution" not in rows[2]["metadata"]
+    assert [r["prompt"][1]["content"] for r in rows] == ["p1", "p2", "p3"]
 
 
 # --- errors a user can cause ---------------------------------------------------------------
@@ -292,11 +391,28 @@ def test_cli_gsm8k_test_split_with_r1(tmp_path):
     res = run_cli("gsm8k", "--source", "tests/fixtures/gsm8k.jsonl", "--split", "test",
                   "--template", "r1", "--out", out)
     assert res.returncode == 0, res.stderr
-    assert "wrote 3 rows" in res.stdout and str(out) in res.stdout
+    assert "wrote 3 rows of split 'test' (--split)" in res.stdout and str(out) in res.stdout
     rows = read_jsonl(out)
     check_schema(rows, "gsm8k", "r1")
     assert rows[2]["id"] == "gsm8k-test-00002" and rows[2]["answer"] == "1234"
     assert rows[0]["metadata"]["source"] == "tests/fixtures/gsm8k.jsonl"
+
+
+def test_cli_split_from_the_file_name_and_unreadable_files(tmp_path):
+    source = tmp_path / "gsm8k_test.jsonl"
+    source.write_text((FIX / "gsm8k.jsonl").read_text())
+    res = run_cli("gsm8k", "--source", source, "--out", tmp_path / "out.jsonl")
+    assert res.returncode == 0, res.stderr
+    assert "wrote 3 rows of split 'test' (named in the file name)" in res.stdout
+    assert read_jsonl(tmp_path / "out.jsonl")[0]["id"] == "gsm8k-test-00000"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"problem": "p", "answer": ')
+    res = run_cli("math", "--source", broken, "--out", tmp_path / "x.jsonl")
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(err) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert err[0].startswith(f"error: could not read {broken} (") and err[0].endswith(
+        "expected JSON lines, an array of row objects, or column-oriented JSON "
+        '({"column": {"row": value}}, as pandas writes it)')
 
 
 def test_cli_numina_reports_skipped(tmp_path):

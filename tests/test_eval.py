@@ -121,7 +121,7 @@ def test_poem_rows_without_checker_are_not_counted_as_wrong():
 
 
 # --- grading through the eval path (score_completions on outputs rows) ----------------------------
-# New cases only: tests/test_grading.py has 82 more. (style, model output, reference, expected)
+# New cases only: tests/test_grading.py has 124 more. (style, model output, reference, expected)
 def gsm8k_gold_of(field):
     """The reference answer data_prep.py stores for a GSM8K `answer` field."""
     rows, _ = dp.convert_gsm8k([{"question": "q", "answer": field}], "qwen_math", "mem", "test")
@@ -371,3 +371,93 @@ def test_same_file_names_into_one_out_folder_are_refused(tmp_path):
     assert (tmp_path / "a" / "scored" / "step_000002.summary.json").exists()
     assert (tmp_path / "b" / "scored" / "comparison.md").exists() is False
     assert len((tmp_path / "a" / "scored" / "comparison.md").read_text().splitlines()) == 4
+
+
+# --- outputs files of other evaluation tools ------------------------------------------------------
+# Hand-written lines in the layouts of the Qwen2.5-Math evaluation harness (one line per problem: gt,
+# code = completions, score = the harness's verdicts) and of lm-evaluation-harness --log_samples (one
+# line per document and filter: target, resps, filtered_resps, the metric).
+QWEN_LINES = [
+    {"idx": 0, "question": "Energy of the flare?", "gt_cot": "...", "gt": "7.2e19", "type": "Physics", "level": 2,
+     "code": [r"So $E = \boxed{7.2 \times 10^{19}}$ J.", r"So $E = \boxed{7.2e18}$."], "pred": ["7.2", "7.2e18"],
+     "report": [None, None], "score": [False, False]},
+    {"idx": 1, "question": "AIME problem?", "gt": "42", "type": "Algebra", "level": 5,
+     "code": [r"\boxed{\textbf{(042)}}", r"\boxed{24}"], "pred": ["042", "24"], "score": [True, False]},
+    {"idx": 2, "question": "Which pair?", "gt": "(1,5)", "type": "Algebra", "level": 1,
+     "code": [r"The pair is $\boxed{{(1,5)}}$.", "I give up."], "pred": ["{(1,5)}", ""], "score": [False, False]},
+]
+
+
+def lm_eval_lines():
+    docs = [  # (target, responses, the harness's exact_match under strict-match)
+        ("She sells 1,500.\n#### 1,500", [["1,000 + 500 = 1,500.\n#### 1,500"]], 1.0),
+        ("#### 8", [["So 8.00 in total.\n#### 8.00"]], 0.0),  # the harness compares strings: 8.00 != 8
+        ("#### 12", [["I think 13.\n#### 13"]], 0.0),
+        ("#### 5", [["#### 5", "#### 6"]], 1.0),  # two responses: one verdict for the document
+    ]
+    return [{"doc_id": i, "doc": {"question": f"question {i}", "answer": target}, "target": target,
+             "arguments": {"gen_args_0": {"arg_0": f"Question: question {i}\nAnswer:", "arg_1": {}}},
+             "resps": resps, "filtered_resps": [resps[0][0].rsplit("#### ", 1)[1]], "filter": name,
+             "metrics": ["exact_match"], "exact_match": verdict}
+            for name in ("strict-match", "flexible-extract") for i, (target, resps, verdict) in enumerate(docs)]
+
+
+def test_qwen_harness_outputs_are_rescored_with_agreement(tmp_path, capsys):
+    path = write_lines(tmp_path / "test_qwen25-math-cot_-1_seed0_t0.0_s0_e-1.jsonl", QWEN_LINES)
+    ev.main([str(path), "--show_disagreements", "5"])
+    out = capsys.readouterr().out
+    assert (f"{path}: Qwen2.5-Math evaluation-harness outputs (idx, gt, code, pred, score): 3 problems mapped onto "
+            "eval.py records; answers read from the last \\boxed{}") in out
+    scored = read_jsonl(path.parent / "scored" / path.name)
+    assert [r["correct"] for r in scored] == [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+    assert [r["original_correct"] for r in scored] == [[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]
+    s = json.loads((path.parent / "scored" / (path.stem + ".summary.json")).read_text())
+    assert s["metrics"]["avg@2"] == 0.5 and s["by"]["level"]["5"]["num_problems"] == 1
+    # 6 samples: the harness accepts 1, we accept 3; they differ on 7.2e19 and on {(1,5)}
+    assert s["agreement"] == {"samples": 6, "file_accuracy": pytest.approx(1 / 6), "our_accuracy": 0.5,
+                              "disagreements": 2}
+    assert ("agreement with the file's own verdicts over 6 samples: file accuracy 0.167, ours 0.500, "
+            "2 disagreement(s)") in out
+    assert "id 0 sample 0: gold '7.2e19'; file: wrong (pred '7.2'); ours: right (pred '7.2 \\\\times 10^{19}')" in out
+    assert "id 2 sample 0: gold '(1,5)'; file: wrong (pred '{(1,5)}'); ours: right" in out
+
+
+def test_lm_eval_samples_are_rescored_with_agreement(tmp_path, capsys):
+    path = write_lines(tmp_path / "samples_gsm8k_2025-01-01T00-00-00.jsonl", lm_eval_lines())
+    ev.main([str(path), "--show_disagreements", "1"])
+    out = capsys.readouterr().out
+    assert (f"{path}: lm-evaluation-harness --log_samples (doc, target, resps, filtered_resps), filter "
+            "'strict-match' of ['strict-match', 'flexible-extract']: 4 problems mapped onto eval.py records; "
+            "answers read from the text after '####'") in out
+    scored = read_jsonl(path.parent / "scored" / path.name)
+    assert [r["answer"] for r in scored] == ["1500", "8", "12", "5"]
+    assert [r["correct"] for r in scored] == [[1.0], [1.0], [0.0], [1.0, 0.0]]
+    s = json.loads((path.parent / "scored" / (path.stem + ".summary.json")).read_text())
+    assert s["metrics"]["avg@1"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    # the two-response document's single verdict is not compared with a sample
+    assert s["agreement"] == {"samples": 3, "file_accuracy": pytest.approx(1 / 3),
+                              "our_accuracy": pytest.approx(2 / 3), "disagreements": 1}
+    assert "id 1 sample 0: gold '8'; file: wrong (pred '8.00'); ours: right (pred '8.00')" in out
+
+
+def test_other_layouts_through_the_command_line(tmp_path):
+    path = write_lines(tmp_path / "qwen.jsonl", QWEN_LINES)
+    out = run_script(["eval.py", str(path), "--show_disagreements", "1"]).stdout
+    assert "Qwen2.5-Math evaluation-harness outputs" in out and "avg@2              0.500" in out
+    assert "file accuracy 0.167, ours 0.500, 2 disagreement(s)" in out and out.count(" sample 0: gold ") == 1
+
+
+def test_unknown_layout_is_one_sentence_and_bad_foreign_lines_are_listed(tmp_path, capsys):
+    path = write_lines(tmp_path / "other.jsonl", [{"prompt": "q", "response": "a"}] * 3)
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(path)])
+    assert str(e.value) == (f"{path}: unknown layout: its first record has the fields ['prompt', 'response']; "
+                            "eval.py reads eval.py outputs (id, task, answer, completions); Qwen2.5-Math "
+                            "evaluation-harness outputs (idx, gt, code, pred, score); lm-evaluation-harness "
+                            "--log_samples (doc, target, resps, filtered_resps).")
+    assert capsys.readouterr().err == ""  # not one line per row
+    lines = [QWEN_LINES[0], {k: v for k, v in QWEN_LINES[1].items() if k != "code"}, {**QWEN_LINES[2], "code": []}]
+    path = write_lines(tmp_path / "qwen.jsonl", lines)
+    ev.main([str(path)])
+    err = capsys.readouterr().err
+    assert f"{path}:2: missing field(s) ['code']" in err and f"{path}:3: 'code' must be a non-empty list" in err

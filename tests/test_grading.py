@@ -21,6 +21,12 @@ from common import _mv_verify, answers_match, answers_match_many, countdown_corr
 #     0.33 / 0.333 != 1/3 (rounded decimals are wrong answers) and pi != 3.14.
 #   * "1,2" is a list of two numbers (unordered, as Math-Verify reads it),
 #     "1,000" is one thousand (digit groups of exactly 3).
+#   * scientific notation is a number only when it is the WHOLE answer (7.2e19,
+#     7.2E+19, 7.2 \times 10^{19}, 7.2\cdot10^{19}, 10^{-8}); its value is exact, so
+#     72 \times 10^{18} == 7.2e19 and integers still compare exactly (1e6 != 1000001).
+#     An absolute tolerance applies only against 0: 1e-12 != 1e-15.
+#   * "(042)", "\textbf{(042)}" and "042" are 42 (AIME's answer style); a whole-
+#     answer brace group is its content: \boxed{{(1,5)}} is (1,5).
 # ---------------------------------------------------------------------------
 GSM8K_FIELD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 1,210 clips in total.\n#### 1,210"
 
@@ -121,6 +127,55 @@ CASES = [
     ("gsm8k", "The answer is 1210", gsm8k_gold(GSM8K_FIELD), False),
     ("boxed", r"In total $\boxed{1{,}210}$ clips.", gsm8k_gold(GSM8K_FIELD), True),
     ("tag", "</think><answer>1210</answer>", gsm8k_gold(GSM8K_FIELD), True),
+    # scientific notation: every spelling of the same value ...
+    ("boxed", r"\boxed{7.2 \times 10^{19}}", "7.2e19", True),
+    ("boxed", r"\boxed{7.2\times10^{19}}", "7.2e19", True),
+    ("boxed", r"\boxed{7.2\cdot 10^{19}}", "7.2e19", True),
+    ("boxed", r"\boxed{7.2E+19}", "7.2e19", True),
+    ("boxed", r"\boxed{72 \times 10^{18}}", "7.2e19", True),
+    ("boxed", r"\boxed{72000000000000000000}", "7.2e19", True),
+    ("boxed", r"\boxed{7.2e19}", r"7.2 \times 10^{19}", True),
+    ("boxed", r"\boxed{0.00025}", "2.5e-4", True),
+    ("boxed", r"\boxed{2.5 \times 10^{-4}}", "2.5e-4", True),
+    ("boxed", r"\boxed{-2.5\cdot10^{-4}}", "-2.5e-4", True),
+    ("boxed", r"\boxed{10^{-8}}", "1e-8", True),
+    ("boxed", r"\boxed{7.2 \times 10^{19} \text{ J}}", "7.2e19", True),  # a unit: Math-Verify, e-notation respelled
+    # ... and its wrong twins
+    ("boxed", r"\boxed{7.2e18}", "7.2e19", False),
+    ("boxed", r"\boxed{7.2 \times 10^{18}}", "7.2e19", False),
+    ("boxed", r"\boxed{7.19e19}", "7.2e19", False),
+    ("boxed", r"\boxed{2.5e-5}", "2.5e-4", False),
+    ("boxed", r"\boxed{2.5e-4}", "-2.5e-4", False),
+    ("boxed", r"\boxed{10^{-8}}", "10^{8}", False),
+    ("boxed", r"\boxed{10^{8}}", "10^{-8}", False),
+    ("boxed", r"\boxed{1e-12}", "1e-15", False),
+    ("boxed", r"\boxed{1e6}", "1000001", False),  # integers stay exact
+    ("boxed", r"\boxed{7.2 \times 10^{18} \text{ J}}", "7.2e19", False),
+    ("boxed", r"\boxed{73}", "730", False),
+    # e alone is Euler's number or a variable, never an exponent
+    ("boxed", r"\boxed{2e}", "2", False),
+    ("boxed", r"\boxed{2e}", "2e", True),
+    ("boxed", r"\boxed{3e^{-2t}}", "3e^{-2t}", True),
+    # bracketed and zero-padded integers ...
+    ("boxed", r"\boxed{\textbf{(042)}}", "42", True),
+    ("boxed", r"\boxed{\textbf{(042) }}", "042", True),
+    ("boxed", r"\boxed{(042)}", "42", True),
+    ("boxed", r"\boxed{042}", "42", True),
+    ("boxed", r"\boxed{42}", "(042)", True),
+    # ... and their wrong twins
+    ("boxed", r"\boxed{\textbf{(042)}}", "420", False),
+    ("boxed", r"\boxed{(042)}", "24", False),
+    ("boxed", r"\boxed{(42)}", "(4,2)", False),
+    ("boxed", r"\boxed{042}", "4.2", False),
+    # doubled braces ...
+    ("boxed", r"\boxed{{(1,5)}}", "(1,5)", True),
+    ("boxed", r"\boxed{{{(1, 5)}}}", "(1,5)", True),
+    ("boxed", r"\boxed{{\frac{1}{2}}}", "0.5", True),
+    ("boxed", r"\boxed{(1,5)}", "{(1,5)}", True),
+    # ... and their wrong twins
+    ("boxed", r"\boxed{{(1,5)}}", "(5,1)", False),
+    ("boxed", r"\boxed{{(1,5)}}", "[1,5]", False),
+    ("boxed", r"\boxed{{\frac{1}{2}}}", "0.25", False),
 ]
 
 
@@ -164,6 +219,15 @@ def test_timeout_in_batch_keeps_other_results():
     results, n_failed = answers_match_many(pairs, timeout=1.0)
     assert results == [False, True, True] and n_failed == 1
     assert time.monotonic() - start < 1.0 + 3.0
+
+
+def test_huge_exponents_are_decided_at_once():
+    start = time.monotonic()
+    pairs = [("1e999999999", "1"), (r"9 \times 10^{99999999999}", "9"), ("1e-999999999", "0"),
+             ("1e999999999", "1e999999999"), ("2e10000", "2e10000")]
+    assert answers_match_many(pairs) == ([False, False, False, True, True], 0)
+    assert answers_match("1e10000", r"10^{10000}") and not answers_match("1e10000", "1e9999")  # at the cap: exact
+    assert time.monotonic() - start < 2.0  # never handed to sympy, which would build the power
 
 
 def test_model_output_is_never_evaluated(tmp_path):
@@ -257,6 +321,13 @@ def test_normalize_answer():
     assert normalize_answer("1,23") == "1,23"  # not thousands groups: a list
     assert normalize_answer("50%") == r"50\%"
     assert normalize_answer(r"x \leftarrow y") == r"x\leftarrowy"  # \left only as a word
+    assert normalize_answer("{(2,3)}") == "(2,3)"
+    assert normalize_answer("{ {x} }") == "x"
+    assert normalize_answer("{1}+{2}") == "{1}+{2}"  # two groups, not one around everything
+    assert normalize_answer(r"\{1,2\}") == r"\{1,2\}"  # a set: escaped braces are kept
+    assert normalize_answer(r"\textbf{(073) }") == "073"
+    assert normalize_answer("(-5)") == "-5"
+    assert normalize_answer("(1,2)") == "(1,2)"
 
 
 def test_parse_number():
@@ -272,7 +343,18 @@ def test_parse_number():
     assert parse_number(r"\text{7}") == 7.0
     assert parse_number("1/0") is None
     assert parse_number("x") is None
-    assert parse_number("1e5") is None  # not a "plain" number; left to Math-Verify
+    assert parse_number("1e5") == 100000.0
+    assert parse_number("4.5E+3") == 4500.0
+    assert parse_number("-2.5e-2") == -0.025
+    assert parse_number(r"4.5 \times 10^{3}") == 4500.0
+    assert parse_number(r"4.5\cdot10^{-3}") == 0.0045
+    assert parse_number("10^{-2}") == 0.01
+    assert parse_number("10^3") == 1000.0
+    assert parse_number("10^33") is None  # TeX: 10^3 followed by 3, not a power of ten
+    assert parse_number("2e") is None and parse_number("e5") is None and parse_number("e") is None
+    assert parse_number("3e^{2}") is None
+    assert parse_number(r"\textbf{(073)}") == 73.0
+    assert parse_number("1e999999999") is None  # the exponent cap: never builds 10**999999999
     assert parse_number("2**10") is None
     assert parse_number("9" * 5000) is None  # beyond int()'s digit limit
 
