@@ -838,13 +838,14 @@ def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLim
         return "error", b"", str(e).encode()
     try:
         sandbox_pid = None
-        if isolated:  # bwrap writes the pid of the sandbox's pid 1 at once, then closes the pipe
+        if isolated:  # bwrap writes the pid of the sandbox's pid 1 as it starts, then closes the pipe
             os.close(info_w)
             fds.remove(info_w)
-            with contextlib.suppress(ValueError, KeyError):
-                sandbox_pid = json.loads(_read_pipe(info_r))["child-pid"]
+            if _readable(info_r, limits.time_seconds):
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    sandbox_pid = json.loads(os.read(info_r, 4096))["child-pid"]
         pidfd = os.pidfd_open(proc.pid)  # readable once it exits; unlike wait(), it does not reap
-        timed_out = not select.select([pidfd], [], [], limits.time_seconds)[0]
+        timed_out = not _readable(pidfd, limits.time_seconds)
         os.close(pidfd)
         if isolated and sandbox_pid and timed_out:
             # bwrap exits when the sandbox's pid 1 is gone, and that is after every process inside it
@@ -877,11 +878,10 @@ def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLim
     return status, stdout, stderr
 
 
-def _read_pipe(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _readable(fd: int, seconds: float) -> bool:
+    poller = select.poll()  # not select(): file descriptor numbers of a big process may pass 1024
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
 
 
 def code_test_cases(tests: dict) -> tuple[list[tuple[bytes, object]], str | None]:
