@@ -2,7 +2,8 @@
 
 Read top to bottom:
   1. data         load_tasks, render_prompt
-  2. rewards      answer extraction and checking (one checker for training and eval.py)
+  2. rewards      answer extraction and checking (one checker for training and eval.py), poem reward
+  2b. sandbox     model-written programs against their tests, under bubblewrap
   3. masks        completion, truncation, reasoning-only
   4. sampling     Sampler: vLLM in-process engine or transformers, one Rollout record
   5. log-probs    token log-probs of the training model, chunked over positions
@@ -22,10 +23,15 @@ import multiprocessing
 import os
 import random
 import re
+import select
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -164,8 +170,10 @@ def encode_prompts(tokenizer, rows: list[dict]) -> list[list[int]]:
 
 
 def answer_style(row: dict) -> str:
-    """How the answer is written: "tag" (<answer>..</answer>, R1 template) or "boxed" (\\boxed{})."""
-    return row.get("metadata", {}).get("answer_style", "tag" if row["task"] in ("toy", "countdown", "poem") else "boxed")
+    """How the answer is written: "tag" (<answer>..</answer>, R1 template), "boxed" (\\boxed{}) or "code"
+    (a fenced Python block)."""
+    default = "tag" if row["task"] in ("toy", "countdown", "poem") else "code" if row["task"] == "code" else "boxed"
+    return row.get("metadata", {}).get("answer_style", default)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,8 +248,26 @@ def gsm8k_gold(answer_field: str) -> str:
     return answer_field.split("####")[-1].strip().replace(",", "")
 
 
+# an opening fence: ```python, ```py or ```python3 (any case), then the line break
+_CODE_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n", re.IGNORECASE)
+
+
+def last_code_block(text: str) -> str | None:
+    """Body of the last fenced Python block; an unclosed last block runs to the end of the text
+    (a completion cut at max tokens). None when there is no Python fence."""
+    fences = list(_CODE_FENCE_RE.finditer(text))
+    if not fences:
+        return None
+    body = text[fences[-1].end():]
+    end = body.find("```")
+    return body if end < 0 else body[:end]
+
+
 def extract_answer(text: str, style: str) -> str | None:
-    """The final answer of a model output for a prompt style: 'tag', 'boxed' or 'gsm8k'."""
+    """The final answer of a model output for a prompt style: 'tag', 'boxed', 'gsm8k' or 'code'.
+
+    code: the program to run, the last fenced Python block; a completion with no fence at all is
+    taken as the program itself, as PRIME's verifier does (it then fails the format check)."""
     if style == "tag":
         content = last_tag(text, "answer")
         if content is not None and (boxed := last_boxed(content)) is not None:
@@ -255,7 +281,10 @@ def extract_answer(text: str, style: str) -> str | None:
         # first line only: models often keep talking after the answer
         after = text.rsplit("####", 1)[1].strip()
         return after.split("\n", 1)[0].strip() or None
-    raise ValueError(f"Unknown answer style {style!r}; expected 'tag', 'boxed' or 'gsm8k'.")
+    if style == "code":
+        block = last_code_block(text)
+        return text if block is None else block
+    raise ValueError(f"Unknown answer style {style!r}; expected 'tag', 'boxed', 'gsm8k' or 'code'.")
 
 
 # ---- normalization and plain numbers --------------------------------------
@@ -643,15 +672,103 @@ def format_ok(completion: str, style: str) -> bool:
         return boxed is not None and boxed.strip() != ""
     if style == "gsm8k":
         return extract_answer(completion, "gsm8k") is not None
-    raise ValueError(f"Unknown answer style {style!r}; expected 'tag', 'boxed' or 'gsm8k'.")
+    if style == "code":  # a closed, non-empty Python block
+        fences = list(_CODE_FENCE_RE.finditer(completion))
+        return bool(fences) and "```" in completion[fences[-1].end():] and bool(last_code_block(completion).strip())
+    raise ValueError(f"Unknown answer style {style!r}; expected 'tag', 'boxed', 'gsm8k' or 'code'.")
 
+
+
+# ---- poem completion: the rule reward -------------------------------------
+# The generated ending (the <answer> content) against the gold ending and the poem's form:
+#   similarity  chrF of the generated ending against the gold ending (sacrebleu), / 100
+#   form        line count: sonnet 14, quatrain 4, octave 8 lines for the whole poem (given beginning
+#               + generated ending): max(0, 1 - |lines - N| / N); other forms (free verse) unconstrained: 1
+#   rhyme       the gold poem's rhyme pairs (lines at most 3 apart whose last words rhyme in CMUdict,
+#               at least one of them in the ending) that the generated poem keeps, as a share; 1 if none
+#   syllables   per gold ending line: max(0, 1 - |s_generated - s_gold| / s_gold) at the same line, mean
+# A completion without an answer scores 0 on every component.
+POEM_LINES = {"sonnet": 14, "quatrain": 4, "octave": 8}
+POEM_WEIGHTS = {"similarity": 0.4, "form": 0.2, "rhyme": 0.2, "syllables": 0.2}
+_RHYME_WINDOW = 3  # ABAB, ABBA, ABCB, AABB: rhyme partners are at most 3 lines apart
+_WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)*")
+
+
+def poem_lines(text: str) -> list[str]:
+    """Non-empty lines, stripped (stanza breaks do not count)."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _last_word(line: str) -> str | None:
+    words = _WORD_RE.findall(line.lower().replace("\u2019", "'"))
+    return words[-1] if words else None
+
+
+def words_rhyme(a: str | None, b: str | None) -> bool:
+    """Two different words whose CMUdict pronunciations share the rhyming part (last stressed vowel on)."""
+    import pronouncing
+
+    if not a or not b or a == b:  # repeating a word is not a rhyme
+        return False
+    parts_a = {pronouncing.rhyming_part(p) for p in pronouncing.phones_for_word(a)}
+    return any(pronouncing.rhyming_part(p) in parts_a for p in pronouncing.phones_for_word(b))
+
+
+def syllable_count(line: str) -> int:
+    """Syllables of a line: CMUdict's first pronunciation of each word; unknown words count their vowel
+    groups (a final silent e dropped)."""
+    import pronouncing
+
+    total = 0
+    for word in _WORD_RE.findall(line.lower().replace("\u2019", "'")):
+        phones = pronouncing.phones_for_word(word)
+        if phones:
+            total += pronouncing.syllable_count(phones[0])
+        else:
+            groups = len(re.findall(r"[aeiouy]+", word))
+            if word.endswith("e") and not word.endswith(("le", "ee")) and groups > 1:
+                groups -= 1
+            total += max(groups, 1)
+    return total
+
+
+def poem_components(generated: str | None, gold: str, beginning: str, form: str) -> dict[str, float]:
+    """The poem reward's components and `reward`, their weighted sum (POEM_WEIGHTS), each in [0, 1]."""
+    import sacrebleu
+
+    gen, gold_lines, begin = poem_lines(generated or ""), poem_lines(gold), poem_lines(beginning)
+    if not gen:
+        return {**dict.fromkeys(POEM_WEIGHTS, 0.0), "reward": 0.0}
+    similarity = sacrebleu.sentence_chrf("\n".join(gen), ["\n".join(gold_lines)]).score / 100
+    n = POEM_LINES.get(form.strip().lower())
+    form_score = 1.0 if n is None else max(0.0, 1 - abs(len(begin) + len(gen) - n) / n)
+    gold_words = [_last_word(line) for line in begin + gold_lines]
+    gen_words = [_last_word(line) for line in begin + gen]
+    pairs = [(i, j) for j in range(len(begin), len(gold_words)) for i in range(max(0, j - _RHYME_WINDOW), j)
+             if words_rhyme(gold_words[i], gold_words[j])]
+    kept = sum(j < len(gen_words) and words_rhyme(gen_words[i], gen_words[j]) for i, j in pairs)
+    rhyme = kept / len(pairs) if pairs else 1.0
+    per_line = []
+    for k, line in enumerate(gold_lines):
+        target = syllable_count(line)
+        if target:
+            per_line.append(max(0.0, 1 - abs(syllable_count(gen[k]) - target) / target) if k < len(gen) else 0.0)
+    syllables = float(np.mean(per_line)) if per_line else 1.0
+    parts = {"similarity": similarity, "form": form_score, "rhyme": rhyme, "syllables": syllables}
+    return {**parts, "reward": sum(POEM_WEIGHTS[k] * v for k, v in parts.items())}
+
+
+# ---- scoring a batch ------------------------------------------------------------
 
 
 @dataclass
 class Score:
     correct: float | None  # 1/0; None when the task has no correctness check (poem completion)
     format: float  # 1 if the completion follows the template's answer format
-    pred: str | None  # the extracted answer
+    pred: str | None  # the extracted answer (code: the program that was run)
+    tests_passed: float | None = None  # code: the share of the row's tests the program passed
+    timed_out: bool = False  # code: the program ran out of time (its remaining tests were not run)
+    poem: dict | None = None  # poem: poem_components (similarity, form, rhyme, syllables, reward)
 
 
 def score_completions(rows: list[dict], texts: list[str], timeout: float = 5.0) -> tuple[list[Score], int]:
@@ -659,6 +776,9 @@ def score_completions(rows: list[dict], texts: list[str], timeout: float = 5.0) 
 
     A scorer that raises or runs out of time gives 0 and is counted: the second return value is
     the number of such failures, logged as `rewards/errors`. Training never stops on a bad answer.
+    Code rows run their program on the row's tests in the sandbox (section 2b): correct is 1 when
+    every test passes; a program killed by a signal other than its time limit, or a sandbox that
+    failed, counts as an error; a program out of time sets Score.timed_out (`rewards/code_timeouts`).
     """
     preds, fmts, errors = [], [], 0
     for row, text in zip(rows, texts):
@@ -669,17 +789,24 @@ def score_completions(rows: list[dict], texts: list[str], timeout: float = 5.0) 
         except Exception:
             preds.append(None), fmts.append(0.0)
             errors += 1
-    correct: list[float | None] = [None] * len(rows)
-    math_idx = []
+    scores = [Score(None, f, p) for f, p in zip(fmts, preds)]
+    math_idx, code_idx = [], []
     for i, (row, pred) in enumerate(zip(rows, preds)):
         if row["task"] == "poem":
-            continue
-        if row["task"] == "countdown":
+            meta = row["metadata"]
+            try:
+                scores[i].poem = poem_components(pred, str(row["answer"]), meta.get("poem_start", ""),
+                                                 meta.get("form", ""))
+            except Exception:
+                scores[i].poem, errors = poem_components(None, "", "", ""), errors + 1
+        elif row["task"] == "countdown":
             try:
                 meta = row["metadata"]
-                correct[i] = float(countdown_correct(pred, meta["nums"], meta["target"]))
+                scores[i].correct = float(countdown_correct(pred, meta["nums"], meta["target"]))
             except Exception:
-                correct[i], errors = 0.0, errors + 1
+                scores[i].correct, errors = 0.0, errors + 1
+        elif row["task"] == "code":
+            code_idx.append(i)
         else:
             math_idx.append(i)
     if math_idx:
@@ -689,8 +816,323 @@ def score_completions(rows: list[dict], texts: list[str], timeout: float = 5.0) 
             matches, failed = [False] * len(math_idx), len(math_idx)
         errors += failed
         for i, ok in zip(math_idx, matches):
-            correct[i] = float(ok)
-    return [Score(c, f, p) for c, f, p in zip(correct, fmts, preds)], errors
+            scores[i].correct = float(ok)
+    if code_idx:
+        results = run_code_tests_many([(preds[i], rows[i]["metadata"].get("tests")) for i in code_idx])
+        for i, result in zip(code_idx, results):
+            scores[i].correct = float(result.passed == result.total > 0)
+            scores[i].tests_passed = result.passed / result.total if result.total else 0.0
+            scores[i].timed_out = "timeout" in result.outcomes
+            errors += result.errors
+    return scores, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# 2b. code execution sandbox: the one place where model-written programs run
+# ----------------------------------------------------------------------------------------------
+# Every test of every program runs in a sandbox of its own: bubblewrap (`bwrap`) with new user, pid,
+# network, ipc, uts and mount namespaces (no network but a loopback of its own), a read-only view of
+# /usr and the library folders, a fresh size-capped tmpfs /tmp as the only writable place, and the
+# system python (/usr/bin/python3 -I: nothing of the project). A trusted launcher reads the program
+# from an inherited file descriptor, sets the resource limits on itself (CPU time, address space,
+# processes, file size = the output cap, no core files) and only then runs the program. At the wall
+# limit the parent kills the sandbox's pid 1, and the kernel kills everything left inside with it;
+# the call returns once they are gone. A root parent starts the sandbox as user nobody, because the
+# kernel does not apply the process limit to root. Without bubblewrap the user can accept running
+# the launcher as a bare subprocess (--allow_unsandboxed_code): same limits, a fresh temporary
+# folder, but no isolation from the network or the user's files (README: code task).
+SANDBOX_PYTHON = "/usr/bin/python3"
+_NOBODY = 65534
+_NOT_COMPILED = 98  # the launcher's exit status for a program that does not compile
+
+
+@dataclass(frozen=True)
+class CodeLimits:
+    time_seconds: float = 5.0  # per test: wall time, and CPU time (RLIMIT_CPU, rounded up)
+    memory_bytes: int = 1 << 30  # RLIMIT_AS of each process
+    processes: int = 32  # RLIMIT_NPROC: processes and threads inside one sandbox
+    output_bytes: int = 1 << 20  # RLIMIT_FSIZE: stdout beyond this fails the write; also caps files
+    tmp_bytes: int = 64 << 20  # size of the sandbox's /tmp
+    workers: int = 0  # programs graded in parallel (0: one per CPU core)
+
+
+_LAUNCHER = r"""
+import json, os, resource, sys
+config = json.loads(sys.argv[1])
+with open(config["program_fd"], "rb") as f:
+    source = f.read()
+for name, (soft, hard) in config["rlimits"].items():
+    resource.setrlimit(getattr(resource, name), (soft, hard))
+try:
+    code = compile(source, "solution.py", "exec")
+except (SyntaxError, ValueError):
+    os._exit(config["not_compiled"])
+sys.argv = ["solution.py"]
+import typing
+namespace = {name: getattr(typing, name) for name in typing.__all__}  # List, Optional, ... as LeetCode has them
+if config["fn_name"] is None:
+    namespace["__name__"] = "__main__"
+    exec(code, namespace)
+else:
+    args = json.loads(sys.stdin.read())
+    result_fd = os.dup(1)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the program's own prints are not its return value
+    namespace["__name__"] = "solution"
+    exec(code, namespace)
+    function = namespace.get(config["fn_name"])
+    if function is None and isinstance(namespace.get("Solution"), type):
+        function = getattr(namespace["Solution"](), config["fn_name"])
+    with open(result_fd, "wb") as out:
+        out.write(json.dumps(function(*args)).encode())
+"""
+
+_code_setup = {"allow_unsandboxed": False, "limits": CodeLimits()}
+_sandbox_probe: list = []  # [reason or None] once probed
+_sandbox_probe_lock = threading.Lock()
+
+
+def _bwrap_command(bwrap: str, limits: CodeLimits, info_fd: int) -> list[str]:
+    cmd = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--info-fd", str(info_fd)]
+    for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+            cmd += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            cmd += ["--ro-bind", path, path]
+    return cmd + ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
+                  "--chdir", "/tmp"]
+
+
+def _memfd(name: str, data: bytes = b"") -> int:
+    fd = os.memfd_create(name)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit and (chunk := os.pread(fd, min(1 << 20, limit - size), size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLimits,
+                isolated: bool) -> tuple[str, bytes, bytes]:
+    """Run one program once: (status, stdout, start of stderr). status: ok (exit 0), exit (another exit
+    status: an exception), not_compiled, timeout (wall or CPU limit), crash (killed by another signal),
+    error (the sandbox itself failed). fn_name: call that function with the JSON list of arguments in
+    stdin (a method of class Solution also does) and write its JSON return value to stdout."""
+    rlimits = {"RLIMIT_CPU": [math.ceil(limits.time_seconds), math.ceil(limits.time_seconds) + 1],
+               "RLIMIT_AS": [limits.memory_bytes] * 2, "RLIMIT_NPROC": [limits.processes] * 2,
+               "RLIMIT_FSIZE": [limits.output_bytes] * 2, "RLIMIT_CORE": [0, 0]}
+    fds = [_memfd("program", program.encode("utf-8", "replace")), _memfd("stdin", stdin), _memfd("stdout"),
+           _memfd("stderr")]
+    program_fd, stdin_fd, out_fd, err_fd = fds
+    config = {"program_fd": program_fd, "rlimits": rlimits, "fn_name": fn_name, "not_compiled": _NOT_COMPILED}
+    cmd = [SANDBOX_PYTHON, "-I", "-c", _LAUNCHER, json.dumps(config)]
+    pass_fds, workdir, info_r = [program_fd], None, None
+    root = os.geteuid() == 0
+    if isolated:
+        info_r, info_w = os.pipe()
+        fds += [info_r, info_w]
+        pass_fds.append(info_w)
+        cmd = _bwrap_command(shutil.which("bwrap") or "bwrap", limits, info_w) + cmd
+    else:
+        workdir = tempfile.mkdtemp(prefix="code-")
+        if root:
+            os.chown(workdir, _NOBODY, _NOBODY)
+    home = "/tmp" if isolated else workdir
+    try:
+        proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=out_fd, stderr=err_fd, pass_fds=pass_fds,
+                                cwd=workdir or "/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home},
+                                start_new_session=True, user=_NOBODY if root else None,
+                                group=_NOBODY if root else None, extra_groups=[] if root else None)
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return "error", b"", str(e).encode()
+    try:
+        sandbox_pid = None
+        if isolated:  # bwrap writes the pid of the sandbox's pid 1 as it starts, then closes the pipe
+            os.close(info_w)
+            fds.remove(info_w)
+            if _readable(info_r, limits.time_seconds):
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    sandbox_pid = json.loads(os.read(info_r, 4096))["child-pid"]
+        pidfd = os.pidfd_open(proc.pid)  # readable once it exits; unlike wait(), it does not reap
+        timed_out = not _readable(pidfd, limits.time_seconds)
+        os.close(pidfd)
+        if isolated and sandbox_pid and timed_out:
+            # bwrap exits when the sandbox's pid 1 is gone, and that is after every process inside it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sandbox_pid, signal.SIGKILL)
+        elif not isolated or timed_out:
+            # the process group outlives the not yet reaped leader, so its id cannot be reused here
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        stdout, stderr = _read_fd(out_fd, limits.output_bytes), _read_fd(err_fd, 4096)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    rc = proc.returncode
+    if timed_out:
+        return "timeout", stdout, stderr
+    if isolated and rc == 1 and stderr.startswith(b"bwrap:"):
+        return "error", stdout, stderr
+    signum = -rc if rc < 0 else rc - 128 if isolated and rc > 128 else 0  # bwrap reports 128 + signal
+    if signum in (signal.SIGXCPU, signal.SIGKILL):  # the CPU limit: SIGXCPU, then SIGKILL if caught
+        return "timeout", stdout, stderr
+    status = "crash" if signum else "ok" if rc == 0 else "not_compiled" if rc == _NOT_COMPILED else "exit"
+    return status, stdout, stderr
+
+
+def _readable(fd: int, seconds: float) -> bool:
+    poller = select.poll()  # not select(): file descriptor numbers of a big process may pass 1024
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
+
+
+def code_test_cases(tests: dict) -> tuple[list[tuple[bytes, object]], str | None]:
+    """(stdin, expected) pairs of a row's tests and the function name of call tests (else None).
+
+    stdin/stdout tests: {"inputs": [text, ...], "outputs": [text, ...]} (a list of lines is joined);
+    call tests: {"fn_name": name, "inputs": [[arg, ...], ...], "outputs": [value, ...]}, stdin = JSON args."""
+    inputs, outputs, fn_name = tests["inputs"], tests["outputs"], tests.get("fn_name") or None
+    if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs) or not inputs:
+        raise ValueError("tests need equally long, non-empty lists 'inputs' and 'outputs'")
+
+    def text(value) -> str:
+        return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    if fn_name is None:
+        return [(text(i).encode(), text(o)) for i, o in zip(inputs, outputs)], None
+    return [(json.dumps(i if isinstance(i, list) else [i]).encode(), o) for i, o in zip(inputs, outputs)], fn_name
+
+
+def _output_lines(text: str) -> list[str]:
+    """Whitespace-normalized output: each line's words joined by one space; blank lines dropped."""
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def output_matches(stdout: bytes, expected, fn_name: str | None) -> bool:
+    """stdin/stdout tests: whitespace-normalized lines equal. Call tests: the JSON return value equals the
+    expected value, or its single element (datasets often store a return value v as [v])."""
+    if fn_name is None:
+        return _output_lines(stdout.decode("utf-8", "replace")) == _output_lines(expected)
+    try:
+        value = json.loads(stdout)
+    except ValueError:  # nothing written, or not JSON
+        return False
+    return value == expected or (isinstance(expected, list) and len(expected) == 1 and value == expected[0])
+
+
+@dataclass
+class CodeResult:
+    outcomes: list[str]  # per test: pass, fail, timeout, crash, error, skipped
+
+    @property
+    def passed(self) -> int:
+        return self.outcomes.count("pass")
+
+    @property
+    def total(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def errors(self) -> int:
+        """1 if a run crashed or the sandbox failed (counted once per program, as `rewards/errors`)."""
+        return int("crash" in self.outcomes or "error" in self.outcomes)
+
+
+def run_tests(program: str | None, tests: dict | None, limits: CodeLimits, isolated: bool) -> CodeResult:
+    """A program against its tests, one sandbox per test, in order. After a timeout, or when the program
+    does not compile, its remaining tests are not run ("skipped", failed): the grading time of a batch
+    stays bounded by one time limit per program plus its fast runs."""
+    try:
+        cases, fn_name = code_test_cases(tests)
+    except (KeyError, TypeError, ValueError):
+        return CodeResult(["error"])  # a malformed row, not the model's fault
+    if not program or not program.strip():
+        return CodeResult(["fail"] * len(cases))
+    outcomes = []
+    for stdin, expected in cases:
+        if outcomes and (outcomes[-1] == "timeout" or outcomes[-1] == "skipped"):
+            outcomes.append("skipped")
+            continue
+        status, stdout, _ = run_program(program, stdin, fn_name, limits, isolated)
+        if status == "ok":
+            outcomes.append("pass" if output_matches(stdout, expected, fn_name) else "fail")
+        elif status == "not_compiled":
+            outcomes += ["fail"] + ["skipped"] * (len(cases) - len(outcomes) - 1)
+            break
+        else:
+            outcomes.append("fail" if status == "exit" else status)
+    return CodeResult(outcomes)
+
+
+def sandbox_unavailable() -> str | None:
+    """None when a bubblewrap sandbox runs here, else why not (probed once per process)."""
+    with _sandbox_probe_lock:
+        if not _sandbox_probe:
+            _sandbox_probe.append(_probe_sandbox())
+        return _sandbox_probe[0]
+
+
+def _probe_sandbox() -> str | None:
+    if shutil.which("bwrap") is None:
+        return "bubblewrap (bwrap) is not installed"
+    if not os.access(SANDBOX_PYTHON, os.X_OK):
+        return f"{SANDBOX_PYTHON} does not exist"
+    status, stdout, stderr = run_program("print('ok')", b"", None, CodeLimits(time_seconds=30), isolated=True)
+    if status != "ok" or stdout != b"ok\n":
+        reason = stderr.decode("utf-8", "replace").strip().splitlines()
+        return f"bwrap could not start a sandbox ({reason[0] if reason else status})"
+    return None
+
+
+def check_code_sandbox(rows: list[dict], allow_unsandboxed: bool, flag: str = "--allow_unsandboxed_code") -> None:
+    """Scripts call this once with their rows: code rows need the sandbox, or the user's explicit consent
+    to run model-written programs without isolation (flag). Stops with one sentence otherwise."""
+    _code_setup["allow_unsandboxed"] = allow_unsandboxed
+    if any(row["task"] == "code" for row in rows) and not _code_isolation(flag):
+        print(f"{flag}: model-written programs run WITHOUT isolation ({sandbox_unavailable()}); "
+              "only resource limits apply.", file=sys.stderr)
+
+
+def _code_isolation(flag: str = "--allow_unsandboxed_code") -> bool:
+    """True: programs run under bubblewrap; False: bare, as the user allowed. SystemExit otherwise."""
+    why = sandbox_unavailable()
+    if why is None:
+        return True
+    if _code_setup["allow_unsandboxed"]:
+        return False
+    raise SystemExit(f"code rows run model-written programs, which need the bubblewrap sandbox, but {why}: "
+                     f"install it (README, \"Code task and sandbox\") or pass {flag} to run them without isolation.")
+
+
+def run_code_tests_many(jobs: list[tuple[str | None, dict | None]], limits: CodeLimits | None = None,
+                        isolated: bool | None = None) -> list[CodeResult]:
+    """(program, tests) pairs graded in parallel, a bounded pool of threads that each wait on their sandbox.
+    isolated: None = bubblewrap, or bare where the user allowed it (check_code_sandbox)."""
+    if not jobs:
+        return []
+    limits = limits or _code_setup["limits"]
+    isolated = _code_isolation() if isolated is None else isolated
+    workers = min(len(jobs), limits.workers or os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: run_tests(job[0], job[1], limits, isolated), jobs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1293,11 +1735,10 @@ def evaluate(sampler: Sampler, tokenizer, rows: list[dict], *, n: int, temperatu
     scores, errors = score_completions(flat_rows, [c.text for c in flat])
     records = []
     for j, (row, group) in enumerate(zip(mine, groups)):
-        sc = scores[j * n:(j + 1) * n]
         records.append(dict(
             id=row["id"], task=row["task"], prompt=row["prompt"], answer=row["answer"],
             metadata=row.get("metadata", {}), completions=[c.text for c in group],
-            preds=[s.pred for s in sc], correct=[s.correct for s in sc], format=[s.format for s in sc],
+            **score_fields(row["task"], scores[j * n:(j + 1) * n]),
             lengths=[len(c.completion_ids) for c in group], finish_reasons=[c.finish_reason for c in group],
         ))
     if accelerator is not None and world > 1:
@@ -1306,6 +1747,31 @@ def evaluate(sampler: Sampler, tokenizer, rows: list[dict], *, n: int, temperatu
         records = gather_object(records)
         errors = sum(gather_object([errors]))
     return summarize_outputs(records, errors), records
+
+
+def score_fields(task: str, scores: list[Score]) -> dict:
+    """The scored fields of an outputs record: preds, correct, format; code rows add tests_passed and
+    timed_out, poem rows the poem components."""
+    fields = dict(preds=[s.pred for s in scores], correct=[s.correct for s in scores], format=[s.format for s in scores])
+    if task == "code":
+        fields.update(tests_passed=[s.tests_passed for s in scores], timed_out=[s.timed_out for s in scores])
+    if task == "poem":
+        fields["poem"] = [s.poem for s in scores]
+    return fields
+
+
+def task_metrics(records: list[dict]) -> dict:
+    """Means of the per-task fields of score_fields, when the records have them: code_tests_passed,
+    code_timeouts (a count), poem/<component> and poem/reward."""
+    passed = [x for r in records for x in r.get("tests_passed") or []]
+    poems = [x for r in records for x in r.get("poem") or [] if x]
+    metrics = {}
+    if passed:
+        metrics["code_tests_passed"] = float(np.mean(passed))
+        metrics["code_timeouts"] = sum(x for r in records for x in r.get("timed_out") or [])
+    for part in [*POEM_WEIGHTS, "reward"] if poems else []:
+        metrics[f"poem/{part}"] = float(np.mean([p[part] for p in poems]))
+    return metrics
 
 
 def summarize_outputs(records: list[dict], errors: int = 0) -> dict:
@@ -1320,6 +1786,7 @@ def summarize_outputs(records: list[dict], errors: int = 0) -> dict:
         "eval/truncated_rate": float(np.mean(truncated)),
         "eval/num_problems": len(records),
         "eval/grader_errors": errors,
+        **{f"eval/{k}": v for k, v in task_metrics(records).items()},
     }
 
 

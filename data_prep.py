@@ -17,6 +17,7 @@ Usage:
     python data_prep.py math500 --source ~/MATH-500/test.jsonl --template r1 --out data/math500_r1.jsonl
     python data_prep.py minerva --source minerva_math.jsonl --out data/minerva.jsonl   # gold: last \\boxed{}
     python data_prep.py poem --source poems.jsonl --out data/poem.jsonl
+    python data_prep.py taco --source ~/TACO/train.jsonl --out data/taco.jsonl     # code: tests in metadata
 
 Ids name the split: --split, else the split a local file's name holds (gsm8k_test.jsonl), else the
 task's default (test for the evaluation benchmarks).
@@ -34,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-# the one brace-matching extractor and GSM8K reader, shared with the reward code
-from common import gsm8k_gold, last_boxed
+# the one brace-matching extractor, GSM8K reader and code-test reader, shared with the reward code
+from common import code_test_cases, gsm8k_gold, last_boxed
 
 # Default hub ids per task. Every one of them can be replaced by a local file or folder
 # with --source (that is how the tests run: there is no hub access there).
@@ -77,8 +78,14 @@ R1_SYSTEM = (
 # "... </think>\n<answer> ... </answer>".
 R1_PREFILL = "Let me solve this step by step.\n<think>"
 
+# PRIME's instruction for coding problems; the reward runs the last ```python block against the tests.
+CODE_INSTRUCTION = "Write Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
+# Eurus-2-RL-Data writes it with small variations ("```\nat the end." or "``` at the end.")
+CODE_INSTRUCTION_RE = re.compile(r"\s*Write Python code to solve the problem\. Present the code in\s*```python\s*"
+                                 r"Your code\s*```\s*at the end\.\s*$")
+
 # template name -> how the reward function should pull the answer out of a completion
-ANSWER_STYLE = {"qwen_math": "boxed", "prime": "boxed", "r1": "tag"}
+ANSWER_STYLE = {"qwen_math": "boxed", "prime": "boxed", "r1": "tag", "code": "code"}
 
 
 def build_prompt(template, question):
@@ -92,6 +99,8 @@ def build_prompt(template, question):
         return [{"role": "system", "content": R1_SYSTEM},
                 {"role": "user", "content": question},
                 {"role": "assistant", "content": R1_PREFILL}]
+    if template == "code":
+        return [{"role": "user", "content": question + "\n\n" + CODE_INSTRUCTION}]
     raise DataError(f"unknown template {template!r}; choose one of {sorted(ANSWER_STYLE)}")
 
 
@@ -417,29 +426,93 @@ def convert_numina(rows, template, source, split, task="numina"):
     return out, skipped
 
 
-def convert_eurus(rows, template, source, split, task="eurus"):
-    """PRIME-RL/Eurus-2-RL-Data (verl layout). Keeps the math rows; code rows are skipped.
-    The original prompt has PRIME's own system prompt and instruction suffix: we keep only the
-    bare question so any template can be applied."""
+def convert_eurus(rows, template, source, split, task="eurus", ability="all"):
+    """PRIME-RL/Eurus-2-RL-Data (verl layout): `prompt` messages, `ability` (math or code),
+    `reward_model.ground_truth`. Math rows (task eurus) keep the bare question, without PRIME's own
+    system prompt and instruction suffix, so any template can be applied; code rows (task code) always
+    get the `code` template, and their ground truth (a JSON string: inputs, outputs, optional fn_name)
+    becomes metadata.tests. --ability math or code keeps one kind; other rows are skipped."""
+    wanted = ("math", "code") if ability == "all" else (ability,)
+    if template == "code" and "math" in wanted:
+        raise DataError("--template code is for code rows, which always get it; choose a math template "
+                        f"({', '.join(t for t in ANSWER_STYLE if t != 'code')}) or pass --ability code")
     out, skipped = [], 0
     instruction = PRIME_SUFFIX.strip()
     for i, row in enumerate(rows):
         where = f"{source} row {i}"
-        if need(row, "ability", where) != "math":
+        kind = need(row, "ability", where)
+        if kind not in wanted:
             skipped += 1
             continue
         users = [m["content"] for m in need(row, "prompt", where) if m.get("role") == "user"]
         if not users:
             raise DataError(f"{where} has no user message in 'prompt'; is --source in the Eurus (verl) layout?")
         question = users[-1].rstrip()
-        if question.endswith(instruction):
-            question = question[: -len(instruction)].rstrip()
         gold = need(need(row, "reward_model", where), "ground_truth", f"{where} 'reward_model'")
         extra = row.get("extra_info") or {}
-        out.append(make_row(task, split, i, template, source, question, as_answer(gold),
-                            data_source=row.get("data_source"),
-                            orig_split=extra.get("split"), orig_index=extra.get("index")))
+        info = dict(data_source=row.get("data_source"), orig_split=extra.get("split"), orig_index=extra.get("index"))
+        if kind == "math":
+            if question.endswith(instruction):
+                question = question[: -len(instruction)].rstrip()
+            out.append(make_row(task, split, i, template, source, question, as_answer(gold), **info))
+            continue
+        tests = read_tests(gold, f"{where} 'reward_model.ground_truth'")
+        row_out = make_row("code", split, i, "code", source, CODE_INSTRUCTION_RE.sub("", question), "",
+                           tests=tests, **info)
+        row_out["id"] = f"{task}-{split}-{i:05d}"
+        out.append(row_out)
     return out, skipped
+
+
+def read_tests(value, where):
+    """A row's tests as a dict (inputs, outputs, optional fn_name), from JSON text or already a dict."""
+    try:
+        tests = json.loads(value) if isinstance(value, str) else value
+        code_test_cases(tests)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataError(f"{where} does not hold tests: {first_line(e)}; expected JSON with equally long "
+                        "lists 'inputs' and 'outputs' (and 'fn_name' for call tests)") from None
+    return {k: tests[k] for k in ("inputs", "outputs", "fn_name") if tests.get(k) is not None}
+
+
+def code_question(question, starter_code):
+    """A coding problem's statement, with its starter code when it has one (it names the function)."""
+    question = question.rstrip()
+    if starter_code and starter_code.strip():
+        question += "\n\nStart from this code:\n```python\n" + starter_code.rstrip() + "\n```"
+    return question
+
+
+def convert_apps(rows, template, source, split, task="apps"):
+    """APPS / TACO layout: `question`, `input_output` (JSON: inputs, outputs, optional fn_name for call
+    tests), `starter_code`, `solutions` (JSON list; the first becomes the answer, for reference only),
+    `difficulty`. Rows whose tests are missing or unreadable are skipped and counted."""
+    out, skipped = [], 0
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        question = need(row, "question", where)
+        try:
+            tests = read_tests(row.get("input_output") or "", where)
+        except DataError:
+            skipped += 1
+            continue
+        try:
+            solutions = json.loads(row.get("solutions") or "[]")
+        except ValueError:
+            solutions = []
+        starter = row.get("starter_code") or ""
+        extra = {"starter_code": starter} if starter.strip() else {}
+        if row.get("difficulty") is not None:
+            extra["difficulty"] = row["difficulty"]
+        row_out = make_row("code", split, i, template, source, code_question(question, starter),
+                           solutions[0] if solutions and isinstance(solutions[0], str) else "", tests=tests, **extra)
+        row_out["id"] = f"{task}-{split}-{i:05d}"
+        out.append(row_out)
+    return out, skipped
+
+
+def convert_taco(rows, template, source, split):
+    return convert_apps(rows, template, source, split, task="taco")
 
 
 # --- countdown ---------------------------------------------------------------------------
@@ -507,10 +580,11 @@ def convert_poem(rows, template, source, split, task="poem"):
     for i, row in enumerate(rows):
         where = f"{source} row {i}"
         author, title, form = (need_text(row, k, where) for k in ("author", "title", "form"))
+        start = need_text(row, "poem_start", where)
         question = (f"Here is the beginning of a poem by {author}, titled \"{title}\" ({form}). "
-                    f"Continue the poem until its end.\n\n{need_text(row, 'poem_start', where)}")
+                    f"Continue the poem until its end.\n\n{start}")
         out.append(make_row(task, split, i, template, source, question, need_text(row, "poem_end", where),
-                            author=author, title=title, form=form))
+                            author=author, title=title, form=form, poem_start=start))
     return out, 0
 
 
@@ -553,7 +627,11 @@ TASKS = {
     "numina": dict(convert=convert_numina, template="qwen_math", split="train", config=None,
                    skip="no \\boxed{} answer in the solution"),
     "eurus": dict(convert=convert_eurus, template="qwen_math", split="train", config=None,
-                  skip="ability is not math"),
+                  skip="ability not kept by --ability", options=("ability",)),
+    "apps": dict(convert=convert_apps, template="code", split="train", config=None,
+                 skip="no readable tests in input_output"),
+    "taco": dict(convert=convert_taco, template="code", split="train", config=None,
+                 skip="no readable tests in input_output"),
     "countdown": dict(convert=convert_countdown, template="r1", split="train", config=None,
                       skip="no equation reaches the target"),
     "poem": dict(convert=convert_poem, template="r1", split="train", config=None),
@@ -612,7 +690,8 @@ def prepare(args):
         rows = rows.shuffle(seed=args.seed)
     if args.limit is not None:
         rows = rows.select(range(min(args.limit, len(rows))))
-    out, skipped = spec["convert"](rows, args.template, args.source, split)
+    options = {name: getattr(args, name) for name in spec.get("options", ())}
+    out, skipped = spec["convert"](rows, args.template, args.source, split, **options)
     write_jsonl(out, args.out)
     return len(out), skipped, split, why
 
@@ -793,6 +872,9 @@ def main(argv=None):
         p.add_argument("--limit", type=int, default=None, help="keep only N source rows")
         p.add_argument("--seed", type=int, default=None, help="shuffle source rows with this seed first")
         p.add_argument("--out", required=True, help="output .jsonl file")
+        if "ability" in spec.get("options", ()):
+            p.add_argument("--ability", default="all", choices=["all", "math", "code"],
+                           help="which rows to keep: math (task eurus), code (task code, `code` template) or all")
     toy = sub.add_parser("toy", help="build the offline toy task and its warm-started tiny model")
     toy.add_argument("--out", default="data/toy", help="output folder (default: %(default)s)")
     toy.add_argument("--seed", type=int, default=0, help="seed of problems, slips, tokenizer and SFT")

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (Sampler, atomic_write_text, evaluate, gsm8k_gold, jsonable, last_boxed, last_tag, load_tasks,
-                    normalize_answer, score_completions, shutdown_grader, vllm_available)
-from data_prep import ANSWER_STYLE, PRIME_SUFFIX, as_answer, build_prompt
+from common import (Sampler, atomic_write_text, check_code_sandbox, evaluate, gsm8k_gold, jsonable, last_boxed,
+                    last_tag, load_tasks, normalize_answer, score_completions, score_fields, shutdown_grader,
+                    task_metrics, vllm_available)
+from data_prep import ANSWER_STYLE, CODE_INSTRUCTION, PRIME_SUFFIX, as_answer, build_prompt
 
 # ----------------------------------------------------------------------------------------------
 # metrics of one problem (hand-computed tests: tests/test_eval.py)
@@ -121,6 +122,7 @@ def summarize(records: list[dict], grader_errors: int = 0, by: tuple[str, ...] =
     metrics["format_rate"] = _mean(table[:, -1])  # also for samples without a correctness check
     metrics.update(mean_length=float(np.mean(lengths)) if lengths else math.nan,
                    truncated_rate=float(np.mean([f == "length" for f in finish])) if finish else math.nan)
+    metrics.update(task_metrics(records))  # code: tests passed, timeouts; poem: the reward's components
     ci = {}
     if graded.any():
         for name, (lo, hi) in zip(names[:-1], bootstrap_ci(table[graded, :-1])):
@@ -328,7 +330,7 @@ def rescore(records: list[dict]) -> tuple[list[dict], int]:
     for r in rows:
         sc = scores[start:start + len(r["completions"])]
         start += len(sc)
-        r.update(preds=[s.pred for s in sc], correct=[s.correct for s in sc], format=[s.format for s in sc])
+        r.update(score_fields(r["task"], sc))
     return rows, errors
 
 
@@ -379,8 +381,8 @@ def report(name: str, s: dict) -> str:
     lines = [f"{name}: {s['num_problems']} problems x {s['n']} samples (95% bootstrap CI over problems)"]
     for key, value in m.items():
         interval = f"  [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if key in ci else ""
-        lines.append(f"  {key:<15} {value:8.3f}{interval}")
-    lines.append(f"  grader_errors   {s['grader_errors']:8d}")
+        lines.append(f"  {key:<17} {value:8.3f}{interval}")
+    lines.append(f"  {'grader_errors':<17} {s['grader_errors']:8d}")
     n = s["n"]
     for title, groups in [("task", s["by_task"])] + list(s["by"].items()):
         if len(groups) > 1 or title != "task":
@@ -466,7 +468,7 @@ def retemplate(row: dict, template: str) -> dict:
     users = [m["content"] for m in row["prompt"] if m["role"] == "user"]
     if not users:
         raise SystemExit(f"--template: row {row['id']} has no user message to take the question from.")
-    question = users[-1].removesuffix(PRIME_SUFFIX)
+    question = users[-1].removesuffix(PRIME_SUFFIX).removesuffix("\n\n" + CODE_INSTRUCTION)
     meta = {**row.get("metadata", {}), "template": template, "answer_style": ANSWER_STYLE[template]}
     return {**row, "prompt": build_prompt(template, question), "metadata": meta}
 
@@ -477,6 +479,7 @@ def generate(args) -> tuple[list[dict], int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # here: re-scoring needs no model
 
     rows = load_dataset_rows(args.dataset, args.template, args.limit)
+    check_code_sandbox(rows, args.allow_unsandboxed_code)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     backend = ("vllm" if vllm_available() else "hf") if args.sampler == "auto" else args.sampler
     model = None
@@ -531,6 +534,8 @@ def parse(argv=None):
     p.add_argument("--strict", action="store_true", help="stop at malformed lines instead of skipping them")
     p.add_argument("--show_disagreements", type=int, default=0, metavar="N",
                    help="files with their own verdicts (other tools' outputs): list N samples where ours differ")
+    p.add_argument("--allow_unsandboxed_code", action="store_true",
+                   help="code rows: run model-written programs without the bubblewrap sandbox if it cannot start")
     args = p.parse_args(argv)
     if bool(args.files) == bool(args.model or args.dataset):
         p.error("give either OUTPUTS files to score, or --model and --dataset to generate (not both).")
@@ -566,7 +571,9 @@ def main(argv=None) -> None:
                              f"--out {args.out}; score them into separate --out folders.")
         out_dir = targets[0].parent
         for path, target in zip(paths, targets):
-            records, errors = rescore(read_outputs(path, args.strict))
+            records = read_outputs(path, args.strict)
+            check_code_sandbox(records, args.allow_unsandboxed_code)
+            records, errors = rescore(records)
             summary = summarize(records, errors, by)
             if (agree := agreement(records)) is not None:
                 summary["agreement"] = agree

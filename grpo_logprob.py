@@ -18,11 +18,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (END_OF_REASONING, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
-                    collate, continuation_logprobs, encode_prompts, evaluate, index_batch, load_tasks,
-                    logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory,
-                    prompts_for_step, reasoning_mask, render_prompt, sampler_dtype, score_completions, set_seed,
-                    shard, step_seed, token_logprobs, unwrap)
+from common import (END_OF_REASONING, POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap,
+                    answer_style, check_code_sandbox, collate, continuation_logprobs, encode_prompts, evaluate,
+                    index_batch, load_tasks, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step,
+                    parse_args, peak_memory, prompts_for_step, reasoning_mask, render_prompt, sampler_dtype,
+                    score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Args:
     """training weights: float32 or bfloat16 (on GPU, bf16 autocast comes from `accelerate launch --mixed_precision bf16`)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    allow_unsandboxed_code: bool = False
+    """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
     sampler: str = "auto"
     """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
@@ -76,7 +78,7 @@ class Args:
     """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
     # --- reward ---
     reward: str = "correct=1,format=0.1"
-    """weighted sum of reward terms name=weight: correct, format (rule based); logprob (log-prob of the reference answer after the reasoning); ppl_relative, ppl_absolute, ppl_hybrid (perplexity rewards of a frozen scorer)"""
+    """weighted sum of reward terms name=weight: correct, format (rule based), code (share of a code row's tests passed), poem (poem rule reward: similarity, form, rhyme, syllables); logprob (log-prob of the reference answer after the reasoning); ppl_relative, ppl_absolute, ppl_hybrid (perplexity rewards of a frozen scorer)"""
     logprob_variant: str = "sum"
     """logprob reward: sum (of token log-probs), mean (per token), prob (mean token probability, RLPR)"""
     logprob_debias: bool = False
@@ -157,7 +159,7 @@ def parse_reward_weights(spec: str, known: tuple[str, ...]) -> dict[str, float]:
     return weights
 
 
-RULE_TERMS = ("correct", "format")
+RULE_TERMS = ("correct", "format", "code", "poem")
 ANSWER_BLIND_TERMS = ("logprob", "ppl_relative", "ppl_absolute", "ppl_hybrid")  # ignore the written answer
 
 
@@ -468,6 +470,10 @@ def reward_terms(weights, scores, valid, with_reasoning, baseline, with_reasonin
             terms[name] = torch.tensor([s.correct or 0.0 for s in scores])
         elif name == "format":
             terms[name] = torch.tensor([s.format for s in scores])
+        elif name == "code":  # the share of tests passed; 0 on rows that are not code
+            terms[name] = torch.tensor([s.tests_passed or 0.0 for s in scores])
+        elif name == "poem":  # the weighted poem components; 0 on rows that are not poems
+            terms[name] = torch.tensor([s.poem["reward"] if s.poem else 0.0 for s in scores])
         elif name == "logprob":
             values = []
             for lp, base in zip(with_reasoning, baseline):
@@ -537,9 +543,14 @@ def main():
     train_rows = load_tasks(args.train_file)
     if "correct" in weights and any(row["task"] == "poem" for row in train_rows):
         raise SystemExit(f"--reward {args.reward!r}: {args.train_file} has poem rows, which have no correctness "
-                         "check; use answer-blind terms such as --reward logprob=1.")
+                         "check; use the poem rule reward or answer-blind terms, e.g. --reward poem=1,logprob=1.")
+    for term, task in (("code", "code"), ("poem", "poem")):
+        if term in weights and not any(row["task"] == task for row in train_rows):
+            raise SystemExit(f"--reward {args.reward!r}: the {term} term scores {task} rows, and {args.train_file} "
+                             f"has none; drop the term or train on {task} rows.")
     test_rows = load_tasks(args.test_file)
     test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
+    check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run_eval(step):
@@ -624,6 +635,7 @@ def main():
             "reward": all_rewards.mean().item(),
             "reward_std": all_rewards.std().item(),
             "rewards/errors": gathered([float(reward_errors)]).sum().item(),
+            "rewards/code_timeouts": gathered([float(sum(s.timed_out for s in scores))]).sum().item(),
             "train/accuracy": correct_all.nanmean().item(),  # nan (null in metrics.jsonl) without a checker
             "train/format_rate": gathered([s.format for s in scores]).mean().item(),
             "completions/mean_length": lengths.mean().item(),
@@ -639,6 +651,10 @@ def main():
         for name, values in terms.items():
             values = gathered(values)
             metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = values.mean().item(), values.std().item()
+        if "poem" in weights:  # the components of the poem term, on the poem rows
+            for part in POEM_WEIGHTS:
+                values = gathered([s.poem[part] if s.poem else float("nan") for s in scores])
+                metrics[f"rewards/poem/{part}"] = values.nanmean().item()
         if any(n in ANSWER_BLIND_TERMS for n in weights):
             metrics["rewards/no_marker"] = 1.0 - gathered(valid.float()).mean().item()
         metrics["tokens_per_second"] = metrics["num_tokens"] / (time.perf_counter() - t_step)

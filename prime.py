@@ -28,10 +28,10 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (Rollout, Run, Sampler, Score, StepStats, Timer, accumulate, add_logprob_gap, collate,
-                    encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics, make_accelerator,
-                    micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, sampler_dtype,
-                    score_completions, set_seed, step_seed, token_logprobs, unwrap)
+from common import (Rollout, Run, Sampler, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox,
+                    collate, encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics,
+                    make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step,
+                    sampler_dtype, score_completions, set_seed, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -60,6 +60,8 @@ class Args:
     """training weights: float32 or bfloat16"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory (policy and PRM)"""
+    allow_unsandboxed_code: bool = False
+    """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
     sampler: str = "auto"
     """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
@@ -388,6 +390,7 @@ def main():
         sampler.push_weights(unwrap(model))
     train_rows, test_rows = load_tasks(args.train_file), load_tasks(args.test_file)
     test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
+    check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run_eval(step):
@@ -416,6 +419,7 @@ def main():
         # --- rollout: leftovers first, then rounds of oversampled prompts until the batch is full ---
         batch_groups, buffer = buffer[:per_rank], buffer[per_rank:]
         sampled_correct, sampled_format, sampled_groups, kept_groups, rounds = [], [], 0, 0, 0
+        reward_errors = code_timeouts = 0
         with timer("sample"):
             # rounds are global (a full process samples nothing), so that processes sharing a
             # tensor-parallel engine always generate together
@@ -425,7 +429,9 @@ def main():
                 data_pos += len(rows)
                 groups = sampler.generate(encode_prompts(tokenizer, rows), n, args.temperature,
                                           args.max_completion_length, seed=step_seed(args.seed, step, 0, rounds))
-                scores, _ = score_completions([r for r in rows for _ in range(n)], [c.text for g in groups for c in g])
+                scores, errors = score_completions([r for r in rows for _ in range(n)],
+                                                   [c.text for g in groups for c in g])
+                reward_errors, code_timeouts = reward_errors + errors, code_timeouts + sum(s.timed_out for s in scores)
                 if any(s.correct is None for s in scores):
                     raise SystemExit(f"{args.train_file}: PRIME needs tasks with a correctness check (not poem).")
                 correct = torch.tensor([s.correct for s in scores]).view(len(rows), n)
@@ -483,6 +489,8 @@ def main():
         metrics.update({
             "train/accuracy": global_sum(sum(sampled_correct)) / sampled if sampled else float("nan"),
             "train/format_rate": global_sum(sum(sampled_format)) / sampled if sampled else float("nan"),
+            "rewards/errors": global_sum(reward_errors),
+            "rewards/code_timeouts": global_sum(code_timeouts),
             "filter/kept_frac": global_sum(kept_groups) / max(global_sum(sampled_groups), 1.0),
             "filter/sampled_groups": global_sum(sampled_groups),
             "filter/batch_groups": size * world,

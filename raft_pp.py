@@ -31,10 +31,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, collate, encode_prompts, evaluate,
-                    index_batch, load_tasks, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step,
-                    parse_args, peak_memory, prompts_for_step, sampler_dtype, score_completions, set_seed, shard,
-                    step_seed, token_logprobs, unwrap)
+from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, collate,
+                    encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics, make_accelerator,
+                    micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, sampler_dtype,
+                    score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -65,6 +65,8 @@ class Args:
     """training weights: float32 or bfloat16"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    allow_unsandboxed_code: bool = False
+    """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
     sampler: str = "auto"
     """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
@@ -344,6 +346,7 @@ def main():
         raise SystemExit(f"{args.train_file}: poem rows have no correctness check; RAFT needs a verifiable task.")
     test_rows = load_tasks(args.test_file)
     test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
+    check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run_eval(step):
@@ -403,6 +406,7 @@ def main():
             "reward": all_rewards.mean().item(),
             "reward_std": all_rewards.std().item(),
             "rewards/errors": gathered([float(reward_errors)]).sum().item(),
+            "rewards/code_timeouts": gathered([float(sum(s.timed_out for s in scores))]).sum().item(),
             "train/accuracy": all_correct.mean().item(),
             "train/format_rate": gathered([s.format for s in scores]).mean().item(),
             "completions/mean_length": lengths.mean().item(),

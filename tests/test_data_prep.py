@@ -106,6 +106,8 @@ def test_build_prompt_templates():
     assert [m["role"] for m in r1] == ["system", "user", "assistant"]
     assert r1[0]["content"].endswith("<think> reasoning process here </think>\n<answer> answer here </answer>.")
     assert r1[-1]["content"] == "Let me solve this step by step.\n<think>"
+    assert dp.build_prompt("code", q) == [{"role": "user", "content": q + "\n\nWrite Python code to solve the problem. "
+                                            "Present the code in \n```python\nYour code\n```\nat the end."}]
     with pytest.raises(ValueError, match="unknown template"):
         dp.build_prompt("nope", q)
 
@@ -165,20 +167,73 @@ def test_numina_skips_rows_without_boxed():
     assert rows[1]["metadata"]["numina_source"] == "cn_k12"
 
 
-def test_eurus_keeps_math_and_strips_prime_suffix():
+def test_eurus_math_rows_strip_prime_suffix():
     rows, skipped = convert("eurus", "eurus.jsonl", template="prime")
-    check_schema(rows, "eurus", "prime")
-    assert skipped == 1  # the code row
-    assert [r["answer"] for r in rows] == ["2", "12", "4"]
-    questions = [r["prompt"][-1]["content"] for r in rows]
+    math_rows = [r for r in rows if r["task"] == "eurus"]
+    check_schema(math_rows, "eurus", "prime")
+    assert skipped == 0 and len(rows) == 5
+    assert [r["answer"] for r in math_rows] == ["2", "12", "4"]
+    questions = [r["prompt"][-1]["content"] for r in math_rows]
     assert questions[0] == "What is the remainder when $2^{10}$ is divided by $7$?" + dp.PRIME_SUFFIX
     assert all(q.count("Present the answer in LaTex format") == 1 for q in questions)
-    assert rows[2]["prompt"][-1]["content"] == "How many primes are less than $10$?" + dp.PRIME_SUFFIX
+    assert math_rows[2]["prompt"][-1]["content"] == "How many primes are less than $10$?" + dp.PRIME_SUFFIX
     # PRIME's own system prompt is dropped; the question is re-templated.
     rows, _ = convert("eurus", "eurus.jsonl")
     assert rows[0]["prompt"][0]["content"] == dp.QWEN_MATH_SYSTEM
     assert rows[0]["prompt"][1]["content"] == "What is the remainder when $2^{10}$ is divided by $7$?"
-    assert rows[1]["metadata"]["data_source"] == "numina_olympiads"
+    assert rows[2]["metadata"]["data_source"] == "numina_olympiads"
+
+
+def check_code_rows(rows, prefix):
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["task"] == "code" and r["id"].startswith(prefix + "-") and isinstance(r["answer"], str)
+        assert r["metadata"]["template"] == "code" and r["metadata"]["answer_style"] == "code"
+        assert r["prompt"][-1]["role"] == "user" and r["prompt"][-1]["content"].endswith("\n\n" + dp.CODE_INSTRUCTION)
+        assert r["prompt"][-1]["content"].count("Write Python code") == 1
+
+
+def test_eurus_code_rows_carry_their_tests():
+    """Eurus-2-RL-Data code rows: ground_truth is a JSON string (stdin/stdout, or fn_name call tests);
+    the prompt's instruction (either spelling) is replaced by the code template's."""
+    rows, _ = convert("eurus", "eurus.jsonl")
+    code = [r for r in rows if r["task"] == "code"]
+    check_code_rows(code, "eurus")
+    assert [r["id"] for r in code] == ["eurus-train-00001", "eurus-train-00004"]
+    assert code[0]["metadata"]["tests"] == {"inputs": ["1 2\n"], "outputs": ["3\n"]}
+    assert code[1]["metadata"]["tests"] == {"fn_name": "minFlips", "inputs": [["001"], ["0101"], ["1111"]],
+                                            "outputs": [[1], [0], [2]]}
+    assert code[1]["prompt"][-1]["content"].startswith("Complete the function minFlips(S) which returns")
+    assert code[1]["metadata"]["data_source"] == "taco" and code[1]["metadata"]["orig_index"] == 4
+    spec = dp.TASKS["eurus"]
+    source = dp.load_rows(str(FIX / "eurus.jsonl"), "train")
+    for ability, tasks, skipped in (("math", {"eurus"}, 2), ("code", {"code"}, 3)):
+        kept, n = spec["convert"](source, "qwen_math", "f", "train", ability=ability)
+        assert {r["task"] for r in kept} == tasks and n == skipped
+    with pytest.raises(dp.DataError, match="--template code is for code rows"):
+        spec["convert"](source, "code", "f", "train")
+
+
+def test_taco_layout_stdin_and_call_tests():
+    rows, skipped = convert("taco", "taco.jsonl")
+    check_code_rows(rows, "taco")
+    assert skipped == 1  # the row whose input_output is empty
+    assert rows[0]["metadata"]["tests"] == {"inputs": ["1 2\n", "10 -3\n", "0 0\n"], "outputs": ["3\n", "7\n", "0\n"]}
+    assert rows[0]["answer"] == "a, b = map(int, input().split())\nprint(a + b)"  # the first reference solution
+    assert rows[2]["metadata"]["tests"]["fn_name"] == "twoSum"
+    assert rows[2]["metadata"]["starter_code"].startswith("class Solution:")
+    assert "Start from this code:\n```python\nclass Solution:" in rows[2]["prompt"][-1]["content"]
+    assert rows[3]["answer"] == "" and rows[3]["metadata"]["difficulty"] == "EASY"  # no solution given
+
+
+def test_reference_solutions_pass_their_own_tests():
+    """The fixture's reference solutions, graded in the sandbox: every test passes."""
+    from common import run_code_tests_many
+
+    rows, _ = convert("taco", "taco.jsonl")
+    solved = [r for r in rows if r["answer"]]
+    results = run_code_tests_many([(r["answer"], r["metadata"]["tests"]) for r in solved])
+    assert [(res.passed, res.total) for res in results] == [(3, 3), (2, 2), (3, 3)]
 
 
 def test_countdown_reference_expressions_are_valid():
@@ -213,6 +268,7 @@ def test_poem():
     assert rows[1]["answer"].endswith("Nothing gold can stay.")
     assert {k: rows[1]["metadata"][k] for k in ("author", "title", "form")} == {
         "author": "Robert Frost", "title": "Nothing Gold Can Stay", "form": "rhymed couplets"}
+    assert rows[1]["metadata"]["poem_start"].startswith("Nature's first green is gold,\n")  # for the poem reward
 
 
 @pytest.mark.parametrize("task, fixture, answers", [

@@ -266,6 +266,25 @@ def test_rescoring_ignores_stored_scores(tmp_path):
     assert read_jsonl(tmp_path / "s" / "o.jsonl")[0]["correct"] == [1.0]
 
 
+def test_poem_outputs_report_the_poem_reward_components(tmp_path, capsys):
+    """A poem record (gold ending written back, and no answer) next to a toy record: the poem
+    components are averaged over the poem samples only; the toy record keeps its accuracy."""
+    gold = "And found a hidden light\nThat faded all too soon"
+    poem = {"id": "p", "task": "poem", "prompt": [], "answer": gold,
+            "metadata": {"form": "quatrain", "poem_start": "I wandered through the night\nBeneath the silver moon",
+                         "answer_style": "tag"},
+            "completions": [f"x</think><answer>{gold}</answer>", "no answer"]}
+    path = write_lines(tmp_path / "o.jsonl", [poem, toy_record("a", "5", ["x</think><answer>5</answer>"] * 2)])
+    ev.main([str(path)])
+    s = json.loads((tmp_path / "scored" / "o.summary.json").read_text())["metrics"]
+    assert {k: s[f"poem/{k}"] for k in ("similarity", "form", "rhyme", "syllables", "reward")} == \
+        dict.fromkeys(["similarity", "form", "rhyme", "syllables", "reward"], 0.5)  # (1 + 0) / 2 each
+    assert s["avg@2"] == 1.0  # the poem has no checker: only the toy record counts
+    scored = read_jsonl(tmp_path / "scored" / "o.jsonl")
+    assert scored[0]["poem"][0]["reward"] == 1.0 and "poem" not in scored[1]
+    assert "poem/reward" in capsys.readouterr().out
+
+
 def test_cli_errors():
     for argv in ([], ["x.jsonl", "--model", "m", "--dataset", "d"], ["--model", "m"],
                  ["x.jsonl", "--template", "r1"], ["--model", "m", "--dataset", "d", "--n", "0"]):

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import read_jsonl, run_script
+from conftest import REPO, read_jsonl, run_script
 from grpo_logprob import (aggregate_loss, answer_logprob_score, clipped_policy_loss, fill_failed, group_advantages,
                           importance_weights, kl_k3, loss_normalizer, normalize_rewards, parse_reward_weights,
                           perplexity_rewards, scoring_texts)
@@ -281,20 +281,50 @@ def test_hybrid_reward_with_is_correction_end_to_end(toy, tmp_path):
     assert 0 < step["is/mean_weight"] <= 2.0 and step["is/zeroed_frac"] == 0.0
 
 
-def test_poem_completion_trains_on_the_logprob_reward(toy, tmp_path):
-    """Poem rows have no correctness check: the log-prob of the gold ending is the reward."""
-    from conftest import REPO
-
+def test_poem_completion_trains_on_the_poem_rule_and_logprob_rewards(toy, tmp_path):
+    """Poem rows have no correctness check: the poem rule reward and the log-prob of the gold ending."""
     data = tmp_path / "poem.jsonl"
     run_script(["data_prep.py", "poem", "--source", str(REPO / "tests" / "fixtures" / "poem.jsonl"), "--out", str(data)])
-    cmd = grpo_cmd(toy, tmp_path, "poem", "--sampler", "hf", "--total_steps", "1", "--reward", "logprob=1,format=0.1")
+    cmd = grpo_cmd(toy, tmp_path, "poem", "--sampler", "hf", "--total_steps", "2", "--reward", "poem=1,logprob=1")
     cmd[cmd.index("--train_file") + 1] = cmd[cmd.index("--test_file") + 1] = str(data)
     run_script(cmd)
-    step = read_jsonl(tmp_path / "poem" / "metrics.jsonl")[1]
+    metrics = read_jsonl(tmp_path / "poem" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    step = metrics[1]
     assert "rewards/logprob/mean" in step and step["train/accuracy"] is None  # no checker: NaN, logged as null
+    assert {"rewards/poem/mean", "rewards/poem/similarity", "rewards/poem/form", "rewards/poem/rhyme",
+            "rewards/poem/syllables"} <= set(step)
+    assert step["loss_tokens_frac"] == 1.0  # the poem term reads the written ending: the whole completion trains
+    assert {"eval/poem/similarity", "eval/poem/reward"} <= set(metrics[0])
     with pytest.raises(AssertionError, match="no correctness check"):
         run_script([*cmd[:cmd.index("--run_name") + 1], "poem2", *cmd[cmd.index("--run_name") + 2:], "--reward",
                     "correct=1"])
+
+
+def test_code_rows_train_through_the_sandboxed_reward(toy, tmp_path):
+    """The toy model's programs fail; the point is the reward path: programs run in the sandbox, and the
+    logged rewards are what score_completions gives the logged completions."""
+    from common import load_tasks, score_completions
+
+    data = tmp_path / "code.jsonl"
+    run_script(["data_prep.py", "taco", "--source", str(REPO / "tests" / "fixtures" / "taco.jsonl"), "--out", str(data)])
+    cmd = grpo_cmd(toy, tmp_path, "code", "--sampler", "hf", "--total_steps", "2",
+                   "--reward", "correct=1,code=0.5,format=0.1")
+    cmd[cmd.index("--train_file") + 1] = cmd[cmd.index("--test_file") + 1] = str(data)
+    run_script(cmd)
+    metrics = read_jsonl(tmp_path / "code" / "metrics.jsonl")
+    step = metrics[2]
+    assert {"rewards/code/mean", "rewards/correct/mean", "rewards/code_timeouts"} <= set(step)
+    assert step["rewards/errors"] == 0 and step["train/accuracy"] is not None
+    assert {"eval/code_tests_passed", "eval/code_timeouts"} <= set(metrics[0])
+    rows = {r["id"]: r for r in load_tasks(data)}
+    rollouts = read_jsonl(tmp_path / "code" / "rollouts.jsonl")
+    scores, _ = score_completions([rows[r["id"]] for r in rollouts], [r["completion"] for r in rollouts])
+    assert [r["reward_code"] for r in rollouts] == pytest.approx([s.tests_passed for s in scores])
+    assert [r["correct"] for r in rollouts] == [s.correct for s in scores]
+    with pytest.raises(AssertionError, match=r"bubblewrap \(bwrap\) is not installed: install it"):
+        run_script([*cmd[:cmd.index("--run_name") + 1], "code2", *cmd[cmd.index("--run_name") + 2:]],
+                   env={"PATH": str(tmp_path)})  # no bwrap there: the script refuses before training
 
 
 def test_resume_logs_the_same_metrics(toy, tmp_path):

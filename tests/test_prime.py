@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common import Rollout, Score, prompts_for_step
-from conftest import read_jsonl, run_script, torchrun
+from conftest import REPO, read_jsonl, run_script, torchrun
 from prime import (discounted_returns, from_json, implicit_process_rewards, keep_groups, last_token_mask,
                    leave_one_out, ppo_token_loss, prm_loss, prm_pair_accuracy, rank_prompts, to_json, whiten,
                    whiten_stats)
@@ -171,6 +171,22 @@ def test_prime_end_to_end(toy, tmp_path):
     names = {p.name for p in ckpt.iterdir()}
     assert {"model_1.safetensors", "optimizer_1.bin"} <= names, names
     assert (run / "final" / "model.safetensors").exists()
+
+
+def test_prime_on_code_rows(toy, tmp_path):
+    """Code rows: outcomes come from the sandboxed tests. The toy model's programs all fail, so the
+    filter keeps no group and no update is taken; sampling, scoring and logging run as on math."""
+    data = tmp_path / "code.jsonl"
+    run_script(["data_prep.py", "taco", "--source", str(REPO / "tests" / "fixtures" / "taco.jsonl"), "--out", str(data)])
+    cmd = prime_cmd(toy, tmp_path, "code", "--total_steps", "2", "--oversample", "1", "--max_sample_rounds", "1")
+    cmd[cmd.index("--train_file") + 1] = cmd[cmd.index("--test_file") + 1] = str(data)
+    run_script(cmd)
+    metrics = read_jsonl(tmp_path / "code" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for m in metrics[1:]:
+        assert m["filter/sampled_groups"] == 4 and m["train/accuracy"] == 0.0
+        assert m["rewards/errors"] == 0 and "rewards/code_timeouts" in m
+    assert metrics[0]["eval/code_tests_passed"] == 0.0
 
 
 def test_resume_logs_the_same_metrics(toy, tmp_path):
