@@ -160,9 +160,16 @@ def record_problem(r) -> str | None:
     comps = r["completions"]
     if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
         return "'completions' must be a non-empty list of strings"
-    for key in ("lengths", "finish_reasons"):
-        if r.get(key) is not None and len(r[key]) != len(comps):
-            return f"'{key}' has {len(r[key])} entries for {len(comps)} completions"
+    for key, kind in (("lengths", (int, float)), ("finish_reasons", str)):
+        values = r.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+            return f"'{key}' must be a list of {'numbers' if key == 'lengths' else 'strings'}"
+        if len(values) != len(comps):
+            return f"'{key}' has {len(values)} entries for {len(comps)} completions"
+    if r.get("metadata") is not None and not isinstance(r["metadata"], dict):
+        return "'metadata' must be a JSON object"
     return None
 
 
@@ -172,14 +179,23 @@ def read_outputs(path: Path, strict: bool) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; pass an outputs .jsonl (e.g. runs/NAME/eval/step_N.jsonl).")
     records, bad = [], []
-    with open(path, encoding="utf-8") as f:
+    # surrogateescape: a line that is not UTF-8 is reported like any other bad line
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 r = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                # a JSON escape of half a surrogate pair, or raw bytes that are not UTF-8
+                json.dumps(r, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                bad.append(f"{path}:{lineno}: not UTF-8 text")
+                continue
+            except RecursionError:
+                bad.append(f"{path}:{lineno}: not valid JSON (nested too deeply)")
+                continue
+            except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+                bad.append(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})")
                 continue
             if why := record_problem(r):
                 bad.append(f"{path}:{lineno}: {why}")
