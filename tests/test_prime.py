@@ -86,6 +86,35 @@ def test_process_leave_one_out_against_the_others_per_token_mean():
     assert torch.allclose(outcome + process, torch.tensor([[0.05, 0.2, 0.65], [-0.7, 0.0, 0.0], [0.2, 0.95, 0.0]]))
 
 
+# n = 2, process rewards [[0.1, 0.3], [0, 0]], labels [1, 0], gamma 1: outcome returns [[1, 1], [-1, -1]]
+# (1 - 0 and 0 - 1 on the last token); rbar = 0.2, 0.
+PROCESS = torch.tensor([[0.1, 0.3], [0.0, 0.0]])
+
+
+def summed_returns(baseline):
+    mask, last = torch.ones(2, 2), last_token_mask(torch.ones(2, 2))
+    outcome = discounted_returns(leave_one_out(torch.tensor([1.0, 0.0])[:, None] * last, last, 2), mask, 1.0)
+    assert torch.allclose(outcome, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+    return outcome + discounted_returns(leave_one_out(PROCESS, mask, 2, baseline), mask, 1.0)
+
+
+def test_process_baseline_paper():
+    # r_t(i) - mean_{j!=i} rbar(j): sample 0 [0.1, 0.3] - 0 -> returns [0.4, 0.3]; sample 1 [0, 0] - 0.2 -> [-0.4, -0.2]
+    assert torch.allclose(leave_one_out(PROCESS, torch.ones(2, 2), 2, "paper"), torch.tensor([[0.1, 0.3], [-0.2, -0.2]]))
+    assert torch.allclose(summed_returns("paper"), torch.tensor([[1.4, 1.3], [-1.4, -1.2]]))
+
+
+def test_process_baseline_code():
+    # r_t(i) * n/(n-1) - sum_j rbar(j)/(n-1) = 2 r_t(i) - 0.2: sample 0 [0, 0.4] -> returns [0.4, 0.4];
+    # sample 1 [-0.2, -0.2] -> [-0.4, -0.2]. The same sequence total (t = 0) as the paper's, not per token
+    assert torch.allclose(leave_one_out(PROCESS, torch.ones(2, 2), 2, "code"), torch.tensor([[0.0, 0.4], [-0.2, -0.2]]))
+    assert torch.allclose(summed_returns("code"), torch.tensor([[1.4, 1.4], [-1.4, -1.2]]))
+    # for the outcome (one reward per completion) the two baselines agree
+    outcome = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]])
+    last = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    assert torch.allclose(leave_one_out(outcome, last, 3, "code"), leave_one_out(outcome, last, 3, "paper"))
+
+
 def test_leave_one_out_is_per_group():
     rewards = torch.tensor([[1.0], [0.0], [5.0], [5.0]])  # two groups of 2: (1, 0) and (5, 5)
     assert torch.allclose(leave_one_out(rewards, torch.ones(4, 1), 2), torch.tensor([[1.0], [-1.0], [0.0], [0.0]]))
@@ -157,9 +186,17 @@ def test_prime_end_to_end(toy, tmp_path):
     for key in ("filter/kept_frac", "filter/sampled_groups", "filter/sample_rounds", "buffer/size", "train/accuracy"):
         assert key in metrics[1], key
     assert math.isclose(trained[0]["prm/loss"], math.log(2), rel_tol=0.05)  # PRM == reference at the start
-    assert all(m["filter/batch_groups"] <= 4 for m in metrics[1:])
     assert "test accuracy" in out.stdout
     rollouts = read_jsonl(run / "rollouts.jsonl")
+    # the batch takes the buffer's groups first, then kept groups until it holds prompts_per_step;
+    # the rest waits in the buffer. rollouts.jsonl holds exactly the trained groups.
+    buffer = 0
+    for m in metrics[1:]:
+        kept = round(m["filter/kept_frac"] * m["filter/sampled_groups"])
+        assert m["filter/batch_groups"] == min(4, buffer + kept), m
+        assert m["buffer/size"] == buffer + kept - m["filter/batch_groups"], m
+        assert sum(r["step"] == m["step"] for r in rollouts) == 4 * m["filter/batch_groups"]
+        buffer = m["buffer/size"]
     assert {"completion", "correct", "process_reward"} <= set(rollouts[0])
     # only mixed groups are trained on: 1 to 3 of 4 correct (filter [0.2, 0.8])
     by_prompt = {}
@@ -195,11 +232,20 @@ def test_resume_logs_the_same_metrics(toy, tmp_path):
 
 
 def test_prime_on_two_processes(toy, tmp_path):
-    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "2", "--granularity", "whole"), launcher=torchrun())
+    # one sampling round of one prompt per missing group: the ranks often keep different numbers
+    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "3", "--granularity", "whole", "--oversample", "1",
+                         "--max_sample_rounds", "1", "--log_rollouts_every", "1"), launcher=torchrun())
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert metrics[0]["eval/num_problems"] == 10
-    assert all(m["filter/batch_groups"] % 2 == 0 for m in metrics[1:])  # the same number of groups per rank
+    # Every rank trains on the smallest rank's number of groups. Rank r reads prompts r, r + 2, ...
+    # of the seeded stream, so each logged rollout tells its rank.
+    rows = read_jsonl(toy / "train.jsonl")
+    rank_of = {prompts_for_step(rows, k + 1, 1, 0)[0]["id"]: k % 2 for k in range(200)}
+    rollouts = read_jsonl(tmp_path / "ddp" / "rollouts.jsonl")
+    for m in metrics[1:]:
+        groups = [sum(rank_of[r["id"]] == rank for r in rollouts if r["step"] == m["step"]) / 4 for rank in (0, 1)]
+        assert groups == [m["filter/batch_groups"] / 2] * 2, (m, groups)
     state = read_jsonl(tmp_path / "ddp" / "checkpoints" / "step_2" / "trainer_state.json")[0]
     assert len(state["data_pos"]) == 2 and len(state["buffer"]) == 2  # each rank's stream and buffer
 
