@@ -13,13 +13,11 @@ import math
 import os
 import random
 import re
-import signal
 import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
 
-import psutil
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -29,6 +27,7 @@ import eval as ev
 from common import (Rollout, _fast_match, _parse_fraction, countdown_correct, countdown_value, extract_answer,
                     format_ok, last_boxed, last_tag, normalize_answer, parse_number, reasoning_mask,
                     reasoning_token_count, score_completions)
+from conftest import Hang, grader_workers, settled_workers, time_limit  # noqa: F401  Hang: bench/fuzz.py
 
 # No hypothesis deadline: its per-example timer would fail a slow CI machine. A hang is caught by
 # CALL_LIMIT instead, about a hundred times what the largest input here takes.
@@ -40,27 +39,8 @@ CALL_LIMIT = 5.0  # seconds per call
 MAX_REPEAT = 2**20  # a piece repeated up to this many times: megabyte strings
 
 
-class Hang(Exception):
-    """A call ran past its time limit."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float = CALL_LIMIT):
-    """Raise Hang in the main thread after `seconds` (SIGALRM; regexes and Python loops see it)."""
-    def on_alarm(signum, frame):
-        raise Hang(f"the call ran past {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def bounded(fn, *args):
-    with time_limit():
+    with time_limit(CALL_LIMIT):
         return fn(*args)
 
 
@@ -352,7 +332,7 @@ def test_eval_scores_every_record_the_reader_accepts(records):
     result, _ = read_outputs_file(data, strict=False)
     if isinstance(result, str):
         return
-    with time_limit():
+    with time_limit(CALL_LIMIT):
         scored, errors = ev.rescore(result)
         summary = ev.summarize(scored, errors, by=("level",))
         ev.report("out", summary)
@@ -388,25 +368,6 @@ def adversarial_batch(hostile_copies: int = 1, ordinary_copies: int = 1, shuffle
     return rows, [t for t, _, _ in items], [c for _, _, c in items]
 
 
-def grader_workers() -> list[psutil.Process]:
-    """This process's Math-Verify workers (not multiprocessing's resource tracker)."""
-    return [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-
-
-def settled_workers(wait: float = 60.0) -> int:
-    """The number of grader workers once each is idle (under 0.1 CPU-second in half a second): a
-    replacement worker needs a few seconds to import sympy; a stuck one never settles (-1)."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            workers = grader_workers()
-            before = [sum(w.cpu_times()[:2]) for w in workers]
-            time.sleep(0.5)
-            if all(sum(w.cpu_times()[:2]) - b < 0.1 for w, b in zip(workers, before)):
-                return len(workers)
-    return -1
-
-
 def test_adversarial_batch_is_graded_in_bounded_time():
     rows, texts, expected = adversarial_batch()
     common.answers_match("1", "2\\cdot\\frac{1}{2}")  # the pool is up: its start-up is not measured
@@ -437,7 +398,7 @@ def test_a_huge_number_against_a_decimal_is_compared_exactly():
 
 def test_normalization_takes_linear_time_on_megabyte_answers():
     # both took quadratic time: about 6 s for a megabyte of "$", hours for 140,000 nested \text{
-    with time_limit():
+    with time_limit(CALL_LIMIT):
         assert normalize_answer("$" * MB + " 5 " + "$" * MB) == "5"
         nested = normalize_answer("\\text{" * (MB // 7) + "5" + "}" * (MB // 7))
     assert nested.endswith("5" + "}" * (MB // 7 - 8))  # eight levels unwrapped, then left to Math-Verify
