@@ -357,11 +357,14 @@ def _mv_verify(gold: str, pred: str) -> bool:
 
 
 def _get_pool():
-    """The shared worker pool, spawned on first use (and again after it failed to start)."""
+    """The shared worker pool, spawned on first use, and again if it broke (a worker killed from
+    outside while idle breaks a pebble pool for good)."""
     global _pool, _pool_pid
     with _pool_lock:
         # pid check: a forked child must not use its parent's pool
-        if _pool is None or _pool_pid != os.getpid():
+        if _pool is None or _pool_pid != os.getpid() or not _pool.active:
+            if _pool is not None and _pool_pid == os.getpid():
+                _stop_pool(_pool)
             from pebble import ProcessPool
 
             pool = ProcessPool(_MV_WORKERS, initializer=_mv_init, context=multiprocessing.get_context("spawn"))

@@ -1,4 +1,6 @@
 import math
+import os
+import signal
 import threading
 import time
 
@@ -177,6 +179,19 @@ def test_timeouts_in_a_batch_keep_the_other_results():
     assert results == [False, False, True, True, False] and n_failed == 2
     # the batch's bound: timeout x ceil(4 Math-Verify pairs / workers) + one start-up allowance
     assert time.monotonic() - start < 5.0 * math.ceil(4 / common._MV_WORKERS) + common._MV_START_TIMEOUT
+
+
+def test_a_worker_killed_from_outside_is_replaced():
+    # e.g. by the out-of-memory killer while idle: the worker pool library then marks its pool
+    # broken for good, and every later answer would fail
+    assert answers_match(r"2\sqrt{2}", r"\sqrt{8}")
+    pool = common._pool
+    os.kill(grader_workers()[0].pid, signal.SIGKILL)  # not reaped here: the pool has to notice
+    deadline = time.monotonic() + 10
+    while pool.active and time.monotonic() < deadline:  # the pool's manager notices within 0.1 s
+        time.sleep(0.1)
+    assert answers_match(r"2\sqrt{2}", r"\sqrt{8}")
+    assert len(grader_workers()) == common._MV_WORKERS
 
 
 def test_model_output_is_never_evaluated(tmp_path):

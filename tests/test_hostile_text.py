@@ -65,9 +65,14 @@ hostile_text = st.tuples(st.lists(fragment, max_size=20), st.one_of(st.just(""),
                          st.lists(fragment, max_size=20)).map(lambda t: "".join(t[0]) + t[1] + "".join(t[2]))
 no_box = hostile_text.filter(lambda s: re.search(r"\\(boxed|fbox)(?![a-zA-Z])", s) is None)
 # balanced brace groups without backslashes: what a \boxed{...} can hold
-balanced = st.recursive(st.text(alphabet=st.characters(blacklist_characters="{}\\"), max_size=8),
-                        lambda inner: st.lists(st.one_of(inner, inner.map(lambda s: "{" + s + "}")),
-                                               max_size=4).map("".join), max_leaves=10)
+
+
+def brace_groups(inner):
+    return st.lists(st.one_of(inner, inner.map(lambda s: "{" + s + "}")), max_size=4).map("".join)
+
+
+balanced = st.recursive(st.text(alphabet=st.characters(blacklist_characters="{}\\"), max_size=8), brace_groups,
+                        max_leaves=10)
 
 big_int = st.integers(-10**400, 10**400)
 plain_number = st.one_of(
@@ -155,10 +160,11 @@ def test_countdown_parser_never_raises(expr, nums):
 
 def expression(leaves):
     """(text, exact value or None on division by zero) of random expression trees over `leaves`."""
-    return st.recursive(
-        leaves.map(lambda n: (str(n), Fraction(n))),
-        lambda sub: st.tuples(sub, st.sampled_from("+-*/×÷"), sub, st.booleans()).map(_combine),
-        max_leaves=8)
+    return st.recursive(leaves.map(lambda n: (str(n), Fraction(n))), _operation, max_leaves=8)
+
+
+def _operation(sub):
+    return st.tuples(sub, st.sampled_from("+-*/×÷"), sub, st.booleans()).map(_combine)
 
 
 def _combine(t):
@@ -245,9 +251,13 @@ JSON_BYTES = [b"{", b"}", b"[", b"]", b'"', b":", b",", b"\n", b"\r\n", b" ", b'
               b"\\u", b"\\ud800", b"\xff", b"\xc3", b"\xe2\x80\xa8", b"\xef\xbb\xbf", b"1" * 5000, b"[" * 3000]
 json_like_bytes = st.lists(st.one_of(st.sampled_from(JSON_BYTES), st.binary(max_size=16)), max_size=60).map(b"".join)
 JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
-json_value = st.recursive(JSON_LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                               st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-                          max_leaves=8)
+
+
+def json_containers(inner):
+    return st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3))
+
+
+json_value = st.recursive(JSON_LEAVES, json_containers, max_leaves=8)
 
 
 @st.composite
