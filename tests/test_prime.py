@@ -172,6 +172,18 @@ def prime_cmd(toy, out, name, *extra):
 TIMING_KEYS = ("time/", "tokens_per_second")
 
 
+def check_batch_and_buffer(metrics, rollouts, groups_per_step=4, n=4):
+    """The batch takes the buffer's groups first, then kept groups until it holds prompts_per_step;
+    the rest waits in the buffer. rollouts.jsonl (logged every step) holds exactly the trained groups."""
+    buffer = 0
+    for m in metrics[1:]:
+        kept = round(m["filter/kept_frac"] * m["filter/sampled_groups"])
+        assert m["filter/batch_groups"] == min(groups_per_step, buffer + kept), m
+        assert m["buffer/size"] == buffer + kept - m["filter/batch_groups"], m
+        assert sum(r["step"] == m["step"] for r in rollouts) == n * m["filter/batch_groups"]
+        buffer = m["buffer/size"]
+
+
 def test_prime_end_to_end(toy, tmp_path):
     out = run_script(prime_cmd(toy, tmp_path, "e2e", "--total_steps", "3", "--log_rollouts_every", "1"))
     run = tmp_path / "e2e"
@@ -188,15 +200,7 @@ def test_prime_end_to_end(toy, tmp_path):
     assert math.isclose(trained[0]["prm/loss"], math.log(2), rel_tol=0.05)  # PRM == reference at the start
     assert "test accuracy" in out.stdout
     rollouts = read_jsonl(run / "rollouts.jsonl")
-    # the batch takes the buffer's groups first, then kept groups until it holds prompts_per_step;
-    # the rest waits in the buffer. rollouts.jsonl holds exactly the trained groups.
-    buffer = 0
-    for m in metrics[1:]:
-        kept = round(m["filter/kept_frac"] * m["filter/sampled_groups"])
-        assert m["filter/batch_groups"] == min(4, buffer + kept), m
-        assert m["buffer/size"] == buffer + kept - m["filter/batch_groups"], m
-        assert sum(r["step"] == m["step"] for r in rollouts) == 4 * m["filter/batch_groups"]
-        buffer = m["buffer/size"]
+    check_batch_and_buffer(metrics, rollouts)
     assert {"completion", "correct", "process_reward"} <= set(rollouts[0])
     # only mixed groups are trained on: 1 to 3 of 4 correct (filter [0.2, 0.8])
     by_prompt = {}
@@ -227,13 +231,15 @@ def test_resume_logs_the_same_metrics(toy, tmp_path):
     assert [m["step"] for m in resumed] == [0, 1, 2, 3, 4]
     assert straight == resumed
     assert straight[2]["buffer/size"] > 0, "the buffer was empty at the stop: the test would not cover it"
+    check_batch_and_buffer(read_jsonl(tmp_path / "straight" / "metrics.jsonl"),
+                           read_jsonl(tmp_path / "straight" / "rollouts.jsonl"))
     assert any("prm/loss" in m for m in straight[3:])
     assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
 
 
 def test_prime_on_two_processes(toy, tmp_path):
-    # one sampling round of one prompt per missing group: the ranks often keep different numbers
-    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "3", "--granularity", "whole", "--oversample", "1",
+    # one sampling round per step: the ranks often keep different numbers of groups
+    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "3", "--granularity", "whole", "--oversample", "2",
                          "--max_sample_rounds", "1", "--log_rollouts_every", "1"), launcher=torchrun())
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
@@ -243,10 +249,16 @@ def test_prime_on_two_processes(toy, tmp_path):
     rows = read_jsonl(toy / "train.jsonl")
     rank_of = {prompts_for_step(rows, k + 1, 1, 0)[0]["id"]: k % 2 for k in range(200)}
     rollouts = read_jsonl(tmp_path / "ddp" / "rollouts.jsonl")
+    buffer, trimmed = 0, 0
     for m in metrics[1:]:
         groups = [sum(rank_of[r["id"]] == rank for r in rollouts if r["step"] == m["step"]) / 4 for rank in (0, 1)]
         assert groups == [m["filter/batch_groups"] / 2] * 2, (m, groups)
-    state = read_jsonl(tmp_path / "ddp" / "checkpoints" / "step_2" / "trainer_state.json")[0]
+        # fewer trained than the ranks held together: one rank held more, and kept the rest in its buffer
+        held = buffer + round(m["filter/kept_frac"] * m["filter/sampled_groups"])
+        trimmed += m["filter/batch_groups"] < min(4, held)
+        buffer = m["buffer/size"]
+    assert trimmed and any(m["filter/batch_groups"] for m in metrics[1:]), "the run would not test the rule"
+    state = read_jsonl(tmp_path / "ddp" / "checkpoints" / "step_3" / "trainer_state.json")[0]
     assert len(state["data_pos"]) == 2 and len(state["buffer"]) == 2  # each rank's stream and buffer
 
 
