@@ -15,6 +15,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -290,6 +291,7 @@ def extract_answer(text: str, style: str) -> str | None:
 # ---- normalization and plain numbers --------------------------------------
 
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}")
+_TEXT_MAX_NESTING = 8  # deeper is no answer a person writes; a bound keeps each call linear in the text
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![a-zA-Z])")  # not \leftarrow
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL_RE = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
@@ -341,11 +343,19 @@ def normalize_answer(s: str) -> str:
     (as \\%) so it can still be seen.
     """
     s = s.strip()
-    while len(s) >= 2 and s[0] == "$" and s[-1] == "$":  # "$5$", "$$5$$"
-        s = s[1:-1].strip()
-    prev = None
-    while prev != s:  # unwrap nested \text{\textbf{...}} from the inside out
+    # "$5$", "$$5$$": moved indices, not slices, so that a megabyte of "$" takes linear time
+    start, end = 0, len(s)
+    while end - start >= 2 and s[start] == "$" and s[end - 1] == "$":
+        start, end = start + 1, end - 1
+        while start < end and s[start].isspace():
+            start += 1
+        while end > start and s[end - 1].isspace():
+            end -= 1
+    s = s[start:end]
+    for _ in range(_TEXT_MAX_NESTING):  # unwrap nested \text{\textbf{...}} from the inside out
         prev, s = s, _TEXT_RE.sub(r"\1", s)
+        if s == prev:
+            break
     s = _LEFT_RIGHT_RE.sub("", s)
     for spacing in ("\\!", "\\,", "\\;", "\\:", "\\ "):
         s = s.replace(spacing, "")
@@ -463,7 +473,11 @@ def _fast_match(pred: str | None, gold: str) -> bool | None:
 
 def _mv_init() -> None:
     import logging
+    import signal
 
+    # Die at once on SIGTERM: a worker stuck in C code (a huge integer power) cannot run the
+    # pool's Python-level SIGTERM handler, and would cost a further wait before SIGKILL.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # we pass timeouts of None on purpose; silence Math-Verify's warning about it
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     import math_verify  # noqa: F401  pay the sympy import once per worker
@@ -489,28 +503,39 @@ def _mv_verify(gold: str, pred: str) -> bool:
 
 
 def _get_pool():
-    """The shared worker pool, spawned on first use (and again after a timeout)."""
+    """The shared worker pool, spawned on first use, and again if it broke (a worker killed from
+    outside while idle breaks a pebble pool for good)."""
     global _pool, _pool_pid
     with _pool_lock:
         # pid check: a forked child must not use its parent's pool
-        if _pool is None or _pool_pid != os.getpid():
-            pool = multiprocessing.get_context("spawn").Pool(_MV_WORKERS, initializer=_mv_init)
+        if _pool is None or _pool_pid != os.getpid() or not _pool.active:
+            if _pool is not None and _pool_pid == os.getpid():
+                _stop_pool(_pool)
+            from pebble import ProcessPool
+
+            pool = ProcessPool(_MV_WORKERS, initializer=_mv_init, context=multiprocessing.get_context("spawn"))
             try:
-                pool.apply_async(_mv_ping).get(_MV_START_TIMEOUT)
+                pool.schedule(_mv_ping).result(_MV_START_TIMEOUT)
             except BaseException:
-                pool.terminate()
+                _stop_pool(pool)
                 raise
             _pool, _pool_pid = pool, os.getpid()
         return _pool
 
 
+def _stop_pool(pool) -> None:
+    """Kill a pool's workers, stuck ones included, and wait until they are gone."""
+    pool.stop()
+    pool.join()
+
+
 def _discard_pool(pool) -> None:
-    """Kill a pool that has a stuck worker; the next call spawns a fresh one."""
+    """Kill a pool that may hold a stuck worker; the next call spawns a fresh one."""
     global _pool
     with _pool_lock:
         if _pool is pool:
             _pool = None
-    pool.terminate()
+    _stop_pool(pool)
 
 
 def shutdown_grader() -> None:
@@ -519,7 +544,7 @@ def shutdown_grader() -> None:
     with _pool_lock:
         pool, _pool = _pool, None
     if pool is not None and _pool_pid == os.getpid():
-        pool.terminate()
+        _stop_pool(pool)
 
 
 atexit.register(shutdown_grader)
@@ -531,9 +556,13 @@ def answers_match_many(
     """Grade many (pred, gold) pairs; returns (results, n_failed).
 
     Only pairs the fast path cannot decide go to Math-Verify, all at once.
-    `timeout` is seconds per such pair; the batch waits at most
-    timeout * ceil(n / workers) in total. Timeouts and worker errors count as
-    False and as failed. Pool start-up is bounded separately (_MV_START_TIMEOUT).
+    Each such pair gets `timeout` seconds of a worker, counted from when a
+    worker takes it; a worker still busy then is killed and replaced, so a
+    pair that hangs (9^{9^{9^{9}}}) holds up neither the pairs after it nor
+    later batches. A batch takes about timeout * ceil(h / workers) for h
+    pairs that hang, plus a worker start-up (~2 s) per hang; it waits at most
+    timeout * ceil(n / workers) + _MV_START_TIMEOUT in total, and then kills
+    the pool. Timeouts and worker errors count as False and as failed.
     """
     results = [False] * len(pairs)
     todo = []
@@ -551,22 +580,24 @@ def answers_match_many(
         jobs = []
         for i in todo:
             pred, gold = pairs[i]
-            jobs.append((i, pool.apply_async(_mv_verify, (_for_math_verify(gold), _for_math_verify(pred)))))
+            jobs.append((i, pool.schedule(_mv_verify, (_for_math_verify(gold), _for_math_verify(pred)),
+                                          timeout=timeout)))
     except Exception:  # pool failed to start, or another thread just killed it
         return results, len(todo)
 
-    deadline = time.monotonic() + timeout * math.ceil(len(todo) / _MV_WORKERS)
-    n_failed, timed_out = 0, False
+    # a backstop only: each replaced worker also needs a start-up, hence one start-up allowance
+    deadline = time.monotonic() + timeout * math.ceil(len(todo) / _MV_WORKERS) + _MV_START_TIMEOUT
+    n_failed, out_of_time = 0, False
     for i, job in jobs:
         try:
-            results[i] = bool(job.get(max(0.0, deadline - time.monotonic())))
-        except multiprocessing.TimeoutError:
+            results[i] = bool(job.result(max(0.0, deadline - time.monotonic())))
+        except concurrent.futures.TimeoutError:  # its own timeout, or the batch's deadline
             n_failed += 1
-            timed_out = True
-        except Exception:  # an exception raised inside the worker
+            out_of_time = out_of_time or not job.done()
+        except Exception:  # an exception raised inside the worker, or a worker that died
             n_failed += 1
-    if timed_out:
-        _discard_pool(pool)  # a worker may be stuck forever; never reuse it
+    if out_of_time:
+        _discard_pool(pool)  # the batch ran out of time with pairs still queued or running
     return results, n_failed
 
 

@@ -165,9 +165,18 @@ def record_problem(r) -> str | None:
     comps = r["completions"]
     if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
         return "'completions' must be a non-empty list of strings"
-    for key in ("lengths", "finish_reasons", "original_correct"):
-        if r.get(key) is not None and len(r[key]) != len(comps):
-            return f"'{key}' has {len(r[key])} entries for {len(comps)} completions"
+    for key, ok, kind in (("lengths", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "numbers"),
+                          ("finish_reasons", lambda v: isinstance(v, str), "strings"),
+                          ("original_correct", lambda v: v is None or isinstance(v, (bool, int, float)), "verdicts")):
+        values = r.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or not all(ok(v) for v in values):
+            return f"'{key}' must be a list of {kind}"
+        if len(values) != len(comps):
+            return f"'{key}' has {len(values)} entries for {len(comps)} completions"
+    if r.get("metadata") is not None and not isinstance(r["metadata"], dict):
+        return "'metadata' must be a JSON object"
     return None
 
 
@@ -279,14 +288,25 @@ def read_outputs(path: Path, strict: bool) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; pass an outputs .jsonl (e.g. runs/NAME/eval/step_N.jsonl).")
     lines, bad = [], []
-    with open(path, encoding="utf-8") as f:
+    # surrogateescape: a line that is not UTF-8 is reported like any other bad line
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                lines.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                bad.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                obj = json.loads(line)
+                # a JSON escape of half a surrogate pair, or raw bytes that are not UTF-8
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                bad.append(f"{path}:{lineno}: not UTF-8 text")
+                continue
+            except RecursionError:
+                bad.append(f"{path}:{lineno}: not valid JSON (nested too deeply)")
+                continue
+            except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+                bad.append(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})")
+                continue
+            lines.append((lineno, obj))
     first = next((obj for _, obj in lines if isinstance(obj, dict)), None)
     layout = layout_of(first) if first is not None else "eval"
     if layout is None:

@@ -257,21 +257,33 @@ def importance_weights(old_trainer, old_sampler, mask, mode: str, level: str, ca
     raise SystemExit(f"--is_correction {mode!r}: use none, truncate or mask.")
 
 
+def all_equal_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """[G] bool: the groups of rewards [G, n] whose rewards are all equal (max == min): no signal."""
+    return rewards.amax(1) == rewards.amin(1)
+
+
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4,
                      batch_std: float | None = None) -> torch.Tensor:
     """GRPO advantages of rewards [G, n] (G groups of n samples): (r - mean_group) / std.
 
     std: per group (unbiased, as the reference code), per batch (pass the std of all rewards of
     the optimizer batch as batch_std: under several processes it spans them all), or none.
+    A group whose rewards are all equal gets exactly 0. Otherwise float32 rounding could make its
+    mean one unit in the last place off, and every member got the same non-zero advantage (eight
+    log-prob rewards of -110.537: -0.07 each). The rest is computed in float64 for the same reason.
     """
-    centered = rewards - rewards.mean(1, keepdim=True)
+    r = rewards.double()
+    centered = r - r.mean(1, keepdim=True)
     if scale == "group":
-        return centered / (rewards.std(1, keepdim=True) + eps)
-    if scale == "batch":
-        return centered / ((rewards.std() if batch_std is None else batch_std) + eps)
-    if scale == "none":
-        return centered
-    raise SystemExit(f"--scale_rewards {scale!r}: use group, batch or none.")
+        advantages = centered / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        advantages = centered / ((r.std() if batch_std is None else batch_std) + eps)
+    elif scale == "none":
+        advantages = centered
+    else:
+        raise SystemExit(f"--scale_rewards {scale!r}: use group, batch or none.")
+    advantages = torch.where(all_equal_groups(rewards)[:, None], 0.0, advantages)
+    return advantages.to(rewards.dtype)
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, eps_low, eps_high):
@@ -299,6 +311,10 @@ def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: i
 
     It is computed once for the optimizer batch, not per micro-batch: otherwise gradient
     accumulation would change the objective (token-mean over micro-batches != over the batch).
+    seq-mean-token-mean counts every sampled completion, also one whose mask is empty
+    (--mask_truncated_completions, the reasoning-only loss): a completion's weight never depends
+    on how many of its tokens are masked. TRL's grpo loss and verl do the same, and so do the
+    other scripts (raft_pp.py, reinforce_rej.py: every sequence of the batch's sample set).
     """
     if loss_type == "token-mean":
         return mask.sum().item()
@@ -313,7 +329,8 @@ def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str,
     """Sum of a micro-batch's share of the batch loss; summing over micro-batches gives the batch loss.
 
     token-mean:               sum_t l / (unmasked tokens in the batch)
-    seq-mean-token-mean:      sum_seq (mean_t l over the sequence) / (sequences in the batch)
+    seq-mean-token-mean:      sum_seq (mean_t l over the sequence) / (sequences in the batch);
+                              a fully masked sequence adds 0 and still counts
     seq-mean-token-sum-norm:  sum_t l / (sequences in the batch * max_completion_length)
     """
     if loss_type == "seq-mean-token-mean":
@@ -641,7 +658,7 @@ def main():
             "completions/mean_length": lengths.mean().item(),
             "completions/max_length": lengths.max().item(),
             "completions/clipped_ratio": gathered(batch["truncated"].float()).mean().item(),
-            "frac_reward_zero_std": gathered((grouped.std(1) == 0).float()).mean().item(),
+            "frac_reward_zero_std": gathered(all_equal_groups(grouped).float()).mean().item(),
             **update_metrics,
             "learning_rate": scheduler.get_last_lr()[0],
             "num_tokens": lengths.sum().item(),

@@ -104,6 +104,8 @@ class Args:
     prm_learning_rate: float = 1e-5
     """AdamW learning rate of the PRM (paper, 7B: 1e-6; on the toy 1e-4 made the PRM drift and the policy worse)"""
     # --- advantages and policy update ---
+    process_baseline: str = "paper"
+    """leave-one-out baseline of the process rewards: paper (eq. 5: r_t(i) - mean_{j!=i} rbar(j)) or code (the released code: r_t(i) n/(n-1) - sum_j rbar(j)/(n-1))"""
     gamma: float = 1.0
     """discount of the return-to-go"""
     whiten_advantages: bool = True
@@ -171,18 +173,26 @@ def keep_groups(correct: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return (acc >= low - 1e-9) & (acc <= high + 1e-9)
 
 
-def leave_one_out(rewards, reward_mask, group_size: int) -> torch.Tensor:
-    """Leave-one-out baseline of one reward source (paper eq. 5), rewards/reward_mask [N, C] with N = G * n.
+def leave_one_out(rewards, reward_mask, group_size: int, baseline: str = "paper") -> torch.Tensor:
+    """Leave-one-out baseline of one reward source, rewards/reward_mask [N, C] with N = G * n.
 
-    rbar_j = mean of completion j's rewards over its reward_mask; each reward of completion i minus
-    mean_{j != i} rbar_j. Outcome: reward_mask = the last token, so rbar_j = r_o(j). Process: the
-    completion mask. (The reference code subtracts (sum_j rbar_j - r_t(i)) / (n - 1) instead, i.e.
-    leaves out the token's own reward rather than rbar_i; the two agree for the outcome.)
+    rbar(j) = mean of completion j's rewards over its reward_mask. Outcome: reward_mask = the last
+    token, so rbar(j) = r_o(j). Process: the completion mask. Each reward r_t(i) becomes
+      paper (eq. 5):         r_t(i) - mean_{j != i} rbar(j)
+      code (released PRIME): r_t(i) * n/(n-1) - sum_j rbar(j) / (n-1) = r_t(i) - (sum_j rbar(j) - r_t(i)) / (n-1)
+    The code leaves out the token's own reward rather than rbar(i). The two agree for the outcome
+    (one reward per completion) and on a sequence's sum (its return at t = 0), not token by token.
     """
     rbar = (rewards * reward_mask).sum(1) / reward_mask.sum(1).clamp(min=1)
     groups = rbar.view(-1, group_size)
-    baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
-    return (rewards - baseline.reshape(-1, 1)) * reward_mask
+    if baseline == "paper":
+        advantages = rewards - ((groups.sum(1, keepdim=True) - groups) / (group_size - 1)).reshape(-1, 1)
+    elif baseline == "code":
+        advantages = rewards * group_size / (group_size - 1) \
+            - (groups.sum(1, keepdim=True) / (group_size - 1)).repeat_interleave(group_size, 0)
+    else:
+        raise SystemExit(f"--process_baseline {baseline!r}: use paper or code.")
+    return advantages * reward_mask
 
 
 def discounted_returns(rewards, mask, gamma: float) -> torch.Tensor:
@@ -310,7 +320,7 @@ def update(model, optimizer, batch: dict, args, accelerator, prm=None, prm_optim
     # --- advantages: leave-one-out per reward source, returns-to-go, summed, whitened ---
     last = last_token_mask(mask)
     outcome_returns = discounted_returns(leave_one_out(batch["labels"][:, None] * last, last, n), mask, args.gamma)
-    process_returns = discounted_returns(leave_one_out(token_rewards, mask, n), mask, args.gamma)
+    process_returns = discounted_returns(leave_one_out(token_rewards, mask, n, args.process_baseline), mask, args.gamma)
     returns = outcome_returns + args.process_reward_coef * process_returns
     if args.whiten_advantages:
         returns = whiten(returns, mask, accelerator.reduce(whiten_stats(returns, mask), "sum"))
@@ -346,7 +356,8 @@ def main():
         raise SystemExit("--num_generations must be >= 2, --oversample and --max_sample_rounds >= 1.")
     for flag, value, allowed in (("granularity", args.granularity, ("token", "whole")),
                                  ("reference", args.reference, ("frozen", "old_policy")),
-                                 ("prm_update", args.prm_update, ("after", "before"))):
+                                 ("prm_update", args.prm_update, ("after", "before")),
+                                 ("process_baseline", args.process_baseline, ("paper", "code"))):
         if value not in allowed:
             raise SystemExit(f"--{flag} {value!r}: use {' or '.join(allowed)}.")
     use_prm = args.process_reward_coef != 0

@@ -177,20 +177,27 @@ def kl_k3(logprobs, ref_logprobs):
     return torch.exp(d) - d - 1
 
 
-def loss_normalizer(count_mask: torch.Tensor, loss_type: str) -> float:
-    """|D| of one optimizer batch (this process's part; the caller sums over processes): the
-    sequences (seq-mean-token-mean) or tokens (token-mean) of count_mask [N, C]. count_mask is the
-    loss mask (--normalizer selected) or every completion token (--normalizer batch)."""
+def loss_normalizer(in_d: torch.Tensor, token_mask: torch.Tensor, loss_type: str) -> float:
+    """|D| of one optimizer batch (this process's part; the caller sums over processes). in_d [N]:
+    the sequences of D (the positive samples with --normalizer selected, every sample with batch);
+    token_mask [N, C]: the tokens that carry loss.
+
+    seq-mean-token-mean: the number of sequences in D, each counted even if its token mask is empty
+    (cut by a truncation or reasoning mask), so that a completion's weight 1/|D| never depends on how
+    many of its tokens are masked; grpo_logprob.py, TRL's grpo loss and verl count the same way.
+    token-mean: the tokens of D under token_mask."""
+    in_d = in_d.to(token_mask.device).bool()
     if loss_type == "seq-mean-token-mean":
-        return float((count_mask.sum(1) > 0).sum().item())
+        return float(in_d.sum().item())
     if loss_type == "token-mean":
-        return count_mask.sum().item()
+        return (token_mask * in_d[:, None]).sum().item()
     raise SystemExit(f"--loss_type {loss_type!r}: use seq-mean-token-mean or token-mean.")
 
 
 def aggregate_loss(token_loss, loss_mask, loss_type: str, normalizer: float) -> torch.Tensor:
     """A micro-batch's share of (1/|D|) sum_seq (1/|a|) sum_t l_t (or sum_t l_t / tokens of D);
-    summing the shares of all micro-batches and processes gives the batch loss."""
+    summing the shares of all micro-batches and processes gives the batch loss. A sequence whose
+    loss_mask is empty adds 0 (and still counts in |D|, see loss_normalizer)."""
     if loss_type == "seq-mean-token-mean":
         per_seq = (token_loss * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)
         return per_seq.sum() / max(normalizer, 1.0)
@@ -212,7 +219,7 @@ def training_batch(rollouts, selected: torch.Tensor, pad_id: int, device, args) 
     rows make up |D| (--normalizer selected: the positive samples; batch: every sample)."""
     batch = collate(rollouts, pad_id, device)
     batch["loss_mask"] = batch["completion_mask"] * selected.to(device)[:, None]
-    batch["count_mask"] = batch["loss_mask"] if args.normalizer == "selected" else batch["completion_mask"]
+    batch["in_d"] = selected.to(device) if args.normalizer == "selected" else torch.ones_like(selected, device=device)
     return batch
 
 
@@ -259,8 +266,8 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
             rows = torch.arange(j * per_mini, (j + 1) * per_mini, device=device)
             # |D| of this optimizer step, over all processes; DDP averages gradients over
             # processes, so each backpropagates world * its share to get the global mean.
-            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(batch["count_mask"][rows], args.loss_type),
-                                                         device=device), "sum").item()
+            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(
+                batch["in_d"][rows], batch["completion_mask"][rows], args.loss_type), device=device), "sum").item()
             # No positive sample on any process: no step (Adam would still move on its momentum).
             # The decision is global, so all processes skip together.
             skip = normalizer == 0
@@ -299,7 +306,7 @@ def main():
         raise SystemExit(f"--algo {args.algo!r}: use raft or raft++.")
     if args.normalizer not in ("selected", "batch"):
         raise SystemExit(f"--normalizer {args.normalizer!r}: use selected or batch.")
-    loss_normalizer(torch.ones(1, 1), args.loss_type)  # fails early on a bad --loss_type
+    loss_normalizer(torch.ones(1), torch.ones(1, 1), args.loss_type)  # fails early on a bad --loss_type
     args.run_name = args.run_name or f"{args.algo}_toy"
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)

@@ -175,20 +175,27 @@ def kl_k3(logprobs, ref_logprobs):
     return torch.exp(d) - d - 1
 
 
-def loss_normalizer(count_mask: torch.Tensor, loss_type: str) -> float:
-    """|D| of one optimizer batch (this process's part; the caller sums over processes): the
-    sequences (seq-mean-token-mean) or tokens (token-mean) of count_mask [N, C], the loss mask, so
-    the removed prompts' samples are not counted (zeroing their reward would count them)."""
+def loss_normalizer(in_d: torch.Tensor, token_mask: torch.Tensor, loss_type: str) -> float:
+    """|D| of one optimizer batch (this process's part; the caller sums over processes). in_d [N]:
+    the samples left in the batch (the removed prompts' samples are not counted; zeroing their reward
+    would count them); token_mask [N, C]: the tokens that carry loss.
+
+    seq-mean-token-mean: the number of sequences in D, each counted even if its token mask is empty
+    (cut by a truncation or reasoning mask), so that a completion's weight 1/|D| never depends on how
+    many of its tokens are masked; grpo_logprob.py, TRL's grpo loss and verl count the same way.
+    token-mean: the tokens of D under token_mask."""
+    in_d = in_d.to(token_mask.device).bool()
     if loss_type == "seq-mean-token-mean":
-        return float((count_mask.sum(1) > 0).sum().item())
+        return float(in_d.sum().item())
     if loss_type == "token-mean":
-        return count_mask.sum().item()
+        return (token_mask * in_d[:, None]).sum().item()
     raise SystemExit(f"--loss_type {loss_type!r}: use seq-mean-token-mean or token-mean.")
 
 
 def aggregate_loss(token_loss, loss_mask, loss_type: str, normalizer: float) -> torch.Tensor:
     """A micro-batch's share of (1/|D|) sum_seq (1/|a|) sum_t l_t (or sum_t l_t / tokens of D);
-    summing the shares of all micro-batches and processes gives the batch loss."""
+    summing the shares of all micro-batches and processes gives the batch loss. A sequence whose
+    loss_mask is empty adds 0 (and still counts in |D|, see loss_normalizer)."""
     if loss_type == "seq-mean-token-mean":
         per_seq = (token_loss * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)
         return per_seq.sum() / max(normalizer, 1.0)
@@ -210,7 +217,8 @@ def training_batch(rollouts, rewards: torch.Tensor, in_batch: torch.Tensor, pad_
     on its samples, which the normalizer does not count: the same loss as a smaller batch."""
     batch = collate(rollouts, pad_id, device)
     batch["rewards"] = rewards.to(device)
-    batch["loss_mask"] = batch["completion_mask"] * in_batch.to(device)[:, None]
+    batch["in_batch"] = in_batch.to(device)
+    batch["loss_mask"] = batch["completion_mask"] * batch["in_batch"][:, None]
     return batch
 
 
@@ -254,8 +262,8 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
             rows = torch.arange(j * per_mini, (j + 1) * per_mini, device=device)
             # |D| of this optimizer step, over all processes; DDP averages gradients over
             # processes, so each backpropagates world * its share to get the global mean.
-            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(batch["loss_mask"][rows], args.loss_type),
-                                                         device=device), "sum").item()
+            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(
+                batch["in_batch"][rows], batch["completion_mask"][rows], args.loss_type), device=device), "sum").item()
             # Every prompt removed on every process: no step (Adam would still move on its momentum).
             # The decision is global, so all processes skip together.
             skip = normalizer == 0
@@ -292,7 +300,7 @@ def main():
     args = parse_args(Args)
     if args.algo not in ("reinforce", "reinforce_rej"):
         raise SystemExit(f"--algo {args.algo!r}: use reinforce or reinforce_rej.")
-    loss_normalizer(torch.ones(1, 1), args.loss_type)  # fails early on a bad --loss_type
+    loss_normalizer(torch.ones(1), torch.ones(1, 1), args.loss_type)  # fails early on a bad --loss_type
     args.run_name = args.run_name or f"{args.algo}_toy"
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)

@@ -1,13 +1,16 @@
 """Shared fixtures: one tiny toy task + model per test session, built by the real data_prep CLI."""
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,3 +65,41 @@ def toy(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy")
     run_script(["data_prep.py", "toy", "--out", str(out), *TINY_TOY])
     return out
+
+
+class Hang(Exception):
+    """A call ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise Hang in the main thread after `seconds` (SIGALRM: Python loops, regexes and waits see it)."""
+    def on_alarm(signum, frame):
+        raise Hang(f"the call ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def grader_workers() -> list[psutil.Process]:
+    """This process's Math-Verify workers (not multiprocessing's resource tracker)."""
+    return [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+
+
+def settled_workers(wait: float = 60.0) -> int:
+    """The number of grader workers once each is idle (under 0.1 CPU-second in half a second): a
+    replacement worker needs a few seconds to import sympy; a stuck one never settles (-1)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            workers = grader_workers()
+            before = [sum(w.cpu_times()[:2]) for w in workers]
+            time.sleep(0.5)
+            if all(sum(w.cpu_times()[:2]) - b < 0.1 for w, b in zip(workers, before)):
+                return len(workers)
+    return -1

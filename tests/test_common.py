@@ -211,13 +211,21 @@ def test_parse_args_reads_help_and_types():
 
 
 # --- run directory ----------------------------------------------------------------------------
-def test_checkpoints_are_atomic_and_rotated(tmp_path):
+def test_checkpoints_are_atomic_rotated_and_restore_weights_and_optimizer(tmp_path):
+    import copy
+
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model, opt = acc.prepare(model, opt)
+
+    def train_step():  # moves the weights and AdamW's moments and step count
+        model(torch.randn(4, 2)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
 
     @dataclasses.dataclass
     class A:
@@ -226,15 +234,28 @@ def test_checkpoints_are_atomic_and_rotated(tmp_path):
 
     run = common.Run(A(), acc)
     for step in (1, 2, 3):
+        train_step()
         run.log(step, {"loss": float(step)})
         run.save_checkpoint(step, keep=2)
+    weights = copy.deepcopy(model.state_dict())
+    optimizer = copy.deepcopy(opt.state_dict())
     ckpts = sorted(p.name for p in (run.dir / "checkpoints").iterdir())
     assert ckpts == ["step_2", "step_3"]  # rotated, and no .tmp_ folder left behind
     run.log(4, {"loss": 4.0})  # logged after the last checkpoint: a resumed run must drop it
-    with torch.no_grad():
-        model.weight.add_(1.0)
+    train_step()
+    assert not torch.equal(model.weight, weights["weight"])
     state = run.load_latest_checkpoint()
     assert state["step"] == 3 and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
+    # step 3's weights and optimizer state are back, exactly
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    restored = opt.state_dict()
+    assert restored["param_groups"] == optimizer["param_groups"]
+    assert restored["state"].keys() == optimizer["state"].keys()
+    for i, moments in optimizer["state"].items():
+        assert moments.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(restored["state"][i][k], v) for k, v in moments.items())
+    assert optimizer["state"][0]["step"].item() == 3  # the state of step 3, not of step 4
     with pytest.raises(SystemExit, match="already holds a run"):
         common.Run(A(), acc)
 

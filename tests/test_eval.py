@@ -3,6 +3,8 @@ the comparison table and plot, and the round trip with a training run's periodic
 
 import json
 import math
+import os
+import sys
 from fractions import Fraction
 from math import comb
 
@@ -285,13 +287,29 @@ def test_poem_outputs_report_the_poem_reward_components(tmp_path, capsys):
     assert "poem/reward" in capsys.readouterr().out
 
 
-def test_cli_errors():
-    for argv in ([], ["x.jsonl", "--model", "m", "--dataset", "d"], ["--model", "m"],
-                 ["x.jsonl", "--template", "r1"], ["--model", "m", "--dataset", "d", "--n", "0"]):
-        with pytest.raises(SystemExit):
-            ev.parse(argv)
-    with pytest.raises(SystemExit, match="no such file"):
+@pytest.mark.parametrize("argv,message", [
+    ([], "give either OUTPUTS files to score, or --model and --dataset to generate (not both)."),
+    (["x.jsonl", "--model", "m", "--dataset", "d"],
+     "give either OUTPUTS files to score, or --model and --dataset to generate (not both)."),
+    (["--model", "m"], "--model and --dataset go together."),
+    (["--dataset", "d"], "--model and --dataset go together."),
+    (["x.jsonl", "--template", "r1"], "--template only applies when generating (--model); saved outputs keep their prompts."),
+    (["--model", "m", "--dataset", "d", "--n", "0"], "--n and --max_tokens must be at least 1."),
+    (["--model", "m", "--dataset", "d", "--max_tokens", "0"], "--n and --max_tokens must be at least 1."),
+])
+def test_cli_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ev.parse(argv)
+    assert stop.value.code == 2  # argparse's usage error
+    prog = os.path.basename(sys.argv[0])  # argparse's program name
+    assert capsys.readouterr().err.splitlines()[-1] == f"{prog}: error: {message}"
+
+
+def test_missing_outputs_file():
+    with pytest.raises(SystemExit) as stop:
         ev.main(["missing.jsonl"])
+    assert str(stop.value) == ("missing.jsonl: no such file; pass an outputs .jsonl (e.g. "
+                               "runs/NAME/eval/step_N.jsonl).")
 
 
 def test_benchmark_outputs_break_down_by_subject_and_level(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import REPO, read_jsonl, run_script
-from grpo_logprob import (aggregate_loss, answer_logprob_score, clipped_policy_loss, fill_failed, group_advantages,
+from grpo_logprob import (aggregate_loss, all_equal_groups, answer_logprob_score, clipped_policy_loss, fill_failed,
+                          group_advantages,
                           importance_weights, kl_k3, loss_normalizer, normalize_rewards, parse_reward_weights,
                           perplexity_rewards, scoring_texts)
 
@@ -33,6 +34,26 @@ def test_group_advantages_batch_std_and_none():
     assert torch.equal(group_advantages(rewards, "none")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
 
 
+def test_all_equal_groups_get_exactly_zero_advantage():
+    rewards = torch.tensor([[-110.537] * 8, [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]])  # float32
+    # float32 rounds the mean of eight -110.537 one unit in the last place off: the plain formula
+    # gives every member the same non-zero advantage (-0.07 to -0.13, by summation order)
+    plain = (rewards[:1] - rewards[:1].mean(1, keepdim=True)) / (rewards[:1].std(1, keepdim=True) + 1e-4)
+    assert torch.all(plain != 0)
+    for scale in ("group", "batch", "none"):
+        adv = group_advantages(rewards, scale)
+        assert torch.equal(adv[0], torch.zeros(8)) and adv.dtype == torch.float32
+    # the other group is untouched: mean 0.5, unbiased std sqrt(8 * 0.25 / 7) = 0.534522
+    a = 0.5 / (0.5345225 + 1e-4)
+    assert torch.allclose(group_advantages(rewards, "group")[1], torch.tensor([a, -a, -a, a, a, -a, -a, a]), atol=1e-6)
+    # a group that fill_failed filled with its one valid reward, and a group of one sample
+    filled = fill_failed(torch.tensor([[-3.3, 0.0, 0.0]]), torch.tensor([[True, False, False]]))
+    assert torch.equal(group_advantages(filled), torch.zeros(1, 3))
+    assert torch.equal(group_advantages(torch.tensor([[2.5]])), torch.zeros(1, 1))
+    # frac_reward_zero_std counts with the same test
+    assert all_equal_groups(rewards).tolist() == [True, False] and all_equal_groups(filled).tolist() == [True]
+
+
 # --- clipped loss and KL ----------------------------------------------------------------------
 def test_clipped_policy_loss_hand_numbers():
     # ratios 1.5, 0.5, 1.0 for A = +1 (row 0) and A = -1 (row 1); eps 0.2
@@ -48,10 +69,19 @@ def test_clipped_policy_loss_hand_numbers():
     assert torch.allclose(lp.grad, torch.tensor([[0.0, -0.5, -1.0], [1.5, 0.0, 1.0]]), atol=1e-6)
 
 
-def test_clip_higher_is_asymmetric():
-    lp = torch.log(torch.tensor([[1.25]]))
-    loss, _, high = clipped_policy_loss(lp, torch.zeros(1, 1), torch.tensor([1.0]), 0.2, 0.28)
-    assert not high.item() and math.isclose(loss.item(), -1.25, rel_tol=1e-6)  # inside 1 + 0.28
+def test_clip_higher_at_the_clip():
+    # eps_low 0.2, eps_high 0.28, A = +2: ratios 1.27 (just inside 1 + 0.28) and 1.29 (just outside)
+    lp = torch.log(torch.tensor([[1.27, 1.29]])).requires_grad_()
+    loss, low, high = clipped_policy_loss(lp, torch.zeros(1, 2), torch.tensor([2.0]), 0.2, 0.28)
+    # inside: -s A = -2.54; outside: -(1 + 0.28) A = -2.56, a constant
+    assert torch.allclose(loss, torch.tensor([[-2.54, -2.56]]), atol=1e-6)
+    assert high.tolist() == [[False, True]] and low.tolist() == [[False, False]]
+    loss.sum().backward()
+    # d(-s A)/d lp = -s A = -2.54 inside; no gradient past the clip
+    assert torch.allclose(lp.grad, torch.tensor([[-2.54, 0.0]]), atol=1e-6)
+    # the clip is asymmetric: with eps_high = eps_low = 0.2 the ratio 1.27 would be clipped at 1.2
+    loss, _, high = clipped_policy_loss(lp.detach(), torch.zeros(1, 2), torch.tensor([2.0]), 0.2, 0.2)
+    assert high.tolist() == [[True, True]] and torch.allclose(loss, torch.tensor([[-2.4, -2.4]]), atol=1e-6)
 
 
 def test_kl_k3_hand_number():
@@ -74,6 +104,18 @@ MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
 def test_loss_aggregations(loss_type, expected):
     norm = loss_normalizer(MASK, loss_type, max_completion_length=4)
     assert math.isclose(aggregate_loss(LOSS, MASK, loss_type, norm).item(), expected, rel_tol=1e-6)
+
+
+def test_a_fully_masked_completion_still_counts_in_the_sequence_mean():
+    """seq-mean-token-mean counts every sampled completion, also one whose mask is empty (the
+    truncation or reasoning-only mask): (6/3 + 4 + 0) / 3 = 2.0. Counting only non-empty masks
+    would give 3.0; raft_pp.py and reinforce_rej.py use the same definition (their tests)."""
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    norm = loss_normalizer(mask, "seq-mean-token-mean", max_completion_length=3)
+    assert norm == 3.0 and aggregate_loss(loss, mask, "seq-mean-token-mean", norm).item() == 2.0
+    non_empty = (mask.sum(1) > 0).sum().item()  # the other definition
+    assert non_empty == 2 and aggregate_loss(loss, mask, "seq-mean-token-mean", non_empty).item() == 3.0
 
 
 @pytest.mark.parametrize("loss_type", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])

@@ -86,6 +86,35 @@ def test_process_leave_one_out_against_the_others_per_token_mean():
     assert torch.allclose(outcome + process, torch.tensor([[0.05, 0.2, 0.65], [-0.7, 0.0, 0.0], [0.2, 0.95, 0.0]]))
 
 
+# n = 2, process rewards [[0.1, 0.3], [0, 0]], labels [1, 0], gamma 1: outcome returns [[1, 1], [-1, -1]]
+# (1 - 0 and 0 - 1 on the last token); rbar = 0.2, 0.
+PROCESS = torch.tensor([[0.1, 0.3], [0.0, 0.0]])
+
+
+def summed_returns(baseline):
+    mask, last = torch.ones(2, 2), last_token_mask(torch.ones(2, 2))
+    outcome = discounted_returns(leave_one_out(torch.tensor([1.0, 0.0])[:, None] * last, last, 2), mask, 1.0)
+    assert torch.allclose(outcome, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+    return outcome + discounted_returns(leave_one_out(PROCESS, mask, 2, baseline), mask, 1.0)
+
+
+def test_process_baseline_paper():
+    # r_t(i) - mean_{j!=i} rbar(j): sample 0 [0.1, 0.3] - 0 -> returns [0.4, 0.3]; sample 1 [0, 0] - 0.2 -> [-0.4, -0.2]
+    assert torch.allclose(leave_one_out(PROCESS, torch.ones(2, 2), 2, "paper"), torch.tensor([[0.1, 0.3], [-0.2, -0.2]]))
+    assert torch.allclose(summed_returns("paper"), torch.tensor([[1.4, 1.3], [-1.4, -1.2]]))
+
+
+def test_process_baseline_code():
+    # r_t(i) * n/(n-1) - sum_j rbar(j)/(n-1) = 2 r_t(i) - 0.2: sample 0 [0, 0.4] -> returns [0.4, 0.4];
+    # sample 1 [-0.2, -0.2] -> [-0.4, -0.2]. The same sequence total (t = 0) as the paper's, not per token
+    assert torch.allclose(leave_one_out(PROCESS, torch.ones(2, 2), 2, "code"), torch.tensor([[0.0, 0.4], [-0.2, -0.2]]))
+    assert torch.allclose(summed_returns("code"), torch.tensor([[1.4, 1.4], [-1.4, -1.2]]))
+    # for the outcome (one reward per completion) the two baselines agree
+    outcome = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]])
+    last = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    assert torch.allclose(leave_one_out(outcome, last, 3, "code"), leave_one_out(outcome, last, 3, "paper"))
+
+
 def test_leave_one_out_is_per_group():
     rewards = torch.tensor([[1.0], [0.0], [5.0], [5.0]])  # two groups of 2: (1, 0) and (5, 5)
     assert torch.allclose(leave_one_out(rewards, torch.ones(4, 1), 2), torch.tensor([[1.0], [-1.0], [0.0], [0.0]]))
@@ -143,6 +172,18 @@ def prime_cmd(toy, out, name, *extra):
 TIMING_KEYS = ("time/", "tokens_per_second", "memory/")
 
 
+def check_batch_and_buffer(metrics, rollouts, groups_per_step=4, n=4):
+    """The batch takes the buffer's groups first, then kept groups until it holds prompts_per_step;
+    the rest waits in the buffer. rollouts.jsonl (logged every step) holds exactly the trained groups."""
+    buffer = 0
+    for m in metrics[1:]:
+        kept = round(m["filter/kept_frac"] * m["filter/sampled_groups"])
+        assert m["filter/batch_groups"] == min(groups_per_step, buffer + kept), m
+        assert m["buffer/size"] == buffer + kept - m["filter/batch_groups"], m
+        assert sum(r["step"] == m["step"] for r in rollouts) == n * m["filter/batch_groups"]
+        buffer = m["buffer/size"]
+
+
 def test_prime_end_to_end(toy, tmp_path):
     out = run_script(prime_cmd(toy, tmp_path, "e2e", "--total_steps", "3", "--log_rollouts_every", "1"))
     run = tmp_path / "e2e"
@@ -157,9 +198,9 @@ def test_prime_end_to_end(toy, tmp_path):
     for key in ("filter/kept_frac", "filter/sampled_groups", "filter/sample_rounds", "buffer/size", "train/accuracy"):
         assert key in metrics[1], key
     assert math.isclose(trained[0]["prm/loss"], math.log(2), rel_tol=0.05)  # PRM == reference at the start
-    assert all(m["filter/batch_groups"] <= 4 for m in metrics[1:])
     assert "test accuracy" in out.stdout
     rollouts = read_jsonl(run / "rollouts.jsonl")
+    check_batch_and_buffer(metrics, rollouts)
     assert {"completion", "correct", "process_reward"} <= set(rollouts[0])
     # only mixed groups are trained on: 1 to 3 of 4 correct (filter [0.2, 0.8])
     by_prompt = {}
@@ -206,20 +247,37 @@ def test_resume_logs_the_same_metrics(toy, tmp_path):
     assert [m["step"] for m in resumed] == [0, 1, 2, 3, 4]
     assert straight == resumed
     assert straight[2]["buffer/size"] > 0, "the buffer was empty at the stop: the test would not cover it"
+    check_batch_and_buffer(read_jsonl(tmp_path / "straight" / "metrics.jsonl"),
+                           read_jsonl(tmp_path / "straight" / "rollouts.jsonl"))
     assert any("prm/loss" in m for m in straight[3:])
     assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
 
 
 def test_prime_on_two_processes_sharing_a_tensor_parallel_engine(toy, tmp_path):
     """torchrun, colocated vLLM with --vllm_tensor_parallel_size 2: both processes share one engine, so
-    their sampling rounds must stay in step even when one of them has filled its batch."""
-    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "2", "--granularity", "whole", "--sampler", "vllm",
+    their sampling rounds must stay in step even when one of them has filled its batch. One sampling
+    round per step: the ranks often keep different numbers of groups."""
+    run_script(prime_cmd(toy, tmp_path, "ddp", "--total_steps", "3", "--granularity", "whole", "--oversample", "2",
+                         "--max_sample_rounds", "1", "--log_rollouts_every", "1", "--sampler", "vllm",
                          "--vllm_tensor_parallel_size", "2"), launcher=torchrun())
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert metrics[0]["eval/num_problems"] == 10
-    assert all(m["filter/batch_groups"] % 2 == 0 for m in metrics[1:])  # the same number of groups per rank
-    state = read_jsonl(tmp_path / "ddp" / "checkpoints" / "step_2" / "trainer_state.json")[0]
+    # Every rank trains on the smallest rank's number of groups. Rank r reads prompts r, r + 2, ...
+    # of the seeded stream, so each logged rollout tells its rank.
+    rows = read_jsonl(toy / "train.jsonl")
+    rank_of = {prompts_for_step(rows, k + 1, 1, 0)[0]["id"]: k % 2 for k in range(200)}
+    rollouts = read_jsonl(tmp_path / "ddp" / "rollouts.jsonl")
+    buffer, trimmed = 0, 0
+    for m in metrics[1:]:
+        groups = [sum(rank_of[r["id"]] == rank for r in rollouts if r["step"] == m["step"]) / 4 for rank in (0, 1)]
+        assert groups == [m["filter/batch_groups"] / 2] * 2, (m, groups)
+        # fewer trained than the ranks held together: one rank held more, and kept the rest in its buffer
+        held = buffer + round(m["filter/kept_frac"] * m["filter/sampled_groups"])
+        trimmed += m["filter/batch_groups"] < min(4, held)
+        buffer = m["buffer/size"]
+    assert trimmed and any(m["filter/batch_groups"] for m in metrics[1:]), "the run would not test the rule"
+    state = read_jsonl(tmp_path / "ddp" / "checkpoints" / "step_3" / "trainer_state.json")[0]
     assert len(state["data_pos"]) == 2 and len(state["buffer"]) == 2  # each rank's stream and buffer
 
 

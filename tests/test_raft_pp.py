@@ -44,7 +44,7 @@ LOSS_MASK = COMPLETION * SELECTED[:, None]
     ("token-mean", "batch", (LN2 + LN4 + LN2) / 5),                    # 5 sampled tokens
 ])
 def test_raft_loss_hand_numbers(loss_type, count, expected):
-    norm = loss_normalizer(LOSS_MASK if count == "selected" else COMPLETION, loss_type)
+    norm = loss_normalizer(SELECTED if count == "selected" else torch.ones(3), COMPLETION, loss_type)
     loss = aggregate_loss(raft_token_loss(LP), LOSS_MASK, loss_type, norm)
     assert math.isclose(loss.item(), expected, rel_tol=1e-6)
 
@@ -65,7 +65,7 @@ def test_raft_pp_loss_hand_numbers():
 def test_raft_pp_on_policy_gradient_is_raft_gradient():
     """At the sampling policy (s = 1) RAFT++ and RAFT have the same gradient: RAFT++ only adds the
     importance ratio and its clip once the policy has moved (mini-batches, iterations)."""
-    norm = loss_normalizer(LOSS_MASK, "seq-mean-token-mean")
+    norm = loss_normalizer(SELECTED, COMPLETION, "seq-mean-token-mean")
     grads = []
     for algo in ("raft", "raft++"):
         lp = LP.clone().requires_grad_()
@@ -83,12 +83,26 @@ def test_micro_batches_and_processes_sum_to_the_batch_loss(loss_type):
     shares gives the loss of the whole batch, whatever the split."""
     torch.manual_seed(0)
     token_loss = torch.rand(7, 5)
-    mask = (torch.rand(7, 5) > 0.3).float() * torch.tensor([1.0, 0, 1, 1, 0, 1, 1])[:, None]
-    norm = loss_normalizer(mask, loss_type)
+    selected = torch.tensor([True, False, True, True, False, True, True])
+    mask = (torch.rand(7, 5) > 0.3).float() * selected[:, None]
+    norm = loss_normalizer(selected, torch.ones(7, 5), loss_type)
     whole = aggregate_loss(token_loss, mask, loss_type, norm)
     parts = sum(aggregate_loss(token_loss[i], mask[i], loss_type, norm) for i in micro_batches(torch.arange(7), 3))
     assert [len(i) for i in micro_batches(torch.arange(7), 3)] == [3, 3, 1]
     assert torch.allclose(whole, parts, atol=1e-6)
+
+
+def test_a_fully_masked_sequence_of_d_still_counts_in_d():
+    """seq-mean-token-mean counts every sequence of D, also one whose token mask is empty, as
+    grpo_logprob.py does: (6/3 + 4 + 0) / 3 = 2.0. Counting only non-empty masks would give 3.0."""
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    norm = loss_normalizer(torch.ones(3), mask, "seq-mean-token-mean")
+    assert norm == 3.0 and aggregate_loss(loss, mask, "seq-mean-token-mean", norm).item() == 2.0
+    non_empty = loss_normalizer(mask.sum(1) > 0, mask, "seq-mean-token-mean")  # the other definition
+    assert non_empty == 2.0 and aggregate_loss(loss, mask, "seq-mean-token-mean", non_empty).item() == 3.0
+    assert loss_normalizer(torch.ones(3), mask, "token-mean") == 4.0  # token-mean: the unmasked tokens of D
+    assert loss_normalizer(torch.tensor([True, True, False]), mask, "seq-mean-token-mean") == 2.0  # not in D
 
 
 def test_kl_k3_and_kl_efficiency_hand_numbers():

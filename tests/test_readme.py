@@ -48,3 +48,12 @@ def test_every_command_line_option_is_documented(script):
     readme = (REPO / "README.md").read_text()
     missing = sorted(o for o in options if o not in readme)
     assert not missing, f"{script}.py options missing from README.md: {missing}"
+
+
+def test_grader_case_count():
+    """The README's number of grading cases is the table's in tests/test_grading.py."""
+    from test_grading import CASES
+
+    match = re.search(r"answer grading on (\d+) \(output, reference, expected\) cases", (REPO / "README.md").read_text())
+    assert match, "README.md no longer states the number of grading cases"
+    assert int(match[1]) == len(CASES)

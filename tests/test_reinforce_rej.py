@@ -52,9 +52,10 @@ def test_filtering_removes_prompts_and_the_normalizer_counts_only_kept_samples()
     kept = mixed_prompts(CORRECT).repeat_interleave(3).float()
     assert kept.tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
     mask = COMPLETION * kept[:, None]
+    everything = torch.ones(9)
     lp = torch.full((9, 2), -0.7, requires_grad=True)
     token_loss, _, _ = reinforce_token_loss(lp, lp.detach(), REWARDS, 0.2, 0.2)
-    norm = loss_normalizer(mask, "seq-mean-token-mean")
+    norm = loss_normalizer(kept, COMPLETION, "seq-mean-token-mean")
     assert norm == 6  # |D| = the 6 samples of A and C
     loss = aggregate_loss(token_loss, mask, "seq-mean-token-mean", norm)
     # sum of per-sequence means of -r over the kept samples: -(1 + 1 - 1) * 2 = -2; / 6
@@ -67,25 +68,35 @@ def test_filtering_removes_prompts_and_the_normalizer_counts_only_kept_samples()
     # the same as the smaller batch with B physically removed
     rows = torch.tensor([0, 1, 2, 6, 7, 8])
     small = aggregate_loss(token_loss.detach()[rows], COMPLETION[rows], "seq-mean-token-mean",
-                           loss_normalizer(COMPLETION[rows], "seq-mean-token-mean"))
+                           loss_normalizer(everything[rows], COMPLETION[rows], "seq-mean-token-mean"))
     assert math.isclose(small.item(), loss.item(), rel_tol=1e-6)
     # zeroing instead (B's rewards set to 0, B still counted in |D| = 9) would give -2/9
     zeroed = aggregate_loss(token_loss.detach() * kept[:, None], COMPLETION, "seq-mean-token-mean",
-                            loss_normalizer(COMPLETION, "seq-mean-token-mean"))
+                            loss_normalizer(everything, COMPLETION, "seq-mean-token-mean"))
     assert math.isclose(zeroed.item(), -2 / 9, rel_tol=1e-6)
     # vanilla Reinforce keeps B, whose three -1 rewards push the loss to (-2 + 3) / 9
     vanilla = aggregate_loss(token_loss.detach(), COMPLETION, "seq-mean-token-mean", 9)
     assert math.isclose(vanilla.item(), 1 / 9, rel_tol=1e-6)
     # token-mean after filtering: sum over kept tokens / 7 kept tokens = (-1 -1 -1 +1 -1 -1 +1) / 7
     assert math.isclose(aggregate_loss(token_loss.detach(), mask, "token-mean",
-                                       loss_normalizer(mask, "token-mean")).item(), -3 / 7, rel_tol=1e-6)
+                                       loss_normalizer(kept, COMPLETION, "token-mean")).item(), -3 / 7, rel_tol=1e-6)
+
+
+def test_a_fully_masked_sequence_of_d_still_counts_in_d():
+    """seq-mean-token-mean counts every kept sample, also one whose token mask is empty, as
+    grpo_logprob.py does: (6/3 + 4 + 0) / 3 = 2.0. Counting only non-empty masks would give 3.0."""
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    norm = loss_normalizer(torch.ones(3), mask, "seq-mean-token-mean")
+    assert norm == 3.0 and aggregate_loss(loss, mask, "seq-mean-token-mean", norm).item() == 2.0
+    non_empty = loss_normalizer(mask.sum(1) > 0, mask, "seq-mean-token-mean")  # the other definition
+    assert non_empty == 2.0 and aggregate_loss(loss, mask, "seq-mean-token-mean", non_empty).item() == 3.0
 
 
 def test_kl_efficiency_hand_numbers():
     assert math.isclose(kl_efficiency(0.75, 0.5, 0.05), 5.0, rel_tol=1e-9)
 
 
-# --- DDP: a process whose prompts were all removed still joins the gradient all-reduce ---------
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
 
 
