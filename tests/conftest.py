@@ -92,14 +92,20 @@ def grader_workers() -> list[psutil.Process]:
 
 
 def settled_workers(wait: float = 60.0) -> int:
-    """The number of grader workers once each is idle (under 0.1 CPU-second in half a second): a
-    replacement worker needs a few seconds to import sympy; a stuck one never settles (-1)."""
+    """The number of grader workers once the pool is full again and each worker is idle (under 0.1
+    CPU-second in half a second): pebble replaces a killed worker a moment later, and a replacement
+    needs a few seconds to import sympy; a stuck worker never settles (-1)."""
+    import common
+
     deadline = time.monotonic() + wait
+    count = -1
     while time.monotonic() < deadline:
         with contextlib.suppress(psutil.NoSuchProcess):
             workers = grader_workers()
             before = [sum(w.cpu_times()[:2]) for w in workers]
             time.sleep(0.5)
-            if all(sum(w.cpu_times()[:2]) - b < 0.1 for w, b in zip(workers, before)):
-                return len(workers)
-    return -1
+            idle = all(sum(w.cpu_times()[:2]) - b < 0.1 for w, b in zip(workers, before))
+            count = len(workers) if idle else -1
+            if count >= common._MV_WORKERS:
+                return count
+    return count

@@ -4,6 +4,7 @@ the comparison table and plot, and the round trip with a training run's periodic
 import json
 import math
 import os
+import re
 import sys
 from fractions import Fraction
 from math import comb
@@ -480,7 +481,7 @@ def test_lm_eval_samples_are_rescored_with_agreement(tmp_path, capsys):
 def test_other_layouts_through_the_command_line(tmp_path):
     path = write_lines(tmp_path / "qwen.jsonl", QWEN_LINES)
     out = run_script(["eval.py", str(path), "--show_disagreements", "1"]).stdout
-    assert "Qwen2.5-Math evaluation-harness outputs" in out and "avg@2              0.500" in out
+    assert "Qwen2.5-Math evaluation-harness outputs" in out and re.search(r"avg@2 +0\.500", out)
     assert "file accuracy 0.167, ours 0.500, 2 disagreement(s)" in out and out.count(" sample 0: gold ") == 1
 
 
