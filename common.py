@@ -2129,21 +2129,28 @@ def accumulate(accelerator, model, last: bool):
 
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float, stats: "StepStats | None" = None) -> float:
     """Clip the gradient (0: no clipping), step the optimizer and the schedule, clear the gradient.
-    Returns the gradient norm before clipping.
+    Returns the gradient norm before clipping (0.0 when not clipped, NaN when the step was skipped).
 
-    A non-finite gradient norm, which a NaN or infinite loss gives too, never reaches the weights: the
-    step is skipped (the schedule does not advance either), on every process at once, decided by an
-    all-reduce so that no process steps while another skips. It is counted in `stats` as
-    skipped_nonfinite and warned about (skip_nonfinite_step). Under DeepSpeed the engine steps inside
-    the backward pass, so there it is only counted."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
-    norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float64).detach().to(accelerator.device)
-    bad = (~torch.isfinite(norm)).double()
+    A non-finite gradient, which a NaN or infinite loss gives too, never reaches the weights: each
+    process looks at its own gradients (its shard under FSDP), an all-reduce combines the verdicts, and
+    every process skips the step (the schedule does not advance either) if any found one. It is counted
+    in `stats` as skipped_nonfinite and warned about (skip_nonfinite_step). Under DeepSpeed the engine
+    keeps the gradients and steps inside the backward pass: there the check sees only the norm it
+    reports when clipping, and cannot undo the step."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already reduced over the shards
+        grad_norm = grad_norm.full_tensor()
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in model.parameters())
+             if g is not None]
+    local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    bad = torch.tensor(float(not torch.isfinite(local).item() or (grad_norm is not None and
+                                                                   not math.isfinite(float(grad_norm)))),
+                       device=accelerator.device)
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, "max")
     skipped = bool(bad.item())
     if skipped:
-        skip_nonfinite_step(accelerator, norm.item())
+        skip_nonfinite_step(accelerator, float(grad_norm if grad_norm is not None else local))
     else:
         _NONFINITE["in_a_row"] = 0
         optimizer.step()
@@ -2152,7 +2159,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     optimizer.zero_grad(set_to_none=True)
     if stats is not None:
         stats.add(skipped_nonfinite=float(skipped) / accelerator.num_processes)  # summed over processes: a count
-    return math.nan if skipped else norm.item()
+    return math.nan if skipped else float(grad_norm) if grad_norm is not None else 0.0
 
 
 def add_logprob_gap(stats: "StepStats", trainer_logprobs, sampler_logprobs, mask) -> None:
@@ -2397,7 +2404,8 @@ def skip_nonfinite_step(accelerator, norm: float) -> None:
                          "with the weights of the last finite step; look for the NaN or inf in the rewards or the "
                          "advantages (metrics.jsonl: train/skipped_nonfinite) or lower the learning rate.")
     if accelerator.is_main_process:
-        print(f"warning: non-finite loss or gradient norm ({norm}): the optimizer step was skipped ({count} in a row; "
+        where = f"({norm})" if not math.isfinite(norm) else "(on another process)"
+        print(f"warning: non-finite loss or gradient norm {where}: the optimizer step was skipped ({count} in a row; "
               f"the run stops at {NONFINITE_LIMIT}).", file=sys.stderr, flush=True)
 
 

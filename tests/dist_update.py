@@ -184,7 +184,7 @@ def check_nonfinite(acc, model_dir, groups):
     """A NaN advantage on the last process only: the optimizer step is skipped on every process (an
     all-reduce decides), each process's weights (its shard under FSDP) stay as they were, and the skip
     is counted. Every process prints its own verdict."""
-    args = grpo_logprob.Args(micro_batch_size=3, num_generations=N, max_completion_length=10, max_grad_norm=1.0)
+    args = grpo_logprob.Args(micro_batch_size=3, num_generations=N, max_completion_length=10, max_grad_norm=0.0)
     (model, optimizer), scheduler = prepare(acc, model_dir)
     mine = shard(list(range(PROMPTS)), acc.process_index, acc.num_processes)
     rollouts = [r for i in mine for r in groups[i]]
