@@ -7,7 +7,8 @@ wrote with an uninterrupted run's: metrics.jsonl (timings and memory aside), rol
 The run is grpo_logprob.py on the toy task with --sampler hf, a checkpoint after every step and small
 batches (run_command). Trials alternate two kinds of kill, each a SIGKILL of the run's process group:
 - time: at a moment drawn uniformly from the uninterrupted run's wall time, counted from the launch, so
-  a kill lands while Python starts, while the model loads, in a step, in a checkpoint write or at the end;
+  a kill lands while Python starts, while the model loads, in a step, in a checkpoint write or at the end
+  (a run that ends before its moment is started over with a new draw: late_draws counts those);
 - checkpoint: while the checkpoint of a random step is being written, i.e. while its temporary folder
   checkpoints/.tmp_step_N exists (polled every 0.2 ms; writing the toy model's takes tens of ms). After
   the kill, the half-written folder is there and step_N is not: --resume must pass over it.
@@ -181,20 +182,24 @@ def main():
     straight_seconds = time.time() - t0
     print(f"uninterrupted run: {straight_seconds:.1f} s, {args.total_steps} steps", flush=True)
 
-    counts, identical, launches, kills = {}, 0, 0, 0
+    counts, identical, launches, kills, late_draws = {}, 0, 0, 0, 0
     for trial in range(args.trials):
         name = f"trial_{trial:02d}"
         run, log = work / name, work / f"{name}.log"
         cmd = run_command(toy, work, name, args.total_steps)
-        proc = launch(cmd, log)
         if trial % 2:
             step = rng.randint(1, args.total_steps)
-            killed = kill_in_checkpoint(proc, run, step)
+            killed = kill_in_checkpoint(launch(cmd, log), run, step)
             how = f"in the write of checkpoint {step}" + ("" if killed else " (missed: the write ended first)")
         else:
-            moment = rng.uniform(0, straight_seconds)
-            killed = kill_at_time(proc, moment)
-            how = f"at {moment:.1f} s" + ("" if killed else " (the run had ended)")
+            for _ in range(3):  # a run a little faster than the uninterrupted one may end first: draw again
+                moment = rng.uniform(0, straight_seconds)
+                killed = kill_at_time(launch(cmd, log), moment)
+                if killed:
+                    break
+                late_draws += 1
+                shutil.rmtree(run)
+            how = f"at {moment:.1f} s" + ("" if killed else " (the run had ended, three times)")
         place = where_killed(run) if killed else "not_killed"
         counts[place] = counts.get(place, 0) + 1
         kills += killed
@@ -209,8 +214,8 @@ def main():
     seconds = time.time() - t0
     places = " ".join(f"{k}={counts.get(k, 0)}" for k in ("before_run_folder", "before_first_checkpoint", "in_a_step",
                                                           "in_checkpoint_write", "after_final", "not_killed"))
-    print(f"RESULT trials={args.trials} identical={identical} kills={kills} {places} resume_launches={launches} "
-          f"straight_seconds={straight_seconds:.1f} seconds={seconds:.0f}")
+    print(f"RESULT trials={args.trials} identical={identical} kills={kills} {places} late_draws={late_draws} "
+          f"resume_launches={launches} straight_seconds={straight_seconds:.1f} seconds={seconds:.0f}")
     if identical == args.trials:
         shutil.rmtree(work)
     else:
