@@ -10,6 +10,7 @@ Read top to bottom:
   6. batching     rollouts -> padded tensors, per-rank sharding of prompts
   7. evaluation   sample the test set, score it, write an outputs file
   8. run dir      config.json, metrics.jsonl, rollouts.jsonl, checkpoints, final/
+  9. guards       user mistakes found before anything is created, interrupts, non-finite updates
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ def parse_args(cls, argv=None):
 # 1. data
 # ----------------------------------------------------------------------------------------------
 REQUIRED_FIELDS = ("id", "task", "prompt", "answer")
+# what data_prep.py writes; any other task is a typo (it would be graded as a math answer)
+KNOWN_TASKS = ("toy", "countdown", "poem", "code", "gsm8k", "math", "numina", "eurus", "math500", "aime24", "aime",
+               "amc23", "amc", "minerva", "olympiadbench")
 
 
 def load_tasks(path: str | Path) -> list[dict]:
@@ -136,19 +140,28 @@ def load_tasks(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; build it with `python data_prep.py ...` (see README).")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SystemExit(f"{path}:{lineno}: not UTF-8 text; data_prep.py writes UTF-8 JSON lines.") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line.") from None
+            if not isinstance(row, dict):
+                raise SystemExit(f"{path}:{lineno}: not a JSON object; each line is one row {{id, task, prompt, answer}}.")
             missing = [k for k in REQUIRED_FIELDS if k not in row]
             if missing:
                 raise SystemExit(f"{path}:{lineno}: missing field(s) {missing}; rows need {list(REQUIRED_FIELDS)}.")
-            if not isinstance(row["prompt"], list) or not all("role" in m and "content" in m for m in row["prompt"]):
+            if not isinstance(row["prompt"], list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                              for m in row["prompt"]):
                 raise SystemExit(f"{path}:{lineno}: 'prompt' must be a list of {{role, content}} chat messages.")
+            if row["task"] not in KNOWN_TASKS:
+                raise SystemExit(f"{path}:{lineno}: unknown task {row['task']!r}; use one of {', '.join(KNOWN_TASKS)}.")
             row.setdefault("metadata", {})
             rows.append(row)
     if not rows:
@@ -1836,22 +1849,39 @@ class Run:
     Only the main process writes.
     """
 
+    LOGS = ("metrics.jsonl", "rollouts.jsonl")
+
     def __init__(self, args, accelerator, resume: bool = False):
+        """The run folder, created (or, with resume, reopened). A folder that holds a run (a checkpoint or
+        a logged step) is refused without resume; one whose start failed before logging anything is
+        reused, its leftovers discarded."""
+        global _ACTIVE_RUN
         self.dir = Path(args.output_dir) / args.run_name
         self.acc = accelerator
         self.main = accelerator.is_main_process
         self.wandb = None
+        self.last_step: int | None = None  # the last step logged (the message of an interrupted run)
         if self.main:
-            if self.dir.exists() and not resume and any(self.dir.iterdir()):
-                raise SystemExit(f"{self.dir} already holds a run; pass --resume to continue it, or another --run_name.")
+            if not resume:
+                check_no_run_there(self.dir)
+                self._discard_logs()
             (self.dir / "eval").mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.dir / "config.json", json.dumps(asdict(args), indent=2))
         accelerator.wait_for_everyone()
+        _ACTIVE_RUN = self
         if self.main and getattr(args, "track", False):
             self.wandb = init_wandb(args, self.dir)
 
+    def _discard_logs(self) -> None:
+        """Remove what a run logged (metrics, rollouts, evaluations): it starts over from step 0."""
+        for name in self.LOGS:
+            (self.dir / name).unlink(missing_ok=True)
+        for path in (self.dir / "eval").glob("step_*.jsonl"):
+            path.unlink()
+
     # -- logs ------------------------------------------------------------------------------------
     def log(self, step: int, metrics: dict) -> None:
+        self.last_step = step
         if not self.main:
             return
         record = {"step": step, **jsonable(metrics)}
@@ -1883,7 +1913,8 @@ class Run:
         ckpt_root = self.dir / "checkpoints"
         tmp = ckpt_root / f".tmp_step_{step}"
         if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in ckpt_root.glob(".*_step_*"):  # writes and deletions that a kill cut short
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its RNG state there
@@ -1894,29 +1925,42 @@ class Run:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in sorted(self.checkpoints())[:-keep] if keep > 0 else []:
-                shutil.rmtree(ckpt_root / f"step_{old}", ignore_errors=True)
+                # renamed first: a kill during the deletion never leaves a half-deleted step_N
+                os.replace(ckpt_root / f"step_{old}", ckpt_root / f".old_step_{old}")
+                shutil.rmtree(ckpt_root / f".old_step_{old}", ignore_errors=True)
         self.acc.wait_for_everyone()
 
     def checkpoints(self) -> list[int]:
-        root = self.dir / "checkpoints"
-        return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / "trainer_state.json").exists()) \
-            if root.exists() else []
+        return complete_checkpoints(self.dir)
 
     def load_latest_checkpoint(self) -> dict:
         """Restore the newest checkpoint; trims the logs to its step so that the resumed run
-        appends exactly the lines an uninterrupted run would have written."""
+        appends exactly the lines an uninterrupted run would have written. Only complete checkpoints
+        count: a write cut short leaves a .tmp_step_N folder, which is never read.
+
+        A run stopped before its first checkpoint starts over from step 0 (returns {"step": 0}): what
+        it logged is discarded, and one line says so. Schedulers requeue a pre-empted job with the
+        same command, --resume included, and such a run must not be stuck."""
         steps = self.checkpoints()
         if not steps:
-            raise SystemExit(f"--resume: no checkpoint in {self.dir / 'checkpoints'}; start without --resume.")
+            if self.main:
+                logged = logged_steps(self.dir)
+                print(f"--resume: {self.dir} has no checkpoint yet; starting from step 0"
+                      + (f" (discarding the {len(logged)} logged step(s))." if logged else "."), flush=True)
+                self._discard_logs()
+            self.acc.wait_for_everyone()
+            return {"step": 0}
         path = self.dir / "checkpoints" / f"step_{steps[-1]}"
         self.acc.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
         if self.main:
-            for name in ("metrics.jsonl", "rollouts.jsonl"):
+            for name in self.LOGS:
                 f = self.dir / name
                 if f.exists():
-                    keep = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= state["step"]]
+                    keep = [line for line in f.read_text().splitlines() if (step := _line_step(line)) is not None
+                            and step <= state["step"]]
                     atomic_write_text(f, "".join(line + "\n" for line in keep))
+        self.last_step = state["step"]
         self.acc.wait_for_everyone()
         return state
 
@@ -1938,6 +1982,39 @@ class Run:
         if self.wandb is not None:
             self.wandb.finish()
         leave_process_group(self.acc)
+
+
+def _line_step(line: str) -> int | None:
+    """The step of a metrics or rollouts line; None for a line a kill cut short (the last one)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def logged_steps(folder: Path) -> list[int]:
+    """The steps in a run folder's metrics.jsonl."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [step for line in path.read_text().splitlines() if (step := _line_step(line)) is not None]
+
+
+def complete_checkpoints(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints of a run folder (renamed into place after their last file)."""
+    root = Path(folder) / "checkpoints"
+    return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / "trainer_state.json").exists()) \
+        if root.exists() else []
+
+
+def check_no_run_there(folder: Path) -> None:
+    """Refuse to start a new run in a folder that holds one: a checkpoint, or a logged step. A folder
+    whose start failed before logging anything (a typo in a flag found late) does not block."""
+    if complete_checkpoints(folder):
+        raise SystemExit(f"{folder} already holds a run; pass --resume to continue it, or another --run_name.")
+    if steps := logged_steps(folder):
+        raise SystemExit(f"{folder} already holds a run (logged up to step {steps[-1]}, no checkpoint yet); pass "
+                         "--resume to start it over from step 0, or another --run_name.")
 
 
 def leave_process_group(accelerator) -> None:
@@ -2050,15 +2127,39 @@ def accumulate(accelerator, model, last: bool):
         accelerator.gradient_state._set_sync_gradients(True)  # optimizer.step() is skipped otherwise
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float, stats: "StepStats | None" = None) -> float:
     """Clip the gradient (0: no clipping), step the optimizer and the schedule, clear the gradient.
-    Returns the gradient norm before clipping (0.0 when not clipped)."""
+    Returns the gradient norm before clipping (0.0 when not clipped, NaN when the step was skipped).
+
+    A non-finite gradient, which a NaN or infinite loss gives too, never reaches the weights: each
+    process looks at its own gradients (its shard under FSDP), an all-reduce combines the verdicts, and
+    every process skips the step (the schedule does not advance either) if any found one. It is counted
+    in `stats` as skipped_nonfinite and warned about (skip_nonfinite_step). Under DeepSpeed the engine
+    keeps the gradients and steps inside the backward pass: there the check sees only the norm it
+    reports when clipping, and cannot undo the step."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already reduced over the shards
+        grad_norm = grad_norm.full_tensor()
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in model.parameters())
+             if g is not None]
+    local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    bad = torch.tensor(float(not torch.isfinite(local).item() or (grad_norm is not None and
+                                                                   not math.isfinite(float(grad_norm)))),
+                       device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "max")
+    skipped = bool(bad.item())
+    if skipped:
+        skip_nonfinite_step(accelerator, float(grad_norm if grad_norm is not None else local))
+    else:
+        _NONFINITE["in_a_row"] = 0
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm) if grad_norm is not None else 0.0
+    if stats is not None:
+        stats.add(skipped_nonfinite=float(skipped) / accelerator.num_processes)  # summed over processes: a count
+    return math.nan if skipped else float(grad_norm) if grad_norm is not None else 0.0
 
 
 def add_logprob_gap(stats: "StepStats", trainer_logprobs, sampler_logprobs, mask) -> None:
@@ -2111,3 +2212,270 @@ class Timer:
     def pop(self) -> dict:
         out, self.t = {f"time/{k}": v for k, v in self.t.items()}, {}
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. guards: user mistakes found before anything is created, interrupts, non-finite updates
+# ----------------------------------------------------------------------------------------------
+# Every mistake a user can make with the flags, the files or the run folder ends the script with one
+# sentence (the flag or file:line, and the fix), before the run folder is created or a model is loaded:
+# a corrected retry then starts cleanly. Flags are checked by name wherever a script has them.
+AT_LEAST_ONE = ("prompts_per_step", "num_generations", "max_completion_length", "total_steps", "micro_batch_size",
+                "num_iterations", "mini_batches", "num_mini_batches", "eval_num_samples", "oversample",
+                "max_sample_rounds", "vllm_tensor_parallel_size")
+POSITIVE = ("temperature",)  # the training log-probs divide the logits by it
+NON_NEGATIVE = ("eval_temperature", "eval_limit", "eval_every", "save_every", "stop_at_step", "log_rollouts_every",
+                "max_model_len", "warmup_steps", "learning_rate", "prm_learning_rate", "weight_decay", "max_grad_norm",
+                "epsilon", "epsilon_high", "beta", "kl_coef", "is_cap", "is_floor")
+FRACTIONS = ("top_p", "vllm_gpu_memory_utilization")  # in (0, 1]
+UNIT_INTERVAL = ("filter_low", "filter_high", "gamma")  # in [0, 1]
+COMMON_CHOICES = {"dtype": ("float32", "bfloat16"), "sampler": ("auto", "vllm", "hf"),
+                  "vllm_dtype": ("auto", "float32", "bfloat16"), "lr_schedule": ("constant", "cosine")}
+# flags that may change when a run is resumed: they steer or log the run, never what it computes
+RESUME_MAY_CHANGE = ("resume", "stop_at_step", "save_every", "track", "wandb_project", "output_dir",
+                     "allow_unsandboxed_code")
+
+
+def _one_of(values) -> str:
+    values = list(values)
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def check_flags(args, choices: dict[str, tuple[str, ...]]) -> None:
+    """Flag values that make no sense: sizes, counts and lengths below 1, a training temperature of 0 or
+    less, negative rates and periods, fractions outside (0, 1], a choice that does not exist."""
+    for name, allowed in choices.items():
+        if hasattr(args, name) and getattr(args, name) not in allowed:
+            raise SystemExit(f"--{name} {getattr(args, name)!r}: use {_one_of(allowed)}.")
+    rules = ((AT_LEAST_ONE, lambda v: v >= 1, "must be at least 1"),
+             (POSITIVE, lambda v: v > 0, "must be greater than 0"),
+             (NON_NEGATIVE, lambda v: v >= 0, "must not be negative"),
+             (FRACTIONS, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+             (UNIT_INTERVAL, lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    for names, ok, rule in rules:
+        for name in names:
+            if hasattr(args, name) and not ok(getattr(args, name)):
+                raise SystemExit(f"--{name} {getattr(args, name)}: {rule}.")
+
+
+def check_run(args, accelerator, choices: dict[str, tuple[str, ...]], group: str | None = None):
+    """Everything a user can get wrong, each as one sentence, checked before the run folder is created or a
+    model is loaded: the flags (check_flags; `group`: why the algorithm needs --num_generations >= 2), the
+    prompt count against the process count, the run folder (writable; --resume needs one, made with the
+    same settings), the model path, the data files (load_tasks: file and line). Prompts that cannot fit
+    the model's context with --max_completion_length tokens after them are dropped with one warning line.
+    Returns (tokenizer, training rows, test rows cut to --eval_limit)."""
+    check_flags(args, {**COMMON_CHOICES, **choices})
+    if group and args.num_generations < 2:
+        raise SystemExit(f"--num_generations {args.num_generations}: {group}, so it needs at least 2 completions "
+                         "per prompt.")
+    world = accelerator.num_processes
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts_per_step {args.prompts_per_step} cannot be split evenly over {world} processes; "
+                         f"make it a multiple of {world}.")
+    check_run_folder(Path(args.output_dir) / args.run_name, args, world)
+    tokenizer, context = load_tokenizer(args.model, args.max_model_len)
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    train_rows = fit_context(load_tasks(args.train_file), tokenizer, context, args.max_completion_length,
+                             args.train_file, "--max_completion_length", say)
+    test_rows = load_tasks(args.test_file)
+    test_rows = fit_context(test_rows[:args.eval_limit] if args.eval_limit else test_rows, tokenizer, context,
+                            args.max_completion_length, args.test_file, "--max_completion_length", say)
+    return tokenizer, train_rows, test_rows
+
+
+def check_run_folder(folder: Path, args, world: int = 1) -> None:
+    """The run folder: its place can be written; without --resume it holds no run (check_no_run_there);
+    with --resume it exists and, once it has a checkpoint, was made with the same settings (config.json;
+    RESUME_MAY_CHANGE aside) by as many processes (one RNG state file each)."""
+    check_writable(folder, "--output_dir")
+    if not getattr(args, "resume", False):
+        check_no_run_there(folder)
+        return
+    if not folder.is_dir():
+        raise SystemExit(f"--resume: there is no run folder {folder}; check --output_dir and --run_name, or start "
+                         "without --resume.")
+    steps = complete_checkpoints(folder)
+    if not steps:
+        return  # nothing to continue: the run starts over (Run.load_latest_checkpoint)
+    writers = len(list((folder / "checkpoints" / f"step_{steps[-1]}").glob("random_states_*.pkl")))
+    if writers and writers != world:
+        raise SystemExit(f"--resume: the checkpoint of step {steps[-1]} in {folder} was written by {writers} "
+                         f"process(es), and this run has {world}; resume with as many.")
+    config = folder / "config.json"
+    if not config.exists():
+        return
+    try:
+        saved = json.loads(config.read_text())
+    except ValueError:
+        return
+    now = jsonable(asdict(args))
+    differ = [f"--{k} {saved[k]!r} there, {now[k]!r} now" for k in now
+              if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if differ:
+        raise SystemExit(f"--resume: {folder} was made with other settings ({'; '.join(differ[:3])}); resume with the "
+                         "flags it was started with, or start a new --run_name.")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """One sentence when `folder` cannot be created or written (a file in the way, permissions, a read-only disk)."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "not a folder" if existing == Path(folder).absolute() else f"so {folder} cannot be created"
+        raise SystemExit(f"{flag}: {existing} is a file, {where}; choose another {flag}.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{flag}: cannot write in {existing} ({e.strerror}); choose a folder you can write to.") from None
+
+
+def load_tokenizer(model: str, max_model_len: int = 0):
+    """The tokenizer of --model and the context length prompts must fit in (max_model_len when set, else
+    the model's max_position_embeddings; None when its config names none); one sentence when --model is
+    neither a model folder nor a model the Hugging Face hub has (or can be reached for)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(model).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise SystemExit(f"--model {model}: not a model folder (no config.json in it); pass a folder written by "
+                         "save_pretrained (e.g. runs/NAME/final) or a hub id.")
+    try:
+        config = AutoConfig.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        if path.exists():
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"--model {model}: its config or tokenizer cannot be loaded ({reason}); pass a folder "
+                             "written by save_pretrained with its tokenizer.") from None
+        if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path: hub ids are NAME or ORG/NAME
+            raise SystemExit(f"--model {model}: no such model folder; build the toy model with `python data_prep.py "
+                             "toy`, or pass a model folder or a hub id.") from None
+        raise SystemExit(f"--model {model}: not a local folder, and the Hugging Face hub has no model of that name or "
+                         "cannot be reached; pass a model folder (the toy one: data/toy/model) or a hub id such as "
+                         "Qwen/Qwen2.5-Math-1.5B.") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [getattr(text, key) for key in ("max_position_embeddings", "n_positions", "seq_length")
+              if isinstance(getattr(text, key, None), int) and getattr(text, key) > 0]
+    context = limits[0] if limits else None
+    if max_model_len:
+        context = min(context, max_model_len) if context else max_model_len
+    return tokenizer, context
+
+
+def fit_context(rows: list[dict], tokenizer, context: int | None, max_new_tokens: int, source, flag: str,
+                say=print) -> list[dict]:
+    """The rows whose prompt plus max_new_tokens completion tokens fit in `context`. The others are dropped
+    with one warning line (how many, the limit); none fitting is one sentence. Found when the data is
+    loaded: otherwise the first step that draws such a prompt would end a long run in a vLLM error."""
+    if context is None or not rows:
+        return rows
+    room = context - max_new_tokens
+    if room < 1:
+        raise SystemExit(f"{flag} {max_new_tokens} leaves no room for a prompt in the model's context of {context} "
+                         f"tokens; lower {flag} (or raise --max_model_len, up to the model's limit).")
+    texts = [render_prompt(tokenizer, r["prompt"]) for r in rows]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    kept = [row for row, n in zip(rows, lengths) if n <= room]
+    if not kept:
+        raise SystemExit(f"{source}: every prompt is longer than {room} tokens (the context of {context} tokens minus "
+                         f"{flag} {max_new_tokens}; the shortest has {min(lengths)}); lower {flag} or use a model "
+                         "with a longer context.")
+    if len(kept) < len(rows):
+        say(f"warning: {source}: dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than {room} tokens "
+            f"(the context of {context} tokens minus {flag} {max_new_tokens}).", flush=True)
+    return kept
+
+
+# ---- non-finite updates -----------------------------------------------------------------------
+NONFINITE_LIMIT = 3  # optimizer steps in a row with a non-finite gradient norm: the run stops
+_NONFINITE = {"in_a_row": 0}
+
+
+def skip_nonfinite_step(accelerator, norm: float) -> None:
+    """A skipped optimizer step (optimizer_step): a warning line, and the end of the run, with one
+    sentence, at the NONFINITE_LIMIT-th in a row (the weights are then those of the last finite step)."""
+    _NONFINITE["in_a_row"] += 1
+    count = _NONFINITE["in_a_row"]
+    if count >= NONFINITE_LIMIT:
+        raise SystemExit(f"{count} optimizer steps in a row had a non-finite loss or gradient norm, so the run stops "
+                         "with the weights of the last finite step; look for the NaN or inf in the rewards or the "
+                         "advantages (metrics.jsonl: train/skipped_nonfinite) or lower the learning rate.")
+    if accelerator.is_main_process:
+        where = f"({norm})" if not math.isfinite(norm) else "(on another process)"
+        print(f"warning: non-finite loss or gradient norm {where}: the optimizer step was skipped ({count} in a row; "
+              f"the run stops at {NONFINITE_LIMIT}).", file=sys.stderr, flush=True)
+
+
+# ---- interrupts, and children that must not outlive the script --------------------------------
+_ACTIVE_RUN: "Run | None" = None  # the run folder of this process, for the message of an interrupted run
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run_main(main) -> None:
+    """Run a script's main() as every entry point does.
+
+    SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) end the run with one line, the step it
+    reached and how to continue, and exit code 130 / 143 (128 + the signal). The run folder stays
+    resumable: checkpoints are complete or ignored, and the logs are trimmed to the checkpoint on
+    --resume. A second signal ends the process at once. On the way out, as after an exception (which
+    still prints its traceback) or a one-sentence SystemExit, the processes the script started are
+    stopped: Math-Verify's grader workers, sandboxes still running, anything a sampler started."""
+    def on_signal(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    try:
+        main()
+    except Interrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(interrupted_message(stop.signum), file=sys.stderr, flush=True)
+        stop_children()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # not a normal interpreter exit: the interrupted engine, grader pool or process group may be
+        # in the middle of anything; what the run wrote is written (files are closed or atomic)
+        os._exit(128 + stop.signum)
+    except BaseException:
+        stop_children()
+        raise
+
+
+def interrupted_message(signum: int) -> str:
+    """One line: which signal, the step reached, and what --resume will do."""
+    name, run = signal.Signals(signum).name, _ACTIVE_RUN
+    if run is None:
+        return f"{name}: stopped before the run folder was set up; start again (without --resume)."
+    reached = f"after step {run.last_step}" if run.last_step is not None else "before step 0 was logged"
+    steps = run.checkpoints()
+    if steps:
+        return (f"{name}: stopped {reached}; run the same command with --resume to continue from the checkpoint of "
+                f"step {steps[-1]} in {run.dir}.")
+    return f"{name}: stopped {reached}, before the first checkpoint; the same command with --resume starts over from step 0."
+
+
+def stop_children() -> None:
+    """Kill every process this one started and is still running (grader workers, sandboxes, helpers),
+    and wait for them. The grader pool is forgotten first, so that the exit handler has nothing to stop."""
+    global _pool
+    import psutil
+
+    _pool = None
+    close_samplers()
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=10)

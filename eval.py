@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (Sampler, atomic_write_text, check_code_sandbox, evaluate, gsm8k_gold, jsonable, last_boxed,
-                    last_tag, load_tasks, normalize_answer, score_completions, score_fields, shutdown_grader,
-                    task_metrics, vllm_available)
+from common import (Sampler, atomic_write_text, check_code_sandbox, check_writable, evaluate, fit_context, gsm8k_gold,
+                    jsonable, last_boxed, last_tag, load_tasks, load_tokenizer, normalize_answer, run_main,
+                    score_completions, score_fields, shutdown_grader, task_metrics, vllm_available)
 from data_prep import ANSWER_STYLE, CODE_INSTRUCTION, PRIME_SUFFIX, as_answer, build_prompt
 
 # ----------------------------------------------------------------------------------------------
@@ -496,11 +496,12 @@ def retemplate(row: dict, template: str) -> dict:
 def generate(args) -> tuple[list[dict], int]:
     """Sample args.n completions per problem with common.Sampler and score them (common.evaluate)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # here: re-scoring needs no model
+    from transformers import AutoModelForCausalLM  # here: re-scoring needs no model
 
     rows = load_dataset_rows(args.dataset, args.template, args.limit)
     check_code_sandbox(rows, args.allow_unsandboxed_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer, context = load_tokenizer(args.model, args.max_model_len)
+    rows = fit_context(rows, tokenizer, context, args.max_tokens, args.dataset, "--max_tokens")
     backend = ("vllm" if vllm_available() else "hf") if args.sampler == "auto" else args.sampler
     model = None
     if backend == "hf":
@@ -565,6 +566,8 @@ def parse(argv=None):
         p.error("--template only applies when generating (--model); saved outputs keep their prompts.")
     if args.n < 1 or args.max_tokens < 1:
         p.error("--n and --max_tokens must be at least 1.")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.limit < 0 or args.max_model_len < 0:
+        p.error("--temperature, --limit and --max_model_len must not be negative, and --top_p must be in (0, 1].")
     return args
 
 
@@ -573,8 +576,9 @@ def main(argv=None) -> None:
     by = tuple(f for f in args.by.split(",") if f)
     summaries = []
     if args.model:
-        records, errors = generate(args)
         out = Path(args.out) if args.out else default_out(args.model, args.dataset)
+        check_writable(out.parent, "--out")  # before the model samples for an hour
+        records, errors = generate(args)
         summary = summarize(records, errors, by)
         summary["config"] = {k: getattr(args, k) for k in ("model", "dataset", "n", "temperature", "top_p",
                                                            "max_tokens", "template", "sampler", "seed", "limit")}
@@ -615,4 +619,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

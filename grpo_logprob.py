@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from common import (END_OF_REASONING, POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap,
-                    answer_style, check_code_sandbox, collate, continuation_logprobs, encode_prompts, evaluate,
-                    index_batch, load_tasks, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step,
-                    parse_args, peak_memory, prompts_for_step, reasoning_mask, render_prompt, sampler_dtype,
+                    answer_style, check_code_sandbox, check_run, collate, continuation_logprobs, encode_prompts,
+                    evaluate, index_batch, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step,
+                    parse_args, peak_memory, prompts_for_step, reasoning_mask, render_prompt, run_main, sampler_dtype,
                     score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
 
 
@@ -143,6 +143,14 @@ class Args:
     """checkpoint and exit after this step, as a preempted job would; continue with --resume (0: off)"""
     log_rollouts_every: int = 10
     """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
+
+
+# the values of the flags that name a choice (common.check_run refuses any other, with one sentence)
+CHOICES = {"loss_type": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+           "scale_rewards": ("group", "batch", "none"), "reward_norm": ("none", "zscore", "minmax"),
+           "reward_norm_scope": ("group", "batch"), "reasoning_only_loss": ("auto", "on", "off"),
+           "logprob_variant": ("sum", "mean", "prob"), "logprob_scorer": ("policy", "initial"),
+           "is_correction": ("none", "truncate", "mask"), "is_level": ("token", "sequence")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,7 +430,7 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
             stats.add(loss=loss / args.num_iterations, **sums)
             if it == 0 and "old_logprobs" not in mb:  # on-policy: these are the sampling weights' log-probs
                 add_logprob_gap(stats, logprobs, mb["sampler_logprobs"], mb["completion_mask"])
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm, stats)
     stats.add(completion_tokens=batch["completion_mask"].sum())
     t = stats.reduce(accelerator)
     tokens = max(t["tokens"], 1.0)
@@ -430,7 +438,7 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
         "loss": t["loss"], "kl": t["kl"] / tokens, "entropy": t["entropy"] / tokens,
         "clip_ratio/low_mean": t["clip_low"] / tokens, "clip_ratio/high_mean": t["clip_high"] / tokens,
         "loss_tokens_frac": tokens / args.num_iterations / max(t["completion_tokens"], 1.0),
-        "grad_norm": grad_norm, **logprob_gap_metrics(t),
+        "grad_norm": grad_norm, "train/skipped_nonfinite": t["skipped_nonfinite"], **logprob_gap_metrics(t),
     }
     if "is_tokens" in t:
         metrics["is/mean_weight"] = t["is_weight_sum"] / max(t["is_tokens"], 1.0)
@@ -518,17 +526,23 @@ def main():
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)
+    # a user's mistakes end here, with one sentence each, before the run folder or a model exists
+    tokenizer, train_rows, test_rows = check_run(args, accelerator, CHOICES,
+                                                 group="GRPO normalizes each reward within its prompt's group")
     weights = parse_reward_weights(args.reward, RULE_TERMS + ANSWER_BLIND_TERMS)
+    if "correct" in weights and any(row["task"] == "poem" for row in train_rows):
+        raise SystemExit(f"--reward {args.reward!r}: {args.train_file} has poem rows, which have no correctness "
+                         "check; use the poem rule reward or answer-blind terms, e.g. --reward poem=1,logprob=1.")
+    for term, task in (("code", "code"), ("poem", "poem")):
+        if term in weights and not any(row["task"] == task for row in train_rows):
+            raise SystemExit(f"--reward {args.reward!r}: the {term} term scores {task} rows, and {args.train_file} "
+                             f"has none; drop the term or train on {task} rows.")
+    check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     answer_blind = all(name in ANSWER_BLIND_TERMS for name in weights)
-    if args.reasoning_only_loss not in ("auto", "on", "off"):
-        raise SystemExit(f"--reasoning_only_loss {args.reasoning_only_loss!r}: use auto, on or off.")
     reasoning_only = args.reasoning_only_loss == "on" or (args.reasoning_only_loss == "auto" and answer_blind)
     needs_frozen = (args.beta > 0 or any(n.startswith("ppl_") for n in weights)
                     or ("logprob" in weights and args.logprob_scorer == "initial"))
-    if args.logprob_scorer not in ("policy", "initial"):
-        raise SystemExit(f"--logprob_scorer {args.logprob_scorer!r}: use policy or initial.")
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     if args.gradient_checkpointing:
@@ -557,17 +571,6 @@ def main():
                       dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed, enable_sleep_mode=args.vllm_sleep)
     if start_step:
         sampler.push_weights(unwrap(model))
-    train_rows = load_tasks(args.train_file)
-    if "correct" in weights and any(row["task"] == "poem" for row in train_rows):
-        raise SystemExit(f"--reward {args.reward!r}: {args.train_file} has poem rows, which have no correctness "
-                         "check; use the poem rule reward or answer-blind terms, e.g. --reward poem=1,logprob=1.")
-    for term, task in (("code", "code"), ("poem", "poem")):
-        if term in weights and not any(row["task"] == task for row in train_rows):
-            raise SystemExit(f"--reward {args.reward!r}: the {term} term scores {task} rows, and {args.train_file} "
-                             f"has none; drop the term or train on {task} rows.")
-    test_rows = load_tasks(args.test_file)
-    test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
-    check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run_eval(step):
@@ -705,4 +708,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from common import (Rollout, Run, Sampler, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox,
-                    collate, encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics,
+                    check_run, collate, encode_prompts, evaluate, index_batch, logprob_gap_metrics,
                     make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step,
-                    sampler_dtype, score_completions, set_seed, step_seed, token_logprobs, unwrap)
+                    run_main, sampler_dtype, score_completions, set_seed, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -139,6 +139,11 @@ class Args:
     """checkpoint and exit after this step, as a preempted job would; continue with --resume (0: off)"""
     log_rollouts_every: int = 10
     """write the step's trained completions, outcomes and process rewards to rollouts.jsonl every k steps (0: never)"""
+
+
+# the values of the flags that name a choice (common.check_run refuses any other, with one sentence)
+CHOICES = {"granularity": ("token", "whole"), "reference": ("frozen", "old_policy"), "prm_update": ("after", "before"),
+           "process_baseline": ("paper", "code")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +282,7 @@ def mini_batch_pass(model, optimizer, batch: dict, loss_of, size_of, args, accel
                 accelerator.backward(loss / normalizer * world)
             stats.add(**{f"{prefix}loss": loss / normalizer / args.num_mini_batches},
                       **{f"{prefix}{name}": v for name, v in sums.items()})
-        grad_norm = optimizer_step(accelerator, model, optimizer, None, args.max_grad_norm)
+        grad_norm = optimizer_step(accelerator, model, optimizer, None, args.max_grad_norm, stats)
     return grad_norm
 
 
@@ -339,7 +344,8 @@ def update(model, optimizer, batch: dict, args, accelerator, prm=None, prm_optim
     t = stats.reduce(accelerator)
     tokens = max(t["tokens"], 1.0)
     metrics = {"loss": t["loss"], "entropy": t["entropy"] / tokens, "clip_ratio": t["clipped"] / tokens,
-               "advantages/abs_mean": t["abs_advantage"] / tokens, "grad_norm": grad_norm, **logprob_gap_metrics(t)}
+               "advantages/abs_mean": t["abs_advantage"] / tokens, "grad_norm": grad_norm,
+               "train/skipped_nonfinite": t.get("skipped_nonfinite", 0.0), **logprob_gap_metrics(t)}
     if prm is not None:
         metrics["prm/loss"] = t["prm_loss"]
     return metrics, token_rewards.sum(1).cpu()
@@ -350,23 +356,18 @@ def main():
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)
-    if args.prompts_per_step % world:
-        raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the process count {world}.")
-    if args.num_generations < 2 or args.oversample < 1 or args.max_sample_rounds < 1:
-        raise SystemExit("--num_generations must be >= 2, --oversample and --max_sample_rounds >= 1.")
-    for flag, value, allowed in (("granularity", args.granularity, ("token", "whole")),
-                                 ("reference", args.reference, ("frozen", "old_policy")),
-                                 ("prm_update", args.prm_update, ("after", "before")),
-                                 ("process_baseline", args.process_baseline, ("paper", "code"))):
-        if value not in allowed:
-            raise SystemExit(f"--{flag} {value!r}: use {' or '.join(allowed)}.")
+    # a user's mistakes end here, with one sentence each, before the run folder or a model exists
+    tokenizer, train_rows, test_rows = check_run(args, accelerator, CHOICES,
+                                                 group="PRIME's leave-one-out baselines average a prompt's other samples")
+    if any(r["task"] == "poem" for r in train_rows):
+        raise SystemExit(f"{args.train_file}: poem rows have no correctness check; PRIME needs a verifiable task.")
+    check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     use_prm = args.process_reward_coef != 0
     if use_prm and accelerator.distributed_type.name == "DEEPSPEED":
         raise SystemExit("prime.py trains two models (policy and PRM), and accelerate runs one DeepSpeed engine per "
                          "process: launch with configs/fsdp2.yaml, or pass --process_reward_coef 0 (RLOO, no PRM).")
     per_rank, n = args.prompts_per_step // world, args.num_generations
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
     def load(trainable: bool):
@@ -387,8 +388,8 @@ def main():
 
     run = Run(args, accelerator, resume=args.resume)
     start_step, data_pos, buffer = 0, 0, []  # this rank's position in its prompt stream, kept groups not yet used
-    if args.resume:
-        state = run.load_latest_checkpoint()
+    state = run.load_latest_checkpoint() if args.resume else {"step": 0}
+    if state["step"]:
         if len(state["data_pos"]) != world:
             raise SystemExit(f"--resume: the checkpoint was written by {len(state['data_pos'])} processes; "
                              "resume with as many.")
@@ -399,9 +400,6 @@ def main():
                       dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed)
     if start_step:
         sampler.push_weights(unwrap(model))
-    train_rows, test_rows = load_tasks(args.train_file), load_tasks(args.test_file)
-    test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
-    check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run_eval(step):
@@ -535,4 +533,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

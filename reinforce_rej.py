@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, collate,
-                    encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics, make_accelerator,
-                    micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, sampler_dtype,
+from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run,
+                    collate, encode_prompts, evaluate, index_batch, logprob_gap_metrics, make_accelerator,
+                    micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, run_main, sampler_dtype,
                     score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
 
 
@@ -142,6 +142,10 @@ class Args:
     """checkpoint and exit after this step, as a preempted job would; continue with --resume (0: off)"""
     log_rollouts_every: int = 10
     """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
+
+
+# the values of the flags that name a choice (common.check_run refuses any other, with one sentence)
+CHOICES = {"algo": ("reinforce", "reinforce_rej"), "loss_type": ("seq-mean-token-mean", "token-mean")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,12 +288,13 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
                     if j == 0 and "old_logprobs" not in mb:
                         add_logprob_gap(stats, logprobs, mb["sampler_logprobs"], mb["completion_mask"])
             if not skip:
-                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm)
+                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm, stats)
     stats.add(trained=batch["loss_mask"].sum() * args.num_iterations)
     t = stats.reduce(accelerator)
     tokens, trained = max(t["tokens"], 1.0), max(t["trained"], 1.0)
     metrics = {"loss": t["loss"], "entropy": t["entropy"] / tokens, "grad_norm": grad_norm,
-               "skipped_updates": t["skipped"], "clip_ratio/low_mean": t["clip_low"] / trained,
+               "skipped_updates": t["skipped"], "train/skipped_nonfinite": t.get("skipped_nonfinite", 0.0),
+               "clip_ratio/low_mean": t["clip_low"] / trained,
                "clip_ratio/high_mean": t["clip_high"] / trained, **logprob_gap_metrics(t)}
     if frozen is not None:
         metrics["kl"] = t["kl"] / tokens  # to the starting model, before this step's update
@@ -298,21 +303,23 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
 
 def main():
     args = parse_args(Args)
-    if args.algo not in ("reinforce", "reinforce_rej"):
-        raise SystemExit(f"--algo {args.algo!r}: use reinforce or reinforce_rej.")
-    loss_normalizer(torch.ones(1), torch.ones(1, 1), args.loss_type)  # fails early on a bad --loss_type
     args.run_name = args.run_name or f"{args.algo}_toy"
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)
-    local_prompts = args.prompts_per_step // world
-    if args.prompts_per_step % world or local_prompts % args.mini_batches:
+    # a user's mistakes end here, with one sentence each, before the run folder or a model exists
+    group = "Reinforce-rej keeps the prompts whose samples are both right and wrong" if args.algo == "reinforce_rej" \
+        else None
+    tokenizer, train_rows, test_rows = check_run(args, accelerator, CHOICES, group=group)
+    if (args.prompts_per_step // world) % args.mini_batches:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must split into {world} processes x "
                          f"--mini_batches {args.mini_batches} whole prompts.")
+    if any(r["task"] == "poem" for r in train_rows):
+        raise SystemExit(f"{args.train_file}: poem rows have no correctness check; Reinforce needs a verifiable task.")
+    check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     needs_frozen = args.kl_coef > 0 or args.log_kl
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     if args.gradient_checkpointing:
@@ -342,12 +349,6 @@ def main():
                       dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed, enable_sleep_mode=args.vllm_sleep)
     if start_step:
         sampler.push_weights(unwrap(model))
-    train_rows = load_tasks(args.train_file)
-    if any(r["task"] == "poem" for r in train_rows):
-        raise SystemExit(f"{args.train_file}: poem rows have no correctness check; Reinforce needs a verifiable task.")
-    test_rows = load_tasks(args.test_file)
-    test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
-    check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run_eval(step):
@@ -459,4 +460,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,7 +9,8 @@ the script's own functions exactly as its main() calls them: common.shard for th
 the script's selection / filter / advantage functions, its training_batch and its update (normalizer
 over processes, loss scaling by the process count, micro-batches, mini-batches, iterations, skipped
 steps). The main process saves the weights after the update to OUT_DIR/CASE_worldW[_fsdp].pt;
-tests/test_distributed.py compares the worlds. The optimizer is plain SGD with no gradient clipping,
+tests/test_distributed.py compares the worlds. Then a NaN advantage on one process: the step is
+skipped on every process and the weights stay (check_nonfinite). The optimizer is plain SGD with no gradient clipping,
 so that the weights show the gradient itself (AdamW's first step, lr * g / |g|, and clipping would
 both hide a gradient scaled by a wrong factor).
 """
@@ -179,6 +180,29 @@ def check_checkpoint(acc, model_dir, out: Path, groups):
               f"({acc.distributed_type.name})")
 
 
+def check_nonfinite(acc, model_dir, groups):
+    """A NaN advantage on the last process only: the optimizer step is skipped on every process (an
+    all-reduce decides), each process's weights (its shard under FSDP) stay as they were, and the skip
+    is counted. Every process prints its own verdict."""
+    args = grpo_logprob.Args(micro_batch_size=3, num_generations=N, max_completion_length=10, max_grad_norm=0.0)
+    (model, optimizer), scheduler = prepare(acc, model_dir)
+    mine = shard(list(range(PROMPTS)), acc.process_index, acc.num_processes)
+    rollouts = [r for i in mine for r in groups[i]]
+    advantages = torch.tensor([1.0, -1.0] * (len(rollouts) // 2))
+    if acc.process_index == acc.num_processes - 1:
+        advantages[0] = float("nan")
+
+    def local_weights():
+        return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in model.parameters()]
+
+    before = local_weights()
+    batch = grpo_logprob.training_batch(rollouts, advantages, 0, acc.device, args)
+    metrics = grpo_logprob.update(model, optimizer, scheduler, batch, args, acc)
+    assert all(torch.equal(a, b) for a, b in zip(before, local_weights())), "a non-finite step changed the weights"
+    assert metrics["train/skipped_nonfinite"] == 1.0 and metrics["grad_norm"] != metrics["grad_norm"], metrics
+    print(f"rank {acc.process_index}: the non-finite step was skipped, weights unchanged, counted once", flush=True)
+
+
 def main():
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     only = sys.argv[3].split(",") if len(sys.argv) > 3 else list(CASES)
@@ -198,6 +222,8 @@ def main():
         acc.print(f"{case}: saved")
     if acc.num_processes > 1:
         check_checkpoint(acc, model_dir, out, groups)
+    if acc.distributed_type.name != "DEEPSPEED":  # its engine steps inside the backward pass
+        check_nonfinite(acc, model_dir, groups)
     acc.print("DIST_UPDATE_OK", acc.distributed_type)
     leave_process_group(acc)
 

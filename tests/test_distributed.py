@@ -36,10 +36,13 @@ def test_update_on_two_processes_equals_one_process(toy, one_process_updates, la
     micro- and mini-batches, filtered prompts, a rank that keeps nothing, skipped steps, PRIME's
     whitening and PRM) with two processes holding half the batch leaves the weights of one process
     holding all of it. Also: a checkpoint written by two processes (one of them late) holds both
-    ranks' states, and loading it restores the weights (DDP and FSDP)."""
+    ranks' states, and loading it restores the weights (DDP and FSDP); and a NaN advantage on one
+    process skips the optimizer step on both, leaving every rank's weights (shards) unchanged."""
     out = run_script(["tests/dist_update.py", str(toy / "model"), str(one_process_updates)],
                      launcher=torchrun() if launch == "ddp" else fsdp2(), timeout=600)
     assert "DIST_UPDATE_OK" in out.stdout and "weights restored" in out.stdout
+    for rank in (0, 1):  # a NaN advantage on rank 1 only: both skip the step, both keep their weights
+        assert f"rank {rank}: the non-finite step was skipped, weights unchanged, counted once" in out.stdout
     suffix = "" if launch == "ddp" else "_fsdp"
     initial = AutoModelForCausalLM.from_pretrained(toy / "model").state_dict()
     for case in CASES:

@@ -327,9 +327,13 @@ def test_poem_completion_trains_on_the_poem_rule_and_logprob_rewards(toy, tmp_pa
     """Poem rows have no correctness check: the poem rule reward and the log-prob of the gold ending."""
     data = tmp_path / "poem.jsonl"
     run_script(["data_prep.py", "poem", "--source", str(REPO / "tests" / "fixtures" / "poem.jsonl"), "--out", str(data)])
-    cmd = grpo_cmd(toy, tmp_path, "poem", "--sampler", "hf", "--total_steps", "2", "--reward", "poem=1,logprob=1")
+    # the toy model's context is 512 tokens and the poem prompts are 482 to 531: with 16 completion
+    # tokens one of the three fits, and the other two are dropped with a warning
+    cmd = grpo_cmd(toy, tmp_path, "poem", "--sampler", "hf", "--total_steps", "2", "--reward", "poem=1,logprob=1",
+                   "--max_completion_length", "16")
     cmd[cmd.index("--train_file") + 1] = cmd[cmd.index("--test_file") + 1] = str(data)
-    run_script(cmd)
+    out = run_script(cmd)
+    assert f"warning: {data}: dropped 2 of 3 prompts longer than 496 tokens" in out.stdout
     metrics = read_jsonl(tmp_path / "poem" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     step = metrics[1]

@@ -153,3 +153,29 @@ def test_raft_on_two_processes_in_bf16_with_vllm(toy, tmp_path):
     assert metrics[2]["kl_efficiency"] is not None  # needs the step-1 accuracy
     # bf16 sampler and bf16 trainer: a real but small mismatch, logged every step
     assert all(0 < m["sampler/logprob_gap_mean"] < m["sampler/logprob_gap_max"] < 2.0 for m in metrics[1:])
+
+
+TIMING_KEYS = ("time/", "tokens_per_second", "memory/")
+
+
+def test_raft_on_two_processes_resume_equals_straight(toy, tmp_path):
+    """torchrun, two processes: 2 steps straight == 1 step, stop, --resume, 1 more (every metric but timings
+    and memory, the rollouts of both processes and the evaluations)."""
+    # temperature 0.5: the tiny test model then gets some samples right, so that step 1 trains
+    small = ("--temperature", "0.5", "--eval_limit", "6", "--log_rollouts_every", "1", "--save_every", "0", "--no-log_kl")
+    run_script(raft_cmd(toy, tmp_path, "straight", *small), launcher=torchrun())
+    run_script(raft_cmd(toy, tmp_path, "resumed", *small, "--stop_at_step", "1"), launcher=torchrun())
+    assert [m["step"] for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [0, 1]
+    run_script(raft_cmd(toy, tmp_path, "resumed", *small, "--resume"), launcher=torchrun())
+
+    def strip(name):
+        return [{k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)}
+                for m in read_jsonl(tmp_path / name / "metrics.jsonl")]
+
+    assert [m["step"] for m in strip("resumed")] == [0, 1, 2] and strip("straight") == strip("resumed")
+    step1 = strip("straight")[1]  # the weights the resumed run must restore moved at step 1
+    assert step1["positive_samples"] > 0 and step1["skipped_updates"] == 0, step1
+    assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
+    assert len(read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")) == 2 * 4 * 4  # both processes' samples
+    for name in ("step_000000.jsonl", "step_000002.jsonl"):
+        assert read_jsonl(tmp_path / "straight" / "eval" / name) == read_jsonl(tmp_path / "resumed" / "eval" / name)

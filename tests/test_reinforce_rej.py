@@ -2,6 +2,7 @@
 filtering), the DDP gradient with a process whose prompts were all removed, and reinforce_rej.py end
 to end on the tiny toy task (under `accelerate launch` and under a two-process torchrun)."""
 
+import json
 import math
 import sys
 
@@ -124,34 +125,55 @@ def test_reinforce_under_accelerate_launch_with_vllm(toy, tmp_path):
 
 def test_reinforce_rej_on_two_processes_in_mixed_precision_with_vllm(toy, tmp_path):
     """accelerate launch with 2 processes and --mixed_precision bf16 (bf16 autocast over float32 weights),
-    colocated vLLM engines sampling in bf16."""
+    colocated vLLM engines sampling in bf16. Every other training row has a gold answer no completion
+    gives: those prompts are all wrong and must be dropped; the filter keeps the mixed ones."""
+    data = tmp_path / "half_unreachable.jsonl"
+    rows = [json.loads(line) for line in (toy / "train.jsonl").read_text().splitlines()[:100]]
+    data.write_text("".join(json.dumps({**r, "answer": "123456789"} if i % 2 else r) + "\n" for i, r in enumerate(rows)))
+    unreachable = {r["id"] for i, r in enumerate(rows) if i % 2}
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                 "--mixed_precision", "bf16", "--main_process_port", str(free_port())]
-    run_script(rej_cmd(toy, tmp_path, "ddp", "--sampler", "vllm", "--vllm_dtype", "bfloat16"), launcher=launcher,
-               timeout=600)
+    cmd = rej_cmd(toy, tmp_path, "ddp", "--sampler", "vllm", "--vllm_dtype", "bfloat16")
+    cmd[cmd.index("--train_file") + 1] = str(data)
+    run_script(cmd, launcher=launcher, timeout=600)
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2] and metrics[0]["eval/num_problems"] == 10
     rollouts = read_jsonl(tmp_path / "ddp" / "rollouts.jsonl")
+    kept_ids, dropped_ids = set(), set()
     for step in (1, 2):  # the logged filter counts agree with the rollouts of both processes
         by_prompt = {}
         for r in (r for r in rollouts if r["step"] == step):
             by_prompt.setdefault(r["id"], []).append(r)
+        assert len(by_prompt) == 4 and all(len(g) == 4 for g in by_prompt.values())
         mixed = [g for g in by_prompt.values() if 0 < sum(r["correct"] for r in g) < len(g)]
         assert all(r["kept"] == (g in mixed) for g in by_prompt.values() for r in g)
+        kept_ids |= {g[0]["id"] for g in mixed}
+        dropped_ids |= {i for i, g in by_prompt.items() if g not in mixed}
         assert metrics[step]["kept_prompts_frac"] == len(mixed) / 4
         assert metrics[step]["used_samples"] == 4 * len(mixed)
         assert metrics[step]["positive_samples"] == sum(r["correct"] for g in mixed for r in g)
         assert 0 < metrics[step]["sampler/logprob_gap_mean"] < metrics[step]["sampler/logprob_gap_max"] < 2.0
+    # what the filter did: it dropped every unreachable prompt drawn, and kept some
+    assert unreachable & dropped_ids and not unreachable & kept_ids
+    assert kept_ids, "no mixed group in two steps: the filter kept nothing, so this run shows nothing it keeps"
 
 
 def test_reinforce_rej_skips_the_update_when_every_prompt_is_removed(toy, tmp_path):
-    """One sample per prompt: every prompt is all right or all wrong, so nothing is left to train on;
-    no optimizer step is taken (AdamW would still move the weights on its state)."""
-    run_script(rej_cmd(toy, tmp_path, "empty", "--sampler", "hf", "--num_generations", "1", "--total_steps", "1",
-                       "--eval_limit", "4", "--num_iterations", "2"))
+    """Gold answers no completion gives: every sample is wrong, every prompt is all-wrong and removed, so
+    nothing is left to train on; no optimizer step is taken (AdamW would still move the weights on its
+    state). The rollouts show what the filter dropped: every sample, each with reward -1."""
+    unreachable = tmp_path / "unreachable.jsonl"
+    rows = [json.loads(line) for line in (toy / "train.jsonl").read_text().splitlines()[:50]]
+    unreachable.write_text("".join(json.dumps({**r, "answer": "123456789"}) + "\n" for r in rows))
+    cmd = rej_cmd(toy, tmp_path, "empty", "--sampler", "hf", "--num_generations", "2", "--total_steps", "1",
+                  "--eval_limit", "4", "--num_iterations", "2")
+    cmd[cmd.index("--train_file") + 1] = str(unreachable)
+    run_script(cmd)
     metrics = read_jsonl(tmp_path / "empty" / "metrics.jsonl")
     assert metrics[1]["kept_prompts_frac"] == 0 and metrics[1]["used_samples"] == 0
     assert metrics[1]["skipped_updates"] == 2 and metrics[1]["loss"] == 0  # both iterations skipped
+    rollouts = read_jsonl(tmp_path / "empty" / "rollouts.jsonl")
+    assert len(rollouts) == 8 and all(r["kept"] is False and r["reward"] == -1 and r["correct"] == 0 for r in rollouts)
     from transformers import AutoModelForCausalLM
 
     before = AutoModelForCausalLM.from_pretrained(toy / "model").state_dict()

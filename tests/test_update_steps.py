@@ -1,0 +1,260 @@
+"""One step of each script's own update() on the toy model: it moves the policy the right way (rewards
+reach each loss with the right sign, the KL term pulls towards the reference, the entropy bonus raises
+the entropy), the importance-sampling correction weights a real sampler/trainer mismatch as it must, and
+a non-finite loss never reaches the weights."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+import grpo_logprob
+import prime
+import raft_pp
+import reinforce_rej
+from common import Rollout, collate, encode_prompts, load_tasks, make_accelerator, token_logprobs
+
+# two completions of one toy prompt: a right chain and a wrong one (different tokens, different lengths)
+TEXTS = ["\n3+4=7\n7-2=5\n</think>\n<answer>5</answer>", "\n9-9=3\n</think>\n<answer>1</answer>"]
+
+
+@pytest.fixture(scope="module")
+def acc():
+    return make_accelerator()
+
+
+@pytest.fixture(scope="module")
+def rollouts(toy):
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    prompt = encode_prompts(tok, load_tasks(toy / "test.jsonl")[:1])[0]
+    out = []
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out.append(Rollout(prompt, ids, [0.0] * len(ids), text, "stop"))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_earlier_skips():
+    common._NONFINITE["in_a_row"] = 0
+    yield
+    common._NONFINITE["in_a_row"] = 0
+
+
+def policy(acc, toy, lr=0.05):
+    """The toy model under plain SGD (the weights move along the gradient itself), prepared by accelerate."""
+    model = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
+    return acc.prepare(model, torch.optim.SGD(model.parameters(), lr=lr))
+
+
+def frozen(toy):
+    return AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, rollouts) -> torch.Tensor:
+    batch = collate(rollouts, 0, "cpu")
+    return (token_logprobs(model, batch) * batch["completion_mask"]).sum(1)
+
+
+@torch.no_grad()
+def mean_entropy_and_kl(model, ref, rollouts) -> tuple[float, float]:
+    batch = collate(rollouts, 0, "cpu")
+    lp, entropy = token_logprobs(model, batch, with_entropy=True)
+    kl = grpo_logprob.kl_k3(lp, token_logprobs(ref, batch))
+    m = batch["completion_mask"]
+    return ((entropy * m).sum() / m.sum()).item(), ((kl * m).sum() / m.sum()).item()
+
+
+def weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --- direction: each script's rewards reach its loss with the right sign -----------------------
+def test_grpo_step_raises_the_better_completion_and_lowers_the_worse(acc, toy, rollouts):
+    """Rewards 1 and 0 in one group: advantages +a and -a; after one step the log-prob of the first
+    completion rose and that of the second fell."""
+    model, opt = policy(acc, toy)
+    args = grpo_logprob.Args(num_generations=2, max_grad_norm=0.0, max_completion_length=32)
+    advantages, _ = grpo_logprob.batch_advantages(torch.tensor([1.0, 0.0]), args, acc)
+    assert advantages[0] > 0 > advantages[1]
+    before = sequence_logprobs(model, rollouts)
+    grpo_logprob.update(model, opt, None, grpo_logprob.training_batch(rollouts, advantages, 0, acc.device, args), args, acc)
+    after = sequence_logprobs(model, rollouts)
+    assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.05, (before, after)
+
+
+def test_grpo_kl_term_alone_pulls_the_policy_back_to_the_reference(acc, toy, rollouts):
+    """Zero advantages and beta > 0: the loss is beta * KL, and one step lowers the KL to the reference."""
+    model, opt = policy(acc, toy, lr=0.002)  # a small step: the k3 gradient grows as exp(ref - lp)
+    with torch.no_grad():  # move the policy away from the reference first
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    ref = frozen(toy)
+    args = grpo_logprob.Args(num_generations=2, max_grad_norm=0.0, max_completion_length=32, beta=1.0)
+    _, kl_before = mean_entropy_and_kl(model, ref, rollouts)
+    metrics = grpo_logprob.update(model, opt, None, grpo_logprob.training_batch(rollouts, torch.zeros(2), 0, acc.device,
+                                                                                args), args, acc, ref)
+    _, kl_after = mean_entropy_and_kl(model, ref, rollouts)
+    assert kl_before > 0.01 and metrics["kl"] == pytest.approx(kl_before, rel=1e-4)
+    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
+
+
+def test_entropy_bonus_raises_the_entropy(acc, toy, rollouts):
+    """Reinforce with zero rewards and an entropy bonus: the loss is -entropy_coef * entropy."""
+    model, opt = policy(acc, toy, lr=0.5)
+    ref = frozen(toy)
+    args = reinforce_rej.Args(algo="reinforce", num_generations=2, max_grad_norm=0.0, entropy_coef=1.0, num_iterations=1)
+    entropy_before, _ = mean_entropy_and_kl(model, ref, rollouts)
+    batch = reinforce_rej.training_batch(rollouts, torch.zeros(2), torch.ones(2, dtype=torch.bool), 0, acc.device)
+    reinforce_rej.update(model, opt, None, batch, args, acc)
+    entropy_after, _ = mean_entropy_and_kl(model, ref, rollouts)
+    assert entropy_after > entropy_before + 0.01, (entropy_before, entropy_after)
+
+
+@pytest.mark.parametrize("algo", ["raft", "raft++"])
+def test_raft_step_raises_the_positive_sample(acc, toy, rollouts, algo):
+    """Correctness 1 and 0: RAFT trains on the positive sample only, and its log-prob rises."""
+    model, opt = policy(acc, toy)
+    args = raft_pp.Args(algo=algo, num_generations=2, max_grad_norm=0.0, num_iterations=2, log_kl=False)
+    rewards = raft_pp.correctness_rewards(torch.tensor([1.0, 0.0]), args.negative_reward)
+    selected = raft_pp.positive_samples(rewards.view(1, 2), args.negative_reward).flatten()
+    assert selected.tolist() == [True, False]
+    before = sequence_logprobs(model, rollouts)
+    raft_pp.update(model, opt, None, raft_pp.training_batch(rollouts, selected, 0, acc.device, args), args, acc)
+    assert sequence_logprobs(model, rollouts)[0] > before[0] + 0.05
+
+
+@pytest.mark.parametrize("algo", ["reinforce", "reinforce_rej"])
+def test_reinforce_step_follows_the_reward_sign(acc, toy, rollouts, algo):
+    """Rewards +1 (right) and -1 (wrong): the right completion's log-prob rises, the wrong one's falls."""
+    model, opt = policy(acc, toy)
+    args = reinforce_rej.Args(algo=algo, num_generations=2, max_grad_norm=0.0, num_iterations=1)
+    correct = torch.tensor([1.0, 0.0])
+    rewards = reinforce_rej.correctness_rewards(correct, args.negative_reward)
+    kept = reinforce_rej.mixed_prompts(correct.view(1, 2)) if algo == "reinforce_rej" else torch.ones(1, dtype=torch.bool)
+    before = sequence_logprobs(model, rollouts)
+    reinforce_rej.update(model, opt, None, reinforce_rej.training_batch(rollouts, rewards, kept.repeat_interleave(2), 0,
+                                                                        acc.device), args, acc)
+    after = sequence_logprobs(model, rollouts)
+    assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.05, (before, after)
+
+
+@pytest.mark.parametrize("coef", [0.0, 1.0])
+def test_prime_step_follows_the_outcome(acc, toy, rollouts, coef):
+    """Outcomes 1 and 0 (with and without the implicit PRM): the leave-one-out returns are positive for the
+    right completion and negative for the wrong one, and the policy moves accordingly."""
+    model, opt = policy(acc, toy)
+    args = prime.Args(num_generations=2, max_grad_norm=0.0, process_reward_coef=coef, num_mini_batches=1)
+    prm = prm_opt = ref = None
+    if coef:
+        prm, prm_opt = policy(acc, toy, lr=0.01)
+        ref = frozen(toy)
+    batch = collate(rollouts, 0, acc.device)
+    batch["labels"] = torch.tensor([1.0, 0.0])
+    before = sequence_logprobs(model, rollouts)
+    prime.update(model, opt, batch, args, acc, prm, prm_opt, ref)
+    after = sequence_logprobs(model, rollouts)
+    assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.05, (before, after)
+
+
+# --- the importance-sampling correction on a real mismatch -------------------------------------
+def mismatched(model, rollouts, ratios: list[float]):
+    """The rollouts with sampler log-probs that differ from the trainer's by log(rho) per token, rho
+    cycling through `ratios`: exactly the mismatch a bf16 sampler makes, with known sizes. Returns them
+    and rho [N, C] (0 under the padding)."""
+    batch = collate(rollouts, 0, "cpu")
+    with torch.no_grad():
+        trainer = token_logprobs(model, batch)
+    mask = batch["completion_mask"]
+    rho = torch.tensor(ratios).repeat(mask.numel() // len(ratios) + 1)[:mask.numel()].view(mask.shape) * mask
+    sampler = trainer - torch.log(rho.clamp(min=1e-30)) * mask
+    out = [Rollout(r.prompt_ids, r.completion_ids, sampler[i, :len(r.completion_ids)].tolist(), r.text, r.finish_reason)
+           for i, r in enumerate(rollouts)]
+    return out, rho
+
+
+def test_is_correction_masks_and_truncates_a_real_mismatch(acc, toy, rollouts):
+    """Sampler log-probs off by log 4, 0 and -log 3: rho = 0.25, 1, 3 per token. --is_correction mask with
+    [0.5, 2] zeroes the tokens with rho 0.25 and 3 and keeps rho 1: the step equals a step without the
+    correction on the kept tokens only (a normalizer that does not depend on the mask:
+    seq-mean-token-sum-norm). truncate caps 3 at 2: weights 0.25, 1, 2."""
+    args = grpo_logprob.Args(num_generations=2, max_grad_norm=0.0, max_completion_length=32, is_correction="mask",
+                             is_floor=0.5, is_cap=2.0, loss_type="seq-mean-token-sum-norm")
+    advantages = torch.tensor([1.0, -1.0])
+    model, opt = policy(acc, toy)
+    skewed, rho = mismatched(model, rollouts, [0.25, 1.0, 3.0])
+    batch = grpo_logprob.training_batch(skewed, advantages, 0, acc.device, args)
+    metrics = grpo_logprob.update(model, opt, None, batch, args, acc)
+    mask = batch["completion_mask"].bool()
+    keep = (rho - 1.0).abs() < 1e-6
+    assert torch.allclose(batch["is_weights"][mask], keep.float()[mask], atol=1e-5)
+    tokens, zeroed = mask.sum().item(), (~keep & mask).sum().item()
+    assert zeroed == (rho[mask] != 1.0).sum().item() and 0 < zeroed < tokens
+    assert metrics["is/zeroed_frac"] == pytest.approx(zeroed / tokens)
+    assert metrics["is/mean_weight"] == pytest.approx((tokens - zeroed) / tokens, abs=1e-6)
+    assert metrics["sampler/logprob_gap_max"] == pytest.approx(math.log(4), abs=1e-5)
+
+    # the same step without the correction, on the kept tokens only
+    plain_model, plain_opt = policy(acc, toy)
+    plain = grpo_logprob.Args(**{**vars(args), "is_correction": "none"})
+    plain_batch = grpo_logprob.training_batch(rollouts, advantages, 0, acc.device, plain)
+    plain_batch["loss_mask"] = plain_batch["loss_mask"] * keep
+    grpo_logprob.update(plain_model, plain_opt, None, plain_batch, plain, acc)
+    start = weights(AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32))
+    moved = max((a - s).abs().max().item() for a, s in zip(weights(model), start))
+    worst = max((a - b).abs().max().item() for a, b in zip(weights(model), weights(plain_model)))
+    assert moved > 1e-3 and worst < 1e-6, (moved, worst)
+
+    truncate = grpo_logprob.Args(**{**vars(args), "is_correction": "truncate"})
+    model, opt = policy(acc, toy)
+    batch = grpo_logprob.training_batch(mismatched(model, rollouts, [0.25, 1.0, 3.0])[0], advantages, 0, acc.device,
+                                        truncate)
+    metrics = grpo_logprob.update(model, opt, None, batch, truncate, acc)
+    assert torch.allclose(batch["is_weights"][mask], rho.clamp(max=2.0)[mask], atol=1e-5)
+    assert metrics["is/zeroed_frac"] == 0.0
+    assert metrics["is/mean_weight"] == pytest.approx(rho.clamp(max=2.0)[mask].mean().item(), abs=1e-6)
+
+
+# --- non-finite numbers never reach the weights ------------------------------------------------
+def test_a_nan_advantage_skips_the_step_and_is_counted(acc, toy, rollouts, capsys):
+    model, opt = policy(acc, toy)
+    args = grpo_logprob.Args(num_generations=2, max_grad_norm=1.0, max_completion_length=32)
+    start = weights(model)
+    batch = grpo_logprob.training_batch(rollouts, torch.tensor([float("nan"), 1.0]), 0, acc.device, args)
+    metrics = grpo_logprob.update(model, opt, None, batch, args, acc)
+    assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])
+    assert metrics["train/skipped_nonfinite"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), start))
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warning == ["warning: non-finite loss or gradient norm (nan): the optimizer step was skipped (1 in a row; "
+                       "the run stops at 3)."]
+    # a finite batch afterwards steps as usual, and is not counted
+    batch = grpo_logprob.training_batch(rollouts, torch.tensor([1.0, -1.0]), 0, acc.device, args)
+    metrics = grpo_logprob.update(model, opt, None, batch, args, acc)
+    assert metrics["train/skipped_nonfinite"] == 0.0 and math.isfinite(metrics["grad_norm"])
+    assert any(not torch.equal(a, b) for a, b in zip(weights(model), start))
+    assert common._NONFINITE["in_a_row"] == 0
+
+
+def test_three_non_finite_steps_in_a_row_stop_the_run(acc):
+    model = torch.nn.Linear(3, 1)
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    start = weights(model)
+    stats = common.StepStats()
+
+    def step(value):
+        model(torch.full((2, 3), value)).sum().backward()
+        return common.optimizer_step(acc, model, opt, None, 1.0, stats)
+
+    assert math.isnan(step(float("nan"))) and math.isnan(step(float("inf")))
+    with pytest.raises(SystemExit) as stop:
+        step(float("nan"))
+    assert str(stop.value) == ("3 optimizer steps in a row had a non-finite loss or gradient norm, so the run stops "
+                               "with the weights of the last finite step; look for the NaN or inf in the rewards or "
+                               "the advantages (metrics.jsonl: train/skipped_nonfinite) or lower the learning rate.")
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), start))
+    assert stats.reduce(acc)["skipped_nonfinite"] == 2.0  # the third stopped the run before it was counted
