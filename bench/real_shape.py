@@ -192,7 +192,9 @@ def main():
                                 m["num_tokens"])
             achieved = flops / m["time/update"]
             frac = achieved / peak[dtype]
-            print(f"| {name} | {m['step']} | {m['time/sample']:.1f} | {m['time/score']:.1f} | {m['time/update']:.1f} | "
+            # prime.py scores inside its sampling rounds, so its sample time includes scoring
+            score = f"{m['time/score']:.1f}" if "time/score" in m else "in sample"
+            print(f"| {name} | {m['step']} | {m['time/sample']:.1f} | {score} | {m['time/update']:.1f} | "
                   f"{m.get('time/push', 0):.1f} | {m['memory/peak_rss_gb']:.1f} | "
                   f"{m['sampler/logprob_gap_mean']:.2e} / {m['sampler/logprob_gap_max']:.2e} | "
                   f"{achieved / 1e9:.0f} | {frac:.2f} |", flush=True)

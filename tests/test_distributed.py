@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 import common
 from conftest import REPO, free_port, read_jsonl, run_script, torchrun
 
-def fsdp2() -> list[str]:
-    """The repo's FSDP2 launch config with 2 processes on CPU (float32, so the results compare exactly)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "fsdp2.yaml"),
+def launch_config(name: str = "fsdp2") -> list[str]:
+    """One of the repo's launch configs with 2 processes on CPU (float32, so the results compare exactly)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / f"{name}.yaml"),
             "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
 
 
@@ -30,22 +30,24 @@ def one_process_updates(toy, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("launch", ["ddp", "fsdp2", "zero3"])
 def test_update_on_two_processes_equals_one_process(toy, one_process_updates, launch):
     """Each script's own update (normalizer over processes, loss scaled by the process count,
     micro- and mini-batches, filtered prompts, a rank that keeps nothing, skipped steps, PRIME's
     whitening and PRM) with two processes holding half the batch leaves the weights of one process
     holding all of it. Also: a checkpoint written by two processes (one of them late) holds both
-    ranks' states, and loading it restores the weights (DDP and FSDP); and a NaN advantage on one
-    process skips the optimizer step on both, leaving every rank's weights (shards) unchanged."""
+    ranks' states, and loading it restores the weights (DDP, FSDP2 and DeepSpeed ZeRO-3; ZeRO-3 runs
+    every script but prime.py, which refuses DeepSpeed when it trains a PRM); and under DDP and FSDP2 a
+    NaN advantage on one process skips the optimizer step on both, leaving every rank's weights (shards)
+    unchanged (DeepSpeed's engine steps inside backward: counted, not skipped)."""
     out = run_script(["tests/dist_update.py", str(toy / "model"), str(one_process_updates)],
-                     launcher=torchrun() if launch == "ddp" else fsdp2(), timeout=600)
+                     launcher=torchrun() if launch == "ddp" else launch_config(launch), timeout=600)
     assert "DIST_UPDATE_OK" in out.stdout and "weights restored" in out.stdout
-    for rank in (0, 1):  # a NaN advantage on rank 1 only: both skip the step, both keep their weights
+    for rank in (0, 1) if launch != "zero3" else ():  # NaN advantage on rank 1: both skip, both keep weights
         assert f"rank {rank}: the non-finite step was skipped, weights unchanged, counted once" in out.stdout
-    suffix = "" if launch == "ddp" else "_fsdp"
+    suffix = {"ddp": "", "fsdp2": "_fsdp", "zero3": "_zero3"}[launch]
     initial = AutoModelForCausalLM.from_pretrained(toy / "model").state_dict()
-    for case in CASES:
+    for case in [c for c in CASES if not (launch == "zero3" and c == "prime")]:
         one = torch.load(one_process_updates / f"{case}_world1.pt")
         two = torch.load(one_process_updates / f"{case}_world2{suffix}.pt")
         for a, b in zip(one, two):
@@ -56,13 +58,13 @@ def test_update_on_two_processes_equals_one_process(toy, one_process_updates, la
 
 
 @needs_vllm
-@pytest.mark.parametrize("tp,launch", [(2, "ddp"), (1, "fsdp2")])
+@pytest.mark.parametrize("tp,launch", [(2, "ddp"), (1, "fsdp2"), (1, "zero3")])
 def test_colocated_vllm_on_every_rank(toy, tp, launch):
     """external_launcher engines, one per process (tp 1) or shared by both (tp 2): log-probs equal the
     trainer's within 1e-3 on every rank, and after an update and a push (FSDP2: gathered one parameter at
     a time) every rank's greedy output equals the trainer's."""
     out = run_script(["tests/dist_vllm.py", str(toy / "model"), str(tp)],
-                     launcher=torchrun() if launch == "ddp" else fsdp2(), timeout=600)
+                     launcher=torchrun() if launch == "ddp" else launch_config(launch), timeout=600)
     assert "DIST_VLLM_OK" in out.stdout
     for rank in (0, 1):
         assert f"rank {rank}: log-probs agree" in out.stdout
