@@ -272,7 +272,7 @@ def need(row, key, where):
     """row[key], or a one-sentence error naming the row, the field and the fix."""
     if row.get(key) is None:
         raise DataError(f"{where} has no field {key!r} (it has: {', '.join(row)}); "
-                        f"point --source at data in this task's layout or fix that row")
+                        f"point --source at data in the task's layout or fix that row")
     return row[key]
 
 
@@ -286,7 +286,7 @@ def as_text(value, key, where):
         return "\n\n".join(value)
     if not isinstance(value, str):
         raise DataError(f"{where} field {key!r} is a {type(value).__name__}, not text; "
-                        f"point --source at data in this task's layout or fix that row")
+                        f"point --source at data in the task's layout or fix that row")
     return value
 
 
@@ -296,7 +296,7 @@ def first_of(row, keys, where):
         if row.get(key) is not None:
             return as_text(row[key], key, where)
     raise DataError(f"{where} has none of the fields {list(keys)} (it has: {', '.join(row)}); "
-                    f"point --source at data in this task's layout or fix that row")
+                    f"point --source at data in the task's layout or fix that row")
 
 
 def as_answer(x):
@@ -364,7 +364,7 @@ def gold_of(row, where):
             continue
         if not isinstance(value, (str, int, float, list, tuple)):
             raise DataError(f"{where} field {key!r} is a {type(value).__name__}, not an answer; "
-                            f"point --source at data in this task's layout or fix that row")
+                            f"point --source at data in the task's layout or fix that row")
         answer = as_answer(value)
         if "####" in answer:
             raise DataError(f"{where} field {key!r} is a worked solution ending in '#### N': "
@@ -373,7 +373,7 @@ def gold_of(row, where):
             return answer, key
     if "solution" not in row and not any(key in row for key in ANSWER_FIELDS):
         raise DataError(f"{where} has none of the fields {[*ANSWER_FIELDS, 'solution']} "
-                        f"(it has: {', '.join(row)}); point --source at data in this task's layout")
+                        f"(it has: {', '.join(row)}); point --source at data in the task's layout")
     solution = row.get("solution")
     boxed = last_boxed(as_text(solution, "solution", where)) if solution is not None else None
     return (boxed, "solution") if boxed else (None, None)
@@ -699,7 +699,7 @@ def prepare(args):
 # ----------------------------------------------------------------------------------------------
 # toy task: chained single-digit arithmetic in the R1 format, and a warm-started tiny model
 # ----------------------------------------------------------------------------------------------
-# Why this task: it runs end to end on a laptop CPU in minutes, yet RL has something real to do.
+# Why the toy task: it runs end to end on a laptop CPU in minutes, yet RL has something real to do.
 # The warm start is trained on worked solutions of which a share (--slip_rate) contain one
 # arithmetic slip (a step's result off by 1 or 2, carried to the answer). The model learns the
 # right facts (greedy decoding is mostly right) but also learns to slip at about that rate when

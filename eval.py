@@ -10,7 +10,7 @@ score_completions): the files a training run writes under runs/NAME/eval/ are ou
 script. Outputs of the Qwen2.5-Math evaluation harness and lm-evaluation-harness --log_samples files
 are read too, and their own verdicts compared with ours. Re-scoring always recomputes
 preds/correct/format from the completions, so a fix to the grader applies to old runs too.
-Metric definitions: README "eval.py"; REFERENCE.md section 5.
+Metric definitions: README "eval.py" and the docstrings of pass_at_k, avg_at_k and maj_at_k below.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Real benchmark files: convert each with data_prep.py, then grade each row's own worked solution
 against the converted gold with the grader that training and eval.py use (common.score_completions).
 
-    python bench/real_data.py [--data ../shared/data/benchmarks]
+    python bench/real_data.py --data DIR      # DIR: a folder of benchmark files (none ship with the repo)
 
 Every .jsonl/.json/.parquet/.csv file in --data is converted on its own with the task its name
 points to (gsm8k, math500, math, aime24, aime, amc23, amc, minerva, olympiadbench). What is graded:
@@ -129,7 +129,7 @@ def check_respellings(rows: list[dict]) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/benchmarks", help="folder holding the benchmark files")
+    p.add_argument("--data", required=True, help="folder holding the benchmark files")
     args = p.parse_args()
     folder = Path(args.data)
     files = sorted(f for f in folder.glob("*") if f.suffix in data_prep.FORMATS) if folder.is_dir() else []

@@ -191,9 +191,10 @@ def test_importance_weights_hand_numbers():
                                              "sequence", 9.0, 0.5), torch.full((1, 3), 0.75))
 
 
-# --- regression tests for the log-prob seed project's defects (REFERENCE.md section 2) --------
+# --- regression tests: the defects of the released code of "Eliciting Reasoning in LLMs Using
+# Logprob-Based Rewards", which must not come back ---------------------------------------------
 def test_defect1_end_of_reasoning_marker_is_not_a_tab(toy):
-    """The seed wrote the marker "<\\think>": "\\t" is a TAB, it never matched, and almost every
+    """That code wrote the marker "<\\think>": "\\t" is a TAB, it never matched, and almost every
     completion was masked out. Our reasoning mask must cover the reasoning of a real completion."""
     from transformers import AutoTokenizer
 
@@ -211,7 +212,7 @@ def test_defect1_end_of_reasoning_marker_is_not_a_tab(toy):
 
 
 def test_defect2_reward_sign_more_likely_answer_scores_higher():
-    """The seed's reward was a min-max of |sum log p|: the least likely gold answer got the highest
+    """Its reward was a min-max of |sum log p|: the least likely gold answer got the highest
     reward. Ours must rank a more likely reference answer higher under every variant and norm."""
     likely, unlikely = torch.log(torch.tensor([0.9, 0.8])), torch.log(torch.tensor([0.2, 0.1]))
     base = torch.log(torch.tensor([0.3, 0.3]))
@@ -225,7 +226,7 @@ def test_defect2_reward_sign_more_likely_answer_scores_higher():
 
 
 def test_defect3_reasoning_is_read_from_a_completion_that_starts_inside_it():
-    """The seed looked for "<think>" inside the completion, but it lives in the prompt's prefill,
+    """It looked for "<think>" inside the completion, but it lives in the prompt's prefill,
     so the reasoning was empty and every member of a group scored the same."""
     a = "\n3+4=7\n</think>\n<answer>7</answer>"
     b = "\n3+4=8\n</think>\n<answer>8</answer>"
