@@ -3,9 +3,23 @@
     python grpo_logprob.py                                   # toy task, rule reward (the quickstart)
     accelerate launch grpo_logprob.py --model Qwen/Qwen2.5-Math-1.5B --train_file data/gsm8k_train.jsonl ...
 
-One step: sample a group of completions per prompt, score them, normalize rewards within the group
-(advantages), then take a clipped policy-gradient step (GRPO, DeepSeekMath; loss options from
-DAPO and Dr. GRPO). Formulas: ../shared/REFERENCE.md section 1.
+One step: sample a group of n completions per prompt, score them, normalize rewards within the group
+(advantages), then take clipped policy-gradient steps. With s_t = exp(lp_t - old_t) per token:
+  A_i = (r_i - mean_group(r)) / (std_group(r) + eps)          (--scale_rewards: group, batch or none)
+  l_t = -min(s_t A, clip(s_t, 1 - eps_low, 1 + eps_high) A) + beta * k3,  k3 = exp(ref_t - lp_t) - (ref_t - lp_t) - 1
+  loss = token-mean: sum_t l_t / tokens of the batch;  seq-mean-token-mean: mean over completions of
+         their token mean;  seq-mean-token-sum-norm: sum_t l_t / (completions * max_completion_length)
+Papers: GRPO, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models"
+(arXiv 2402.03300); clip-higher and token-mean, "DAPO: An Open-Source LLM Reinforcement Learning System
+at Scale" (arXiv 2503.14476); no std and sum-norm, "Understanding R1-Zero-Like Training: A Critical
+Perspective" (Dr. GRPO, arXiv 2503.20783). The reference implementations use the unbiased std, as here.
+
+Log-prob reward ("Eliciting Reasoning in LLMs Using Logprob-Based Rewards"): the policy's own
+R = sum_t log pi(<answer>gold</answer>_t | prompt + reasoning + "</think>\n"), no gradient; the loss
+then covers the reasoning tokens only, as the reward ignores the written answer. Its released code
+differs in three defects this file does not repeat (tests/test_grpo.py): an end-of-reasoning marker
+that never matched (reasoning_mask), an inverted reward sign (answer_logprob_score), and reasoning
+searched for where it never is (scoring_texts). A frozen scorer's perplexity rewards: perplexity_rewards.
 """
 
 from __future__ import annotations
@@ -167,9 +181,9 @@ def scoring_texts(completion: str, answer: str, style: str) -> tuple[str | None,
     """(reasoning, cue, continuation) for scoring the reference answer after a completion's reasoning.
 
     The completion starts inside the reasoning (the prompt prefills "<think>"), so the reasoning is
-    everything before the end-of-reasoning marker; it is never searched for "<think>" (the seed
-    project did, found nothing, and gave every member of a group the same reward). The reference
-    answer is wrapped as the task writes answers. reasoning is None when the marker is missing.
+    everything before the end-of-reasoning marker. The log-prob reward paper's code searched the
+    completion for "<think>", found nothing, and gave every member of a group the same reward. The
+    reference answer is wrapped as the task writes answers. reasoning is None when the marker is missing.
     """
     if style == "tag":
         marker, cue, continuation = END_OF_REASONING, END_OF_REASONING + "\n", f"<answer>{answer}</answer>"
@@ -182,9 +196,10 @@ def scoring_texts(completion: str, answer: str, style: str) -> tuple[str | None,
 def answer_logprob_score(logprobs: torch.Tensor, variant: str) -> float:
     """One number from the per-token log-probs of the reference answer: larger = more likely.
 
-    sum: sum_t log p (default; the seed's reward with the correct sign)
+    sum: sum_t log p (default; the paper's code min-max scaled |sum_t log p|, which ranks the least
+         likely answer highest)
     mean: mean_t log p
-    prob: mean_t p (RLPR's probability reward)
+    prob: mean_t p ("RLPR: Extrapolating RLVR to General Domains without Verifiers", arXiv 2506.18254)
     """
     if variant == "sum":
         return logprobs.sum().item()
@@ -197,7 +212,8 @@ def answer_logprob_score(logprobs: torch.Tensor, variant: str) -> float:
 
 def perplexity_rewards(lp_reasoning: torch.Tensor, lp_baseline: torch.Tensor) -> dict[str, float]:
     """The perplexity rewards of "Designing Good Rewards for RL on LLMs" from the reference answer's
-    token log-probs with the reasoning (improved) and without it (baseline), same cue on both.
+    token log-probs with the reasoning (improved) and without it (baseline), the same answer cue on both
+    (the paper cues the improved prompt only, which biases relative).
 
     PPL = exp(-mean_t log p);  relative = max(0, 1 - PPL_improved / PPL_baseline);
     absolute = 1 / PPL_improved;  hybrid = (relative + absolute) / 2.
