@@ -4,12 +4,11 @@ Read top to bottom:
   1. data         load_tasks, render_prompt
   2. rewards      answer extraction and checking (one checker for training and eval.py), poem reward
   2b. sandbox     model-written programs against their tests, under bubblewrap
-  3. masks        completion, truncation, reasoning-only
-  4. sampling     Sampler: vLLM in-process engine or transformers, one Rollout record
-  5. log-probs    token log-probs of the training model, chunked over positions
-  6. batching     rollouts -> padded tensors, per-rank sharding of prompts
-  7. evaluation   sample the test set, score it, write an outputs file
-  8. run dir      config.json, metrics.jsonl, rollouts.jsonl, checkpoints, final/
+  3. sampling     Sampler: vLLM in-process engine or transformers, one Rollout record
+  4. log-probs    token log-probs of the training model, chunked over positions
+  5. batching     rollouts -> padded tensors, per-rank sharding of prompts
+  6. evaluation   sample the test set, score it, write an outputs file
+  7. run dir      config.json, metrics.jsonl, rollouts.jsonl, checkpoints, final/
 """
 
 from __future__ import annotations
@@ -1167,53 +1166,7 @@ def run_code_tests_many(jobs: list[tuple[str | None, dict | None]], limits: Code
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. masks
-# ----------------------------------------------------------------------------------------------
-# The end of the reasoning in the R1 format. (The log-prob seed project wrote it "<\think>", where
-# "\t" is a TAB: it never matched and almost every completion was masked out. Test: test_grpo.py.)
-END_OF_REASONING = "</think>"
-
-
-def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = END_OF_REASONING) -> int | None:
-    """Number of leading completion tokens up to and including the end-of-reasoning marker.
-
-    Found on characters, not tokens: the smallest k such that decode(ids[:k]) contains the marker.
-    So it works whatever way the tokenizer splits "</think>" (one special token, or "</", "think",
-    ">"). None when the marker never appears. Binary search: decoded prefixes only grow.
-    """
-    def has_marker(k: int) -> bool:
-        return marker in tokenizer.decode(completion_ids[:k], skip_special_tokens=False)
-
-    if not completion_ids or not has_marker(len(completion_ids)):
-        return None
-    lo, hi = 1, len(completion_ids)  # has_marker(hi) is True
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if has_marker(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def reasoning_mask(tokenizer, rollouts: list["Rollout"], width: int, marker: str = END_OF_REASONING) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, width] mask of the reasoning tokens (marker included), and a [N] bool: marker found.
-
-    Completions without the marker get an all-zero row: they receive no policy gradient
-    (their reward is scored as failed by the caller; see grpo_logprob.py).
-    """
-    mask = torch.zeros(len(rollouts), width)
-    found = torch.zeros(len(rollouts), dtype=torch.bool)
-    for i, r in enumerate(rollouts):
-        k = reasoning_token_count(tokenizer, r.completion_ids, marker)
-        if k is not None:
-            mask[i, :k] = 1.0
-            found[i] = True
-    return mask, found
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. sampling
+# 3. sampling
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
@@ -1532,7 +1485,7 @@ def full_named_parameters(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. log-probs of the training model
+# 4. log-probs of the training model
 # ----------------------------------------------------------------------------------------------
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     """log softmax(h W^T / T)[target] and the entropy of that softmax, for N rows of h.
@@ -1657,29 +1610,8 @@ def unwrap(model):
     return model
 
 
-@torch.no_grad()
-def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[list[int]],
-                          pad_id: int, batch_size: int = 64, temperature: float = 1.0,
-                          accelerator=None) -> list[torch.Tensor]:
-    """Per-token log-prob of continuations[i] after prefixes[i] (no gradient), e.g. of a reference
-    answer after the model's own reasoning. Returns a list of 1-D float tensors.
-
-    With a sharded model (FSDP, DeepSpeed) every forward pass is collective, so processes with fewer
-    batches than the others run filler batches until all have run as many."""
-    device = next(unwrap(model).parameters()).device
-    result = []
-    n_batches = math.ceil(len(prefixes) / batch_size)
-    if is_sharded(accelerator):
-        n_batches = int(accelerator.reduce(torch.tensor(n_batches, device=accelerator.device), "max").item())
-    for b in range(n_batches):
-        pairs = list(zip(prefixes[b * batch_size:(b + 1) * batch_size], continuations[b * batch_size:(b + 1) * batch_size]))
-        lp = token_logprobs(model, collate_ids(pairs or [([pad_id], [pad_id])], pad_id, device), temperature)
-        result += [lp[i, :len(c)].cpu() for i, (_, c) in enumerate(pairs)]
-    return result
-
-
 # ----------------------------------------------------------------------------------------------
-# 6. batching
+# 5. batching
 # ----------------------------------------------------------------------------------------------
 def collate_ids(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
     """(prompt ids, completion ids) pairs -> right-padded tensors.
@@ -1749,7 +1681,7 @@ def shard(items: list, rank: int, world: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. evaluation
+# 6. evaluation
 # ----------------------------------------------------------------------------------------------
 def evaluate(sampler: Sampler, tokenizer, rows: list[dict], *, n: int, temperature: float, max_tokens: int,
              seed: int, accelerator=None, top_p: float = 1.0) -> tuple[dict, list[dict]]:
@@ -1822,7 +1754,7 @@ def summarize_outputs(records: list[dict], errors: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. run directory, logging, checkpoints
+# 7. run directory, logging, checkpoints
 # ----------------------------------------------------------------------------------------------
 class Run:
     """One run's directory:

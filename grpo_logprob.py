@@ -32,11 +32,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (END_OF_REASONING, POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap,
-                    answer_style, check_code_sandbox, collate, continuation_logprobs, encode_prompts, evaluate,
-                    index_batch, load_tasks, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step,
-                    parse_args, peak_memory, prompts_for_step, reasoning_mask, render_prompt, sampler_dtype,
-                    score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+from common import (POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
+                    check_code_sandbox, collate, collate_ids, encode_prompts, evaluate, index_batch, is_sharded,
+                    load_tasks, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step, parse_args,
+                    peak_memory, prompts_for_step, render_prompt, sampler_dtype, score_completions, set_seed, shard,
+                    step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -175,6 +175,45 @@ def parse_reward_weights(spec: str, known: tuple[str, ...]) -> dict[str, float]:
 
 RULE_TERMS = ("correct", "format", "code", "poem")
 ANSWER_BLIND_TERMS = ("logprob", "ppl_relative", "ppl_absolute", "ppl_hybrid")  # ignore the written answer
+
+
+# The end of the reasoning in the R1 format. The log-prob reward paper's code wrote it "<\think>", where
+# "\t" is a TAB: it never matched, and almost every completion was masked out (tests/test_grpo.py).
+END_OF_REASONING = "</think>"
+
+
+def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = END_OF_REASONING) -> int | None:
+    """Number of leading completion tokens up to and including the end-of-reasoning marker; None without it.
+
+    The smallest k such that decode(ids[:k]) contains the marker, found on characters (binary search:
+    decoded prefixes only grow), so it works however the tokenizer splits "</think>".
+    """
+    def has_marker(k: int) -> bool:
+        return marker in tokenizer.decode(completion_ids[:k], skip_special_tokens=False)
+
+    if not completion_ids or not has_marker(len(completion_ids)):
+        return None
+    lo, hi = 1, len(completion_ids)  # has_marker(hi) is True
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if has_marker(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def reasoning_mask(tokenizer, rollouts, width: int, marker: str = END_OF_REASONING) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, width] mask of the reasoning tokens (marker included), and a [N] bool: marker found. A
+    completion without the marker gets an all-zero row: no policy gradient (fill_failed sets its reward)."""
+    mask = torch.zeros(len(rollouts), width)
+    found = torch.zeros(len(rollouts), dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        k = reasoning_token_count(tokenizer, r.completion_ids, marker)
+        if k is not None:
+            mask[i, :k] = 1.0
+            found[i] = True
+    return mask, found
 
 
 def scoring_texts(completion: str, answer: str, style: str) -> tuple[str | None, str, str]:
@@ -457,6 +496,26 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
 # ----------------------------------------------------------------------------------------------
 # scoring the reference answer after the model's own reasoning (needs a model: not pure)
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[list[int]],
+                          pad_id: int, batch_size: int = 64, temperature: float = 1.0,
+                          accelerator=None) -> list[torch.Tensor]:
+    """Per-token log-probs (1-D tensors) of continuations[i] after prefixes[i], no gradient.
+
+    With a sharded model (FSDP, DeepSpeed) every forward pass is collective, so processes with fewer
+    batches than the others run filler batches until all have run as many."""
+    device = next(unwrap(model).parameters()).device
+    result = []
+    n_batches = math.ceil(len(prefixes) / batch_size)
+    if is_sharded(accelerator):
+        n_batches = int(accelerator.reduce(torch.tensor(n_batches, device=accelerator.device), "max").item())
+    for b in range(n_batches):
+        pairs = list(zip(prefixes[b * batch_size:(b + 1) * batch_size], continuations[b * batch_size:(b + 1) * batch_size]))
+        lp = token_logprobs(model, collate_ids(pairs or [([pad_id], [pad_id])], pad_id, device), temperature)
+        result += [lp[i, :len(c)].cpu() for i, (_, c) in enumerate(pairs)]
+    return result
+
+
 @torch.no_grad()
 def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[str], pad_id: int,
                               with_baseline: bool = True, accelerator=None):

@@ -1,4 +1,4 @@
-"""common.py: log-probs, masks, batching, data loading, scoring, run directory."""
+"""common.py: log-probs, batching, data loading, scoring, run directory."""
 
 import dataclasses
 import json
@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 from common import (Rollout, Sampler, _ChunkedLogprobEntropy, collate, collate_ids, load_tasks, parse_args,
-                    prompts_for_step, reasoning_token_count, score_completions, shard, token_logprobs,
-                    top_p_filter)
+                    prompts_for_step, score_completions, shard, token_logprobs, top_p_filter)
 
 
 # --- chunked log-probs ------------------------------------------------------------------------
@@ -109,25 +108,6 @@ def test_top_p_filter_keeps_smallest_nucleus():
     assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
     out = top_p_filter(logp, 0.85).exp()
     assert torch.allclose(out, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
-
-
-# --- masks ------------------------------------------------------------------------------------
-def test_reasoning_mask_found_on_characters_whatever_the_tokenization(toy):
-    tok = AutoTokenizer.from_pretrained(toy / "model")
-    text = "\n3 + 4 = 7\n</think>\n<answer>7</answer>"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    k = reasoning_token_count(tok, ids)
-    # Qwen's pre-tokenizer splits it "</", "think", ">\n": the token holding the marker's last
-    # character is the last reasoning token (here it also carries the newline)
-    assert [tok.decode([i]) for i in ids[k - 3:k]] == ["</", "think", ">\n"]
-    assert "</think>" in tok.decode(ids[:k]) and "</think>" not in tok.decode(ids[:k - 1])
-    # the same text where "</think>" is one added token
-    tok.add_tokens(["</think>"])
-    ids2 = tok(text, add_special_tokens=False)["input_ids"]
-    assert len(ids2) < len(ids)
-    k2 = reasoning_token_count(tok, ids2)
-    assert tok.convert_ids_to_tokens(ids2[k2 - 1]) == "</think>"
-    assert reasoning_token_count(tok, tok("no marker here", add_special_tokens=False)["input_ids"]) is None
 
 
 # --- batching and data ------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 import common
 import eval as ev
 from common import (Rollout, _fast_match, _parse_fraction, countdown_correct, countdown_value, extract_answer,
-                    format_ok, last_boxed, last_tag, normalize_answer, parse_number, reasoning_mask,
-                    reasoning_token_count, score_completions)
+                    format_ok, last_boxed, last_tag, normalize_answer, parse_number, score_completions)
+from grpo_logprob import reasoning_mask, reasoning_token_count
 from conftest import Hang, grader_workers, settled_workers, time_limit  # noqa: F401  Hang: bench/fuzz.py
 
 # No hypothesis deadline: its per-example timer would fail a slow CI machine. A hang is caught by
