@@ -420,19 +420,6 @@ def _numbers_equal(a: Fraction, b: Fraction) -> bool:
     return abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
 
 
-def parse_number(s: str) -> float | None:
-    """Plain number (int, decimal, a/b, \\frac{a}{b}, 4.5e33, 4.5\\times10^{33}, 50\\% -> 50.0) or None.
-    Never evals."""
-    value = _parse_fraction(normalize_answer(s))
-    if value is None:
-        return None
-    try:
-        value = float(value)
-    except OverflowError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _for_math_verify(s: str) -> str:
     """The text Math-Verify gets: a whole-text brace group peeled, and e-notation spelled
     \\times10^{n} (Math-Verify's LaTeX reader takes 4.5e33 for 4.5 * Euler's e * 33)."""
@@ -598,12 +585,6 @@ def answers_match_many(
     if out_of_time:
         _discard_pool(pool)  # the batch ran out of time with pairs still queued or running
     return results, n_failed
-
-
-def answers_match(pred: str | None, gold: str, timeout: float = 5.0) -> bool:
-    """The one equivalence check of the project: is `pred` the same answer as `gold`?"""
-    results, _ = answers_match_many([(pred, gold)], timeout)
-    return results[0]
 
 
 # ---- Countdown -------------------------------------------------------------

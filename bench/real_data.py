@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data_prep  # noqa: E402
-from common import _mv_verify, answers_match, last_boxed, load_tasks, score_completions, shutdown_grader  # noqa: E402
+from common import _mv_verify, answers_match_many, last_boxed, load_tasks, score_completions, shutdown_grader  # noqa: E402
 
 # file name -> data_prep task: the first pattern found in the name (lower case) wins
 TASK_OF_NAME = [("gsm8k", "gsm8k"), ("math500", "math500"), ("math_500", "math500"), ("minerva", "minerva"),
@@ -142,7 +142,7 @@ def main():
     datasets.disable_progress_bars()
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # the peer's calls run without its timeout
 
-    answers_match(r"2\sqrt{2}", r"\sqrt{8}")  # start the Math-Verify pool outside the timings
+    answers_match_many([(r"2\sqrt{2}", r"\sqrt{8}")])  # start the Math-Verify pool outside the timings
     with tempfile.TemporaryDirectory() as tmp:
         results = [check_file(f, Path(tmp)) for f in files]
         spelled = check_respellings([row for r in results for row in r.get("rows", [])])
