@@ -1,7 +1,7 @@
-"""Shared by every algorithm script: data, rewards, masks, sampling, log-probs, run directory.
+"""Shared by every algorithm script: data, rewards, sampling, log-probs, run directory.
 
 Read top to bottom:
-  1. data         load_tasks, render_prompt
+  1. data         load_tasks, render_prompt, the prompt templates
   2. rewards      answer extraction and checking (one checker for training and eval.py), poem reward
   2b. sandbox     model-written programs against their tests, under bubblewrap
   3. sampling     Sampler: vLLM in-process engine or transformers, one Rollout record
@@ -174,6 +174,54 @@ def answer_style(row: dict) -> str:
     (a fenced Python block)."""
     default = "tag" if row["task"] in ("toy", "countdown", "poem") else "code" if row["task"] == "code" else "boxed"
     return row.get("metadata", {}).get("answer_style", default)
+
+
+# ---- prompt templates (data_prep.py writes them into rows; eval.py --template re-renders) ----------
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+PRIME_SUFFIX = "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"
+R1_SYSTEM = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The Assistant first thinks about the reasoning process in the mind and then "
+    "provides the User with the answer. The reasoning process is enclosed within <think> "
+    "</think> and the answer is enclosed within <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think>\n<answer> answer here </answer>."
+)
+# Prefilled assistant turn: the completion starts INSIDE the reasoning and goes on with
+# "... </think>\n<answer> ... </answer>".
+R1_PREFILL = "Let me solve this step by step.\n<think>"
+# PRIME's instruction for coding problems; the reward runs the last ```python block against the tests.
+CODE_INSTRUCTION = "Write Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
+ANSWER_STYLE = {"qwen_math": "boxed", "prime": "boxed", "r1": "tag", "code": "code"}  # template -> answer_style
+
+
+def build_prompt(template: str, question: str) -> list[dict]:
+    """Chat messages for one question under a named template."""
+    if template == "qwen_math":
+        return [{"role": "system", "content": QWEN_MATH_SYSTEM}, {"role": "user", "content": question}]
+    if template == "prime":
+        return [{"role": "user", "content": question + PRIME_SUFFIX}]
+    if template == "r1":
+        return [{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": question},
+                {"role": "assistant", "content": R1_PREFILL}]
+    if template == "code":
+        return [{"role": "user", "content": question + "\n\n" + CODE_INSTRUCTION}]
+    raise ValueError(f"unknown template {template!r}; choose one of {sorted(ANSWER_STYLE)}")
+
+
+def as_answer(x) -> str:
+    """Reference answers are strings: 27.0 becomes "27"; lists (OlympiadBench's ["$1$", "$2$"]) are
+    joined after their $...$ delimiters are dropped."""
+    if isinstance(x, (list, tuple)):
+        return ", ".join(strip_dollars(as_answer(v)) for v in x)
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x).strip()
+
+
+def strip_dollars(s: str) -> str:
+    while len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+        s = s[1:-1].strip()
+    return s
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ One JSON object per line:
      "metadata": {"template": "qwen_math", "answer_style": "boxed", "source": "openai/gsm8k", ...}}
 
 If the template prefills the assistant turn (r1), the LAST prompt message is
-{"role": "assistant", "content": R1_PREFILL}; render it with continue_final_message=True.
+{"role": "assistant", "content": common.R1_PREFILL}; render it with continue_final_message=True.
 
 Usage:
     python data_prep.py gsm8k --out data/gsm8k_train.jsonl
@@ -35,8 +35,10 @@ from pathlib import Path
 
 import torch
 
-# the one brace-matching extractor, GSM8K reader and code-test reader, shared with the reward code
-from common import code_test_cases, gsm8k_gold, last_boxed
+# the prompt templates (shared with eval.py), and the one brace-matching extractor, GSM8K reader and
+# code-test reader (shared with the reward code)
+from common import (ANSWER_STYLE, PRIME_SUFFIX, R1_PREFILL, as_answer, build_prompt, code_test_cases, gsm8k_gold,
+                    last_boxed)
 
 # Default hub ids per task. Every one of them can be replaced by a local file or folder
 # with --source (that is how the tests run: there is no hub access there).
@@ -62,46 +64,10 @@ class DataError(ValueError):
     """A problem the user can fix (bad path, wrong layout). The CLI prints it as one line."""
 
 
-# ---------------------------------------------------------------------------------------
-# Prompt templates
-# ---------------------------------------------------------------------------------------
-QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-PRIME_SUFFIX = "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"
-R1_SYSTEM = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant "
-    "solves it. The Assistant first thinks about the reasoning process in the mind and then "
-    "provides the User with the answer. The reasoning process is enclosed within <think> "
-    "</think> and the answer is enclosed within <answer> </answer> tags, respectively, i.e., "
-    "<think> reasoning process here </think>\n<answer> answer here </answer>."
-)
-# Prefilled assistant turn: the completion starts INSIDE the reasoning and goes on with
-# "... </think>\n<answer> ... </answer>".
-R1_PREFILL = "Let me solve this step by step.\n<think>"
-
-# PRIME's instruction for coding problems; the reward runs the last ```python block against the tests.
-CODE_INSTRUCTION = "Write Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
-# Eurus-2-RL-Data writes it with small variations ("```\nat the end." or "``` at the end.")
+# Eurus-2-RL-Data writes PRIME's code instruction (common.CODE_INSTRUCTION) with small variations
+# ("```\nat the end." or "``` at the end.")
 CODE_INSTRUCTION_RE = re.compile(r"\s*Write Python code to solve the problem\. Present the code in\s*```python\s*"
                                  r"Your code\s*```\s*at the end\.\s*$")
-
-# template name -> how the reward function should pull the answer out of a completion
-ANSWER_STYLE = {"qwen_math": "boxed", "prime": "boxed", "r1": "tag", "code": "code"}
-
-
-def build_prompt(template, question):
-    """Chat messages for one question under a named template."""
-    if template == "qwen_math":
-        return [{"role": "system", "content": QWEN_MATH_SYSTEM},
-                {"role": "user", "content": question}]
-    if template == "prime":
-        return [{"role": "user", "content": question + PRIME_SUFFIX}]
-    if template == "r1":
-        return [{"role": "system", "content": R1_SYSTEM},
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": R1_PREFILL}]
-    if template == "code":
-        return [{"role": "user", "content": question + "\n\n" + CODE_INSTRUCTION}]
-    raise DataError(f"unknown template {template!r}; choose one of {sorted(ANSWER_STYLE)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,22 +263,6 @@ def first_of(row, keys, where):
             return as_text(row[key], key, where)
     raise DataError(f"{where} has none of the fields {list(keys)} (it has: {', '.join(row)}); "
                     f"point --source at data in the task's layout or fix that row")
-
-
-def as_answer(x):
-    """Reference answers are strings: 27.0 becomes "27"; lists (OlympiadBench's ["$1$", "$2$"]) are
-    joined after their $...$ delimiters are dropped."""
-    if isinstance(x, (list, tuple)):
-        return ", ".join(strip_dollars(as_answer(v)) for v in x)
-    if isinstance(x, float) and x.is_integer():
-        return str(int(x))
-    return str(x).strip()
-
-
-def strip_dollars(s):
-    while len(s) >= 2 and s[0] == "$" and s[-1] == "$":
-        s = s[1:-1].strip()
-    return s
 
 
 def as_level(x):

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (Sampler, atomic_write_text, check_code_sandbox, evaluate, gsm8k_gold, jsonable, last_boxed,
-                    last_tag, load_tasks, normalize_answer, score_completions, score_fields, shutdown_grader,
-                    task_metrics, vllm_available)
-from data_prep import ANSWER_STYLE, CODE_INSTRUCTION, PRIME_SUFFIX, as_answer, build_prompt
+from common import (ANSWER_STYLE, CODE_INSTRUCTION, PRIME_SUFFIX, Sampler, as_answer, atomic_write_text, build_prompt,
+                    check_code_sandbox, evaluate, gsm8k_gold, jsonable, last_boxed, last_tag, load_tasks,
+                    normalize_answer, score_completions, score_fields, shutdown_grader, task_metrics, vllm_available)
 
 # ----------------------------------------------------------------------------------------------
 # metrics of one problem (hand-computed tests: tests/test_eval.py)

@@ -13,7 +13,7 @@ import pytest
 
 import data_prep as dp
 import eval as ev
-from common import score_completions
+from common import build_prompt, score_completions
 from conftest import REPO, read_jsonl, run_script
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -329,9 +329,9 @@ def test_benchmark_outputs_break_down_by_subject_and_level(tmp_path):
 
 def test_retemplate_renders_the_question_again():
     row = {"id": "x", "task": "math", "answer": "1",
-           "prompt": dp.build_prompt("prime", "What is 1?"), "metadata": {"template": "prime", "answer_style": "boxed"}}
+           "prompt": build_prompt("prime", "What is 1?"), "metadata": {"template": "prime", "answer_style": "boxed"}}
     r1 = ev.retemplate(row, "r1")
-    assert r1["prompt"] == dp.build_prompt("r1", "What is 1?")
+    assert r1["prompt"] == build_prompt("r1", "What is 1?")
     assert r1["metadata"]["answer_style"] == "tag" and row["metadata"]["template"] == "prime"
 
 
