@@ -129,27 +129,60 @@ def parse_args(cls, argv=None):
 REQUIRED_FIELDS = ("id", "task", "prompt", "answer")
 
 
+def read_jsonl(path: str | Path, errors: list[str] | None = None, numbered: bool = False) -> list:
+    """The objects of a JSON-lines file, blank lines skipped; numbered: (line number, object) pairs.
+
+    A line that is not valid JSON or not UTF-8 text stops with one sentence naming FILE:LINE; given an
+    `errors` list, that sentence is appended there instead and the line skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file.")
+    out = []
+    # surrogateescape: bytes that are not UTF-8 reach the check below instead of raising in the loop
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")  # raw non-UTF-8 bytes, or half a surrogate pair
+            except UnicodeEncodeError:
+                problem = "not UTF-8 text"
+            except RecursionError:
+                problem = "not valid JSON (nested too deeply)"
+            except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+                problem = f"not valid JSON ({getattr(e, 'msg', e)})"
+            else:
+                out.append((lineno, obj) if numbered else obj)
+                continue
+            if errors is None:
+                raise SystemExit(f"{path}:{lineno}: {problem}; fix or delete that line.")
+            errors.append(f"{path}:{lineno}: {problem}")
+    return out
+
+
+def write_jsonl(rows: list, path: str | Path) -> Path:
+    """Write rows as JSON lines, atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
 def load_tasks(path: str | Path) -> list[dict]:
     """Rows of a data_prep.py JSONL file; a malformed line stops with its file and line number."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; build it with `python data_prep.py ...` (see README).")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line.") from None
-            missing = [k for k in REQUIRED_FIELDS if k not in row]
-            if missing:
-                raise SystemExit(f"{path}:{lineno}: missing field(s) {missing}; rows need {list(REQUIRED_FIELDS)}.")
-            if not isinstance(row["prompt"], list) or not all("role" in m and "content" in m for m in row["prompt"]):
-                raise SystemExit(f"{path}:{lineno}: 'prompt' must be a list of {{role, content}} chat messages.")
-            row.setdefault("metadata", {})
-            rows.append(row)
+    for lineno, row in read_jsonl(path, numbered=True):
+        missing = [k for k in REQUIRED_FIELDS if k not in row] if isinstance(row, dict) else list(REQUIRED_FIELDS)
+        if missing:
+            raise SystemExit(f"{path}:{lineno}: missing field(s) {missing}; rows need {list(REQUIRED_FIELDS)}.")
+        if not isinstance(row["prompt"], list) or not all("role" in m and "content" in m for m in row["prompt"]):
+            raise SystemExit(f"{path}:{lineno}: 'prompt' must be a list of {{role, content}} chat messages.")
+        row.setdefault("metadata", {})
+        rows.append(row)
     if not rows:
         raise SystemExit(f"{path}: the file has no rows.")
     return rows
@@ -1816,26 +1849,26 @@ class Run:
         if not self.main:
             return
         record = {"step": step, **jsonable(metrics)}
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=step)
 
     def log_rollouts(self, step: int, records: list[dict]) -> None:
         if self.main:
-            with open(self.dir / "rollouts.jsonl", "a") as f:
+            with open(self.dir / "rollouts.jsonl", "a", encoding="utf-8") as f:
                 for r in records:
-                    f.write(json.dumps({"step": step, **r}) + "\n")
+                    f.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
 
     def save_eval(self, step: int, records: list[dict]) -> Path:
         path = self.dir / "eval" / f"step_{step:06d}.jsonl"
         if self.main:
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+            write_jsonl(records, path)
         return path
 
     def read_metrics(self) -> list[dict]:
         path = self.dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        return read_jsonl(path) if path.exists() else []
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, step: int, keep: int = 2, extra: dict | None = None) -> None:
@@ -1876,8 +1909,7 @@ class Run:
             for name in ("metrics.jsonl", "rollouts.jsonl"):
                 f = self.dir / name
                 if f.exists():
-                    keep = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= state["step"]]
-                    atomic_write_text(f, "".join(line + "\n" for line in keep))
+                    write_jsonl([r for r in read_jsonl(f) if r["step"] <= state["step"]], f)
         self.acc.wait_for_everyone()
         return state
 
@@ -1945,7 +1977,7 @@ def init_wandb(args, run_dir: Path):
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

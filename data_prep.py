@@ -38,7 +38,7 @@ import torch
 # the prompt templates (shared with eval.py), and the one brace-matching extractor, GSM8K reader and
 # code-test reader (shared with the reward code)
 from common import (ANSWER_STYLE, PRIME_SUFFIX, R1_PREFILL, as_answer, build_prompt, code_test_cases, gsm8k_gold,
-                    last_boxed)
+                    last_boxed, write_jsonl)
 
 # Default hub ids per task. Every one of them can be replaced by a local file or folder
 # with --source (that is how the tests run: there is no hub access there).
@@ -603,18 +603,6 @@ TASKS = {
 # ---------------------------------------------------------------------------------------
 # Output + CLI
 # ---------------------------------------------------------------------------------------
-def write_jsonl(rows, path):
-    """Write rows as JSON lines, atomically: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def resolve_split(args, spec):
     """(split to load, split the ids name, why). --split wins; a hub id gets the task's split (its hub
     copy may call it differently); a local file gets the split its name holds (gsm8k_test.jsonl),

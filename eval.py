@@ -26,7 +26,8 @@ import numpy as np
 
 from common import (ANSWER_STYLE, CODE_INSTRUCTION, PRIME_SUFFIX, Sampler, as_answer, atomic_write_text, build_prompt,
                     check_code_sandbox, evaluate, gsm8k_gold, jsonable, last_boxed, last_tag, load_tasks,
-                    normalize_answer, score_completions, score_fields, shutdown_grader, task_metrics, vllm_available)
+                    normalize_answer, read_jsonl, score_completions, score_fields, shutdown_grader, task_metrics,
+                    vllm_available, write_jsonl)
 
 # ----------------------------------------------------------------------------------------------
 # metrics of one problem (hand-computed tests: tests/test_eval.py)
@@ -286,26 +287,8 @@ def read_outputs(path: Path, strict: bool) -> list[dict]:
     unknown layout is refused with one sentence."""
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; pass an outputs .jsonl (e.g. runs/NAME/eval/step_N.jsonl).")
-    lines, bad = [], []
-    # surrogateescape: a line that is not UTF-8 is reported like any other bad line
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                # a JSON escape of half a surrogate pair, or raw bytes that are not UTF-8
-                json.dumps(obj, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                bad.append(f"{path}:{lineno}: not UTF-8 text")
-                continue
-            except RecursionError:
-                bad.append(f"{path}:{lineno}: not valid JSON (nested too deeply)")
-                continue
-            except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
-                bad.append(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})")
-                continue
-            lines.append((lineno, obj))
+    bad: list[str] = []
+    lines = read_jsonl(path, bad, numbered=True)
     first = next((obj for _, obj in lines if isinstance(obj, dict)), None)
     layout = layout_of(first) if first is not None else "eval"
     if layout is None:
@@ -355,8 +338,7 @@ def rescore(records: list[dict]) -> tuple[list[dict], int]:
 
 def write_outputs(records: list[dict], summary: dict, path: Path) -> Path:
     """path (outputs JSONL) and path.summary.json next to it; returns the summary's path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_jsonl(records, path)
     summary_path = path.with_name(path.name.removesuffix(".jsonl") + ".summary.json")
     atomic_write_text(summary_path, json.dumps(jsonable(summary), indent=2) + "\n")
     return summary_path

@@ -56,10 +56,6 @@ def torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
 
 
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def answers_match(pred: str | None, gold: str, timeout: float = 5.0) -> bool:
     """One (pred, gold) pair through the grader's entry point, common.answers_match_many."""
     import common

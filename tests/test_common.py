@@ -143,6 +143,21 @@ def test_shard_keeps_prompts_whole_and_mini_batches_the_same_for_any_process_cou
         shard(list(range(5)), 0, 2)
 
 
+def test_jsonl_round_trip_and_one_sentence_per_bad_line(tmp_path):
+    out = tmp_path / "sub" / "x.jsonl"
+    common.write_jsonl([{"a": 1}, {"b": "é"}], out)  # atomic: written next to it, then renamed
+    assert common.read_jsonl(out) == [{"a": 1}, {"b": "é"}] and not (tmp_path / "sub" / "x.jsonl.tmp").exists()
+    out.write_bytes(b'{"a": 1}\n\n[1\n"\\ud800"\n{"b": "\xff"}\n2\n')
+    errors = []
+    assert common.read_jsonl(out, errors, numbered=True) == [(1, {"a": 1}), (6, 2)]  # line 2 is blank
+    assert errors == [f"{out}:3: not valid JSON (Expecting ',' delimiter)", f"{out}:4: not UTF-8 text",
+                      f"{out}:5: not UTF-8 text"]
+    with pytest.raises(SystemExit, match=r"x.jsonl:3: not valid JSON \(Expecting ',' delimiter\); fix or delete"):
+        common.read_jsonl(out)
+    with pytest.raises(SystemExit, match=r"missing.jsonl: no such file"):
+        common.read_jsonl(tmp_path / "missing.jsonl")
+
+
 def test_load_tasks_reports_file_and_line(tmp_path):
     good = {"id": "a", "task": "toy", "prompt": [{"role": "user", "content": "x"}], "answer": "1"}
     p = tmp_path / "d.jsonl"

@@ -31,10 +31,6 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 def check_schema(rows, task, template):
     assert len({r["id"] for r in rows}) == len(rows), "ids must be unique"
     for r in rows:
@@ -435,13 +431,6 @@ def test_hub_ids_go_to_load_dataset(monkeypatch):
     assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
 
 
-def test_write_jsonl_is_atomic(tmp_path):
-    out = tmp_path / "sub" / "x.jsonl"
-    dp.write_jsonl([{"a": 1}, {"b": "é"}], out)
-    assert read_jsonl(out) == [{"a": 1}, {"b": "é"}]
-    assert not (tmp_path / "sub" / "x.jsonl.tmp").exists()
-
-
 # --- the CLI --------------------------------------------------------------------------------
 def test_cli_gsm8k_test_split_with_r1(tmp_path):
     out = tmp_path / "gsm8k.jsonl"
@@ -449,7 +438,7 @@ def test_cli_gsm8k_test_split_with_r1(tmp_path):
                   "--template", "r1", "--out", out)
     assert res.returncode == 0, res.stderr
     assert "wrote 3 rows of split 'test' (--split)" in res.stdout and str(out) in res.stdout
-    rows = read_jsonl(out)
+    rows = common.read_jsonl(out)
     check_schema(rows, "gsm8k", "r1")
     assert rows[2]["id"] == "gsm8k-test-00002" and rows[2]["answer"] == "1234"
     assert rows[0]["metadata"]["source"] == "tests/fixtures/gsm8k.jsonl"
@@ -461,7 +450,7 @@ def test_cli_split_from_the_file_name_and_unreadable_files(tmp_path):
     res = run_cli("gsm8k", "--source", source, "--out", tmp_path / "out.jsonl")
     assert res.returncode == 0, res.stderr
     assert "wrote 3 rows of split 'test' (named in the file name)" in res.stdout
-    assert read_jsonl(tmp_path / "out.jsonl")[0]["id"] == "gsm8k-test-00000"
+    assert common.read_jsonl(tmp_path / "out.jsonl")[0]["id"] == "gsm8k-test-00000"
     broken = tmp_path / "broken.json"
     broken.write_text('{"problem": "p", "answer": ')
     res = run_cli("math", "--source", broken, "--out", tmp_path / "x.jsonl")
@@ -477,14 +466,14 @@ def test_cli_numina_reports_skipped(tmp_path):
     res = run_cli("numina", "--source", "tests/fixtures/numina.jsonl", "--out", out)
     assert res.returncode == 0, res.stderr
     assert "wrote 2 rows (skipped 1: no \\boxed{} answer" in res.stdout
-    check_schema(read_jsonl(out), "numina", "qwen_math")
+    check_schema(common.read_jsonl(out), "numina", "qwen_math")
 
 
 def test_cli_countdown_limit_and_seed(tmp_path):
     out = tmp_path / "cd.jsonl"
     res = run_cli("countdown", "--source", "tests/fixtures/countdown.jsonl", "--limit", "2", "--out", out)
     assert res.returncode == 0, res.stderr
-    assert [r["metadata"]["target"] for r in read_jsonl(out)] == [98, 24]
+    assert [r["metadata"]["target"] for r in common.read_jsonl(out)] == [98, 24]
     outs = []
     for i in range(2):
         outs.append(tmp_path / f"cd_seed{i}.jsonl")

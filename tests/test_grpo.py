@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, read_jsonl, run_script
-from common import Rollout
+from common import Rollout, read_jsonl
+from conftest import REPO, run_script
 from grpo_logprob import (END_OF_REASONING, aggregate_loss, all_equal_groups, answer_logprob_score, clipped_policy_loss,
                           fill_failed, group_advantages, importance_weights, kl_k3, loss_normalizer, normalize_rewards,
                           parse_reward_weights, perplexity_rewards, reasoning_mask, reasoning_token_count, scoring_texts)
