@@ -617,19 +617,15 @@ def shutdown_grader() -> None:
 atexit.register(shutdown_grader)
 
 
-def answers_match_many(
-    pairs: list[tuple[str | None, str]], timeout: float = 5.0
-) -> tuple[list[bool], int]:
-    """Grade many (pred, gold) pairs; returns (results, n_failed).
+def answers_match_many(pairs: list[tuple[str | None, str]], timeout: float = 5.0) -> tuple[list[bool], int]:
+    """The one equivalence check: is each pred the same answer as its gold? Returns (results, n_failed).
 
-    Only pairs the fast path cannot decide go to Math-Verify, all at once.
-    Each such pair gets `timeout` seconds of a worker, counted from when a
-    worker takes it; a worker still busy then is killed and replaced, so a
-    pair that hangs (9^{9^{9^{9}}}) holds up neither the pairs after it nor
-    later batches. A batch takes about timeout * ceil(h / workers) for h
-    pairs that hang, plus a worker start-up (~2 s) per hang; it waits at most
-    timeout * ceil(n / workers) + _MV_START_TIMEOUT in total, and then kills
-    the pool. Timeouts and worker errors count as False and as failed.
+    Only pairs the fast path cannot decide go to Math-Verify, all at once. Each gets `timeout` seconds
+    of a worker, counted from when a worker takes it; a worker still busy then is killed and replaced,
+    so a pair that hangs (9^{9^{9^{9}}}) holds up neither the pairs after it nor later batches. A batch
+    takes about timeout * ceil(h / workers) for h pairs that hang, plus a worker start-up (~2 s) per
+    hang; it waits at most timeout * ceil(n / workers) + _MV_START_TIMEOUT in all, then kills the pool.
+    Timeouts and worker errors count as False and as failed.
     """
     results = [False] * len(pairs)
     todo = []
@@ -1936,12 +1932,10 @@ class Run:
 def leave_process_group(accelerator) -> None:
     """End a run's process: with several ranks, meet at a barrier and exit at once (os._exit(0)).
 
-    A normal interpreter shutdown under torchrun on CPU is unreliable, and we hit both failures in
-    our tests: without destroy_process_group() gloo's worker threads abort it ("terminate called
-    without an active exception", pytorch/pytorch#179291); with it, freeing the DDP model at shutdown
-    runs ~ProcessGroupGloo, which joins a gloo thread while holding the GIL, and that thread waits
-    for the GIL to free its last work item: a deadlock (py-spy stack, pytorch/pytorch#75097).
-    Whatever a run writes is written and closed before this, so skipping the shutdown loses nothing."""
+    A normal interpreter shutdown under torchrun on CPU is unreliable, both ways: without
+    destroy_process_group() gloo's worker threads abort it ("terminate called without an active
+    exception", pytorch/pytorch#179291); with it, freeing the DDP model joins a gloo thread that waits
+    for the GIL we hold: a deadlock (pytorch/pytorch#75097). Everything is written and closed before this."""
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         shutdown_grader()  # what atexit would have done
