@@ -3,9 +3,23 @@
     python grpo_logprob.py                                   # toy task, rule reward (the quickstart)
     accelerate launch grpo_logprob.py --model Qwen/Qwen2.5-Math-1.5B --train_file data/gsm8k_train.jsonl ...
 
-One step: sample a group of completions per prompt, score them, normalize rewards within the group
-(advantages), then take a clipped policy-gradient step (GRPO, DeepSeekMath; loss options from
-DAPO and Dr. GRPO). Formulas: ../shared/REFERENCE.md section 1.
+One step: sample a group of n completions per prompt, score them, normalize rewards within the group
+(advantages), then take clipped policy-gradient steps. With s_t = exp(lp_t - old_t) per token:
+  A_i = (r_i - mean_group(r)) / (std_group(r) + eps)          (--scale_rewards: group, batch or none)
+  l_t = -min(s_t A, clip(s_t, 1 - eps_low, 1 + eps_high) A) + beta * k3,  k3 = exp(ref_t - lp_t) - (ref_t - lp_t) - 1
+  loss = token-mean: sum_t l_t / tokens of the batch;  seq-mean-token-mean: mean over completions of
+         their token mean;  seq-mean-token-sum-norm: sum_t l_t / (completions * max_completion_length)
+Papers: GRPO, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models"
+(arXiv 2402.03300); clip-higher and token-mean, "DAPO: An Open-Source LLM Reinforcement Learning System
+at Scale" (arXiv 2503.14476); no std and sum-norm, "Understanding R1-Zero-Like Training: A Critical
+Perspective" (Dr. GRPO, arXiv 2503.20783). The reference implementations use the unbiased std, as here.
+
+Log-prob reward ("Eliciting Reasoning in LLMs Using Logprob-Based Rewards"): the policy's own
+R = sum_t log pi(<answer>gold</answer>_t | prompt + reasoning + "</think>\n"), no gradient; the loss
+then covers the reasoning tokens only, as the reward ignores the written answer. Its released code
+differs in three defects this file does not repeat (tests/test_grpo.py): an end-of-reasoning marker
+that never matched (reasoning_mask), an inverted reward sign (answer_logprob_score), and reasoning
+searched for where it never is (scoring_texts). A frozen scorer's perplexity rewards: perplexity_rewards.
 """
 
 from __future__ import annotations
@@ -18,11 +32,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from common import (END_OF_REASONING, POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap,
-                    answer_style, check_code_sandbox, check_run, collate, continuation_logprobs, encode_prompts,
-                    evaluate, index_batch, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step,
-                    parse_args, peak_memory, prompts_for_step, reasoning_mask, render_prompt, run_main, sampler_dtype,
-                    score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+from common import (POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
+                    check_code_sandbox, check_run, collate, collate_ids, encode_prompts, evaluate, index_batch,
+                    is_sharded, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step, parse_args,
+                    peak_memory, prompts_for_step, render_prompt, run_main, sampler_dtype, score_completions, set_seed,
+                    shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -171,13 +185,52 @@ RULE_TERMS = ("correct", "format", "code", "poem")
 ANSWER_BLIND_TERMS = ("logprob", "ppl_relative", "ppl_absolute", "ppl_hybrid")  # ignore the written answer
 
 
+# The end of the reasoning in the R1 format. The log-prob reward paper's code wrote it "<\think>", where
+# "\t" is a TAB: it never matched, and almost every completion was masked out (tests/test_grpo.py).
+END_OF_REASONING = "</think>"
+
+
+def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = END_OF_REASONING) -> int | None:
+    """Number of leading completion tokens up to and including the end-of-reasoning marker; None without it.
+
+    The smallest k such that decode(ids[:k]) contains the marker, found on characters (binary search:
+    decoded prefixes only grow), so it works however the tokenizer splits "</think>".
+    """
+    def has_marker(k: int) -> bool:
+        return marker in tokenizer.decode(completion_ids[:k], skip_special_tokens=False)
+
+    if not completion_ids or not has_marker(len(completion_ids)):
+        return None
+    lo, hi = 1, len(completion_ids)  # has_marker(hi) is True
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if has_marker(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def reasoning_mask(tokenizer, rollouts, width: int, marker: str = END_OF_REASONING) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, width] mask of the reasoning tokens (marker included), and a [N] bool: marker found. A
+    completion without the marker gets an all-zero row: no policy gradient (fill_failed sets its reward)."""
+    mask = torch.zeros(len(rollouts), width)
+    found = torch.zeros(len(rollouts), dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        k = reasoning_token_count(tokenizer, r.completion_ids, marker)
+        if k is not None:
+            mask[i, :k] = 1.0
+            found[i] = True
+    return mask, found
+
+
 def scoring_texts(completion: str, answer: str, style: str) -> tuple[str | None, str, str]:
     """(reasoning, cue, continuation) for scoring the reference answer after a completion's reasoning.
 
     The completion starts inside the reasoning (the prompt prefills "<think>"), so the reasoning is
-    everything before the end-of-reasoning marker; it is never searched for "<think>" (the seed
-    project did, found nothing, and gave every member of a group the same reward). The reference
-    answer is wrapped as the task writes answers. reasoning is None when the marker is missing.
+    everything before the end-of-reasoning marker. The log-prob reward paper's code searched the
+    completion for "<think>", found nothing, and gave every member of a group the same reward. The
+    reference answer is wrapped as the task writes answers. reasoning is None when the marker is missing.
     """
     if style == "tag":
         marker, cue, continuation = END_OF_REASONING, END_OF_REASONING + "\n", f"<answer>{answer}</answer>"
@@ -190,9 +243,10 @@ def scoring_texts(completion: str, answer: str, style: str) -> tuple[str | None,
 def answer_logprob_score(logprobs: torch.Tensor, variant: str) -> float:
     """One number from the per-token log-probs of the reference answer: larger = more likely.
 
-    sum: sum_t log p (default; the seed's reward with the correct sign)
+    sum: sum_t log p (default; the paper's code min-max scaled |sum_t log p|, which ranks the least
+         likely answer highest)
     mean: mean_t log p
-    prob: mean_t p (RLPR's probability reward)
+    prob: mean_t p ("RLPR: Extrapolating RLVR to General Domains without Verifiers", arXiv 2506.18254)
     """
     if variant == "sum":
         return logprobs.sum().item()
@@ -205,7 +259,8 @@ def answer_logprob_score(logprobs: torch.Tensor, variant: str) -> float:
 
 def perplexity_rewards(lp_reasoning: torch.Tensor, lp_baseline: torch.Tensor) -> dict[str, float]:
     """The perplexity rewards of "Designing Good Rewards for RL on LLMs" from the reference answer's
-    token log-probs with the reasoning (improved) and without it (baseline), same cue on both.
+    token log-probs with the reasoning (improved) and without it (baseline), the same answer cue on both
+    (the paper cues the improved prompt only, which biases relative).
 
     PPL = exp(-mean_t log p);  relative = max(0, 1 - PPL_improved / PPL_baseline);
     absolute = 1 / PPL_improved;  hybrid = (relative + absolute) / 2.
@@ -449,6 +504,26 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
 # ----------------------------------------------------------------------------------------------
 # scoring the reference answer after the model's own reasoning (needs a model: not pure)
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[list[int]],
+                          pad_id: int, batch_size: int = 64, temperature: float = 1.0,
+                          accelerator=None) -> list[torch.Tensor]:
+    """Per-token log-probs (1-D tensors) of continuations[i] after prefixes[i], no gradient.
+
+    With a sharded model (FSDP, DeepSpeed) every forward pass is collective, so processes with fewer
+    batches than the others run filler batches until all have run as many."""
+    device = next(unwrap(model).parameters()).device
+    result = []
+    n_batches = math.ceil(len(prefixes) / batch_size)
+    if is_sharded(accelerator):
+        n_batches = int(accelerator.reduce(torch.tensor(n_batches, device=accelerator.device), "max").item())
+    for b in range(n_batches):
+        pairs = list(zip(prefixes[b * batch_size:(b + 1) * batch_size], continuations[b * batch_size:(b + 1) * batch_size]))
+        lp = token_logprobs(model, collate_ids(pairs or [([pad_id], [pad_id])], pad_id, device), temperature)
+        result += [lp[i, :len(c)].cpu() for i, (_, c) in enumerate(pairs)]
+    return result
+
+
 @torch.no_grad()
 def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[str], pad_id: int,
                               with_baseline: bool = True, accelerator=None):

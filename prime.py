@@ -1,13 +1,19 @@
-"""PRIME: online implicit process rewards (Process Reinforcement through IMplicit rEwards).
+"""PRIME: online implicit process rewards. Paper: "Process Reinforcement through Implicit Rewards"
+(Cui et al. 2025, arXiv 2502.01456).
 
     python prime.py                                   # toy task, PRIME
     python prime.py --process_reward_coef 0           # the same run, outcome-only RLOO (no PRM)
 
-One step: sample groups of completions, keep the prompts whose group accuracy is in [0.2, 0.8]
-(oversampling and a buffer of leftovers fill the batch), score every token with the implicit PRM
-(r_t = beta * (log pi_prm - log pi_ref)), train the PRM with cross-entropy on its sequence reward
-against the outcome, build leave-one-out returns per reward source, and take PPO mini-batch steps.
-Formulas: ../shared/REFERENCE.md section 4 (arXiv 2502.01456).
+One step: sample groups of n completions, keep the prompts whose group accuracy is in [0.2, 0.8]
+(oversampling and a buffer of leftovers fill the batch), then
+  implicit PRM  r_t = beta * (log pi_prm(y_t) - log pi_ref(y_t)), scored before the PRM's update (--prm_update)
+  PRM loss      BCE(sigmoid(beta * sum_t (log pi_prm - log pi_ref)), outcome label in [0, 1])
+  returns       leave-one-out per reward source (paper eq. 5): outcome r_o(i) - mean_{j!=i} r_o(j) on the
+                last token, process r_t(i) - mean_{j!=i} rbar(j); each a return-to-go (gamma), summed
+                (process weighted by --process_reward_coef), whitened over the batch's valid tokens
+  policy        PPO mini-batch steps on -min(s_t A_t, clip(s_t, 1-eps, 1+eps) A_t), token-mean
+Paper vs released code: the code's process baseline leaves out the token's own reward, not rbar(i)
+(--process_baseline, see leave_one_out); the whitening is the code's, the paper does not state it.
 
 The paper's setting (Qwen2.5-Math-7B SFT; Eurus-2-RL-Data), as a command line:
     accelerate launch prime.py --model PRIME-RL/Eurus-2-7B-SFT --train_file data/eurus_train.jsonl \\

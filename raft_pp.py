@@ -1,4 +1,5 @@
-"""RAFT and RAFT++: train on the positive samples only (Minimal-RL, Xiong et al. 2025, arXiv 2504.11343).
+"""RAFT and RAFT++: train on the positive samples only. Paper: "A Minimalist Approach to LLM Reasoning:
+from Rejection Sampling to Reinforce" (Xiong et al. 2025, arXiv 2504.11343).
 
     python raft_pp.py                       # toy task, RAFT++ (the toy settings are the defaults)
     python raft_pp.py --algo raft           # plain RAFT: supervised step on the positive samples
@@ -16,9 +17,10 @@ ties are all kept, as the paper's indicator 1[r = max_i r_i]), then
           with s_t = exp(log pi_t - log pi_old_t); the paper found IS without the clip worse than RAFT.
 Loss = (1/|D|) sum_{seq in D} (1/|a|) sum_t l_t with D the positive samples of the optimizer batch
 (--normalizer selected) or every sample of it (--normalizer batch: the indicator inside a sum over
-the batch). The toy defaults take two optimizer steps per rollout batch: at the first the ratio is 1
-and RAFT++ has exactly RAFT's gradient; they differ from the second on. Formulas:
-../shared/REFERENCE.md section 3.
+the batch); l_t also gets kl_coef * k3 - entropy_coef * H_t, k3 = exp(ref_t - lp_t) - (ref_t - lp_t) - 1
+(paper: 0.001 each). The toy defaults take two optimizer steps per rollout batch: at the first the
+ratio is 1 and RAFT++ has exactly RAFT's gradient; they differ from the second on. Paper vs released
+code: the paper rewards a wrong answer -1, the code 0 (--negative_reward); the positive samples are the same.
 """
 
 from __future__ import annotations

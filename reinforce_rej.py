@@ -1,4 +1,5 @@
-"""Vanilla Reinforce and Reinforce-rej (Minimal-RL, Xiong et al. 2025, arXiv 2504.11343).
+"""Vanilla Reinforce and Reinforce-rej. Paper: "A Minimalist Approach to LLM Reasoning: from Rejection
+Sampling to Reinforce" (Xiong et al. 2025, arXiv 2504.11343).
 
     python reinforce_rej.py                         # toy task, Reinforce-rej (the toy settings are the defaults)
     python reinforce_rej.py --algo reinforce        # vanilla Reinforce: every prompt, raw reward
@@ -16,12 +17,12 @@ baseline and no mean/std normalization:
   reinforce_rej: prompts whose samples are all correct or all wrong are removed from the batch
                  first: they leave the loss and its normalizer (removed, not zeroed).
 Loss = (1/|D|) sum_{seq in D} (1/|a|) sum_t l_t, D = the samples left in the optimizer batch.
+l_t also gets kl_coef * k3 - entropy_coef * H_t, k3 = exp(ref_t - lp_t) - (ref_t - lp_t) - 1 (paper: 0.001 each).
 
-Rewards: {-1, +1} by default, as in the paper. With --negative_reward 0 (the released code's {0, 1})
+Rewards: {-1, +1} by default, as in the paper; the released code returns {0, 1}. With --negative_reward 0
 a wrong answer has zero weight: nothing pushes its probability down, both algorithms learn from the
 correct samples alone (Reinforce then equals RAFT++ with the wrong samples counted in |D|), and
 Reinforce-rej's filter no longer matters for all-wrong prompts, which carry no gradient anyway.
-Formulas: ../shared/REFERENCE.md section 3.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""common.py: log-probs, masks, batching, data loading, scoring, run directory."""
+"""common.py: log-probs, batching, data loading, scoring, run directory."""
 
 import dataclasses
 import json
@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 from common import (Rollout, Sampler, _ChunkedLogprobEntropy, collate, collate_ids, load_tasks, parse_args,
-                    prompts_for_step, reasoning_token_count, score_completions, shard, token_logprobs,
-                    top_p_filter)
+                    prompts_for_step, score_completions, shard, token_logprobs, top_p_filter)
 
 
 # --- chunked log-probs ------------------------------------------------------------------------
@@ -111,25 +110,6 @@ def test_top_p_filter_keeps_smallest_nucleus():
     assert torch.allclose(out, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
 
 
-# --- masks ------------------------------------------------------------------------------------
-def test_reasoning_mask_found_on_characters_whatever_the_tokenization(toy):
-    tok = AutoTokenizer.from_pretrained(toy / "model")
-    text = "\n3 + 4 = 7\n</think>\n<answer>7</answer>"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    k = reasoning_token_count(tok, ids)
-    # Qwen's pre-tokenizer splits it "</", "think", ">\n": the token holding the marker's last
-    # character is the last reasoning token (here it also carries the newline)
-    assert [tok.decode([i]) for i in ids[k - 3:k]] == ["</", "think", ">\n"]
-    assert "</think>" in tok.decode(ids[:k]) and "</think>" not in tok.decode(ids[:k - 1])
-    # the same text where "</think>" is one added token
-    tok.add_tokens(["</think>"])
-    ids2 = tok(text, add_special_tokens=False)["input_ids"]
-    assert len(ids2) < len(ids)
-    k2 = reasoning_token_count(tok, ids2)
-    assert tok.convert_ids_to_tokens(ids2[k2 - 1]) == "</think>"
-    assert reasoning_token_count(tok, tok("no marker here", add_special_tokens=False)["input_ids"]) is None
-
-
 # --- batching and data ------------------------------------------------------------------------
 def test_collate_layout():
     rollouts = [Rollout([1, 2, 3], [4, 5], [-0.1, -0.2], "", "stop"), Rollout([6], [7, 8, 9], [-1, -2, -3], "", "length")]
@@ -161,6 +141,21 @@ def test_shard_keeps_prompts_whole_and_mini_batches_the_same_for_any_process_cou
             assert together == prompts[j * 4:(j + 1) * 4], (world, j)
     with pytest.raises(SystemExit, match="multiple of the process count"):
         shard(list(range(5)), 0, 2)
+
+
+def test_jsonl_round_trip_and_one_sentence_per_bad_line(tmp_path):
+    out = tmp_path / "sub" / "x.jsonl"
+    common.write_jsonl([{"a": 1}, {"b": "é"}], out)  # atomic: written next to it, then renamed
+    assert common.read_jsonl(out) == [{"a": 1}, {"b": "é"}] and not (tmp_path / "sub" / "x.jsonl.tmp").exists()
+    out.write_bytes(b'{"a": 1}\n\n[1\n"\\ud800"\n{"b": "\xff"}\n2\n')
+    errors = []
+    assert common.read_jsonl(out, errors, numbered=True) == [(1, {"a": 1}), (6, 2)]  # line 2 is blank
+    assert errors == [f"{out}:3: not valid JSON (Expecting ',' delimiter)", f"{out}:4: not UTF-8 text",
+                      f"{out}:5: not UTF-8 text"]
+    with pytest.raises(SystemExit, match=r"x.jsonl:3: not valid JSON \(Expecting ',' delimiter\); fix or delete"):
+        common.read_jsonl(out)
+    with pytest.raises(SystemExit, match=r"missing.jsonl: no such file"):
+        common.read_jsonl(tmp_path / "missing.jsonl")
 
 
 def test_load_tasks_reports_file_and_line(tmp_path):

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
-from conftest import REPO, free_port, read_jsonl, run_script, torchrun
+from common import read_jsonl
+from conftest import REPO, free_port, run_script, torchrun
 
 def fsdp2() -> list[str]:
     """The repo's FSDP2 launch config with 2 processes on CPU (float32, so the results compare exactly)."""

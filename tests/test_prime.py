@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from common import Rollout, Score, prompts_for_step
-from conftest import REPO, read_jsonl, run_script, torchrun
+from common import read_jsonl
+from conftest import REPO, run_script, torchrun
 from prime import (discounted_returns, from_json, implicit_process_rewards, keep_groups, last_token_mask,
                    leave_one_out, ppo_token_loss, prm_loss, prm_pair_accuracy, rank_prompts, to_json, whiten,
                    whiten_stats)
