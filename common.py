@@ -98,30 +98,15 @@ def sampler_dtype(vllm_dtype: str, training_dtype: str) -> str:
 
 
 def parse_args(cls, argv=None):
-    """Command-line flags from an `Args` dataclass, cleanrl style: each field's help text is the
-    string literal written under it. Booleans take --flag / --no-flag."""
-    import argparse
-    import ast
-    import dataclasses
+    """Command-line flags from an `Args` dataclass, with tyro (as cleanrl): each field's help text is
+    the docstring under it, a `Literal[...]` field accepts only its values (the parser lists them),
+    booleans take --flag / --no-flag. Flags keep the fields' names: --num_generations."""
     import inspect
-    import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    helps = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            helps[node.target.id] = nxt.value.value
-    parser = argparse.ArgumentParser(description=(inspect.getmodule(cls).__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                                help=helps.get(f.name, ""))
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, ""))
-    return cls(**vars(parser.parse_args(argv)))
+    import tyro
+
+    description = (inspect.getmodule(cls).__doc__ or "").split("\n")[0]
+    return tyro.cli(cls, args=argv, description=description, use_underscores=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -40,7 +41,7 @@ from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap,
 @dataclass
 class Args:
     # --- run ---
-    algo: str = "raft++"
+    algo: Literal["raft", "raft++"] = "raft++"
     """raft (supervised step on the positive samples) or raft++ (importance sampling with clipping)"""
     run_name: str = ""
     """name of the run folder under output_dir (empty: ALGO_toy)"""
@@ -61,14 +62,14 @@ class Args:
     """training prompts (data_prep.py schema; every task must have a correctness check)"""
     test_file: str = "data/toy/test.jsonl"
     """test problems evaluated at step 0, every eval_every steps and at the end"""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """training weights: float32 or bfloat16"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     allow_unsandboxed_code: bool = False
     """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
-    sampler: str = "auto"
+    sampler: Literal["auto", "vllm", "hf"] = "auto"
     """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
     prompts_per_step: int = 16
     """prompts sampled per step (the rollout batch), over all processes (paper: 1024)"""
@@ -86,7 +87,7 @@ class Args:
     """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
     vllm_tensor_parallel_size: int = 1
     """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
-    vllm_dtype: str = "auto"
+    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
     vllm_sleep: bool = True
     """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
@@ -98,7 +99,7 @@ class Args:
     """rollout steps (each: sample, then mini_batches x num_iterations optimizer steps)"""
     learning_rate: float = 5e-5
     """AdamW learning rate (paper, 1.5B-7B models: 1e-6)"""
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     """constant or cosine (both after linear warmup), per optimizer step"""
     warmup_steps: int = 0
     """linear warmup, in optimizer steps"""
@@ -116,9 +117,9 @@ class Args:
     """raft++: clip range below, ratio >= 1 - epsilon"""
     epsilon_high: float = 0.2
     """raft++: clip range above, ratio <= 1 + epsilon_high"""
-    normalizer: str = "selected"
+    normalizer: Literal["selected", "batch"] = "selected"
     """|D| of the loss: selected (the positive samples, SFT on the accepted set) or batch (every sampled completion)"""
-    loss_type: str = "seq-mean-token-mean"
+    loss_type: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
     """seq-mean-token-mean (the paper's 1/|a| per sequence, then 1/|D|) or token-mean (sum over tokens / tokens of D)"""
     kl_coef: float = 0.0
     """k3 KL loss weight to the starting model (paper: 0.001)"""
@@ -191,7 +192,7 @@ def loss_normalizer(in_d: torch.Tensor, token_mask: torch.Tensor, loss_type: str
         return float(in_d.sum().item())
     if loss_type == "token-mean":
         return (token_mask * in_d[:, None]).sum().item()
-    raise SystemExit(f"--loss_type {loss_type!r}: use seq-mean-token-mean or token-mean.")
+    raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 def aggregate_loss(token_loss, loss_mask, loss_type: str, normalizer: float) -> torch.Tensor:
@@ -302,11 +303,6 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
 
 def main():
     args = parse_args(Args)
-    if args.algo not in ("raft", "raft++"):
-        raise SystemExit(f"--algo {args.algo!r}: use raft or raft++.")
-    if args.normalizer not in ("selected", "batch"):
-        raise SystemExit(f"--normalizer {args.normalizer!r}: use selected or batch.")
-    loss_normalizer(torch.ones(1), torch.ones(1, 1), args.loss_type)  # fails early on a bad --loss_type
     args.run_name = args.run_name or f"{args.algo}_toy"
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)
