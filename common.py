@@ -2046,6 +2046,15 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     return float(grad_norm) if grad_norm is not None else 0.0
 
 
+def lr_scheduler(optimizer, schedule: str, warmup_steps: int, total_updates: int):
+    """transformers' learning-rate schedule, stepped once per optimizer step: a linear warmup from 0
+    over warmup_steps, then constant (schedule "constant") or a cosine decay to 0 at total_updates."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine"}[schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_updates)
+
+
 def add_logprob_gap(stats: "StepStats", trainer_logprobs, sampler_logprobs, mask) -> None:
     """|log p_trainer - log p_sampler| of the sampled tokens, trainer at the weights that sampled:
     the sampler/trainer mismatch (bf16 sampling, kernels) that --is_correction exists for."""

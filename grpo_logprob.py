@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import (END_OF_REASONING, POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap,
                     answer_style, check_code_sandbox, collate, continuation_logprobs, encode_prompts, evaluate,
-                    index_batch, load_tasks, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step,
-                    parse_args, peak_memory, prompts_for_step, reasoning_mask, render_prompt, sampler_dtype,
-                    score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+                    index_batch, load_tasks, logprob_gap_metrics, lr_scheduler, make_accelerator, micro_batches,
+                    optimizer_step, parse_args, peak_memory, prompts_for_step, reasoning_mask, render_prompt,
+                    sampler_dtype, score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Args:
     learning_rate: float = 5e-5
     """AdamW learning rate (real 1.5B-7B models: about 1e-6)"""
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    """constant or cosine (both after linear warmup)"""
+    """constant or cosine (decay to 0 at the last optimizer step), both after a linear warmup from 0"""
     warmup_steps: int = 0
     """linear warmup steps"""
     weight_decay: float = 0.0
@@ -535,14 +535,7 @@ def main():
         frozen = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
         frozen.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-
-    def lr_lambda(step):
-        warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-        if args.lr_schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * step / args.total_steps))
-        return warm
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.total_steps * args.num_iterations)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
 

@@ -26,7 +26,6 @@ Formulas: ../shared/REFERENCE.md section 3.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -36,9 +35,9 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, collate,
-                    encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics, make_accelerator,
-                    micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, sampler_dtype,
-                    score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+                    encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics, lr_scheduler,
+                    make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step,
+                    sampler_dtype, score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -103,7 +102,7 @@ class Args:
     learning_rate: float = 5e-5
     """AdamW learning rate (paper, 1.5B-7B models: 1e-6)"""
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    """constant or cosine (both after linear warmup), per optimizer step"""
+    """constant or cosine (decay to 0 at the last optimizer step), both after a linear warmup from 0"""
     warmup_steps: int = 0
     """linear warmup, in optimizer steps"""
     weight_decay: float = 0.0
@@ -321,14 +320,7 @@ def main():
         frozen.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     updates = args.total_steps * args.mini_batches * args.num_iterations
-
-    def lr_lambda(step):
-        warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-        if args.lr_schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * step / updates))
-        return warm
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, updates)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
 

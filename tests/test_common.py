@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
-from common import (Rollout, Sampler, _ChunkedLogprobEntropy, collate, collate_ids, load_tasks, parse_args,
-                    prompts_for_step, reasoning_token_count, score_completions, shard, token_logprobs,
+from common import (Rollout, Sampler, _ChunkedLogprobEntropy, collate, collate_ids, load_tasks, lr_scheduler,
+                    parse_args, prompts_for_step, reasoning_token_count, score_completions, shard, token_logprobs,
                     top_p_filter)
 from conftest import REPO
 
@@ -250,6 +250,28 @@ def test_parser_refuses_a_bad_choice_with_the_allowed_values(cmd, message):
                           env={**os.environ, "COLUMNS": "60"})  # a narrow terminal
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert message in " ".join(re.sub("[\u2500-\u257f]", " ", proc.stderr).split()), proc.stderr
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------
+def _lr_factors(schedule, warmup, total):
+    """The learning rate of optimizer steps 0..total as a multiple of the base rate."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_scheduler(optimizer, schedule, warmup, total)
+    factors = []
+    for _ in range(total + 1):
+        factors.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
+def test_lr_schedule_hand_numbers():
+    c1, c3 = (2 + math.sqrt(2)) / 4, (2 - math.sqrt(2)) / 4  # 0.5 (1 + cos(pi/4)), 0.5 (1 + cos(3 pi/4))
+    assert _lr_factors("constant", 0, 4) == [1.0] * 5
+    assert _lr_factors("cosine", 0, 4) == pytest.approx([1.0, c1, 0.5, c3, 0.0], abs=1e-15)
+    # warmup from 0: step/warmup, then the cosine over the steps after the warmup
+    assert _lr_factors("constant", 2, 6) == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert _lr_factors("cosine", 2, 6) == pytest.approx([0.0, 0.5, 1.0, c1, 0.5, c3, 0.0], abs=1e-15)
 
 
 # --- run directory ----------------------------------------------------------------------------
