@@ -22,7 +22,6 @@ import logging
 import math
 import multiprocessing
 import os
-import random
 import re
 import select
 import shutil
@@ -43,12 +42,6 @@ import torch
 # vLLM's engine must live in this process so that we can reach its model for the weight push.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def step_seed(seed: int, step: int, rank: int = 0, salt: int = 0) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,7 +24,7 @@ from common import (END_OF_REASONING, POEM_WEIGHTS, Run, Sampler, StepStats, Tim
                     answer_style, check_code_sandbox, collate, continuation_logprobs, encode_prompts, evaluate,
                     index_batch, load_tasks, logprob_gap_metrics, lr_scheduler, make_accelerator, micro_batches,
                     optimizer_step, parse_args, peak_memory, prompts_for_step, reasoning_mask, render_prompt,
-                    sampler_dtype, score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+                    sampler_dtype, score_completions, shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -518,7 +519,7 @@ def main():
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(args.seed + rank)
+    set_seed(args.seed, device_specific=True)  # seed + process index
     weights = parse_reward_weights(args.reward, RULE_TERMS + ANSWER_BLIND_TERMS)
     answer_blind = all(name in ANSWER_BLIND_TERMS for name in weights)
     reasoning_only = args.reasoning_only_loss == "on" or (args.reasoning_only_loss == "auto" and answer_blind)

@@ -25,14 +25,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import (Rollout, Run, Sampler, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox,
-                    collate, encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics,
-                    make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step,
-                    sampler_dtype, score_completions, set_seed, step_seed, token_logprobs, unwrap)
+                    collate, encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics, make_accelerator,
+                    micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, sampler_dtype,
+                    score_completions, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -350,7 +350,7 @@ def main():
     args = parse_args(Args)
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(args.seed + rank)
+    set_seed(args.seed, device_specific=True)  # seed + process index
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the process count {world}.")
     if args.num_generations < 2 or args.oversample < 1 or args.max_sample_rounds < 1:

@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, collate,
                     encode_prompts, evaluate, index_batch, load_tasks, logprob_gap_metrics, lr_scheduler,
                     make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step,
-                    sampler_dtype, score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+                    sampler_dtype, score_completions, shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -302,7 +303,7 @@ def main():
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(args.seed + rank)
+    set_seed(args.seed, device_specific=True)  # seed + process index
     local_prompts = args.prompts_per_step // world
     if args.prompts_per_step % world or local_prompts % args.mini_batches:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must split into {world} processes x "
