@@ -22,7 +22,6 @@ import logging
 import math
 import multiprocessing
 import os
-import random
 import re
 import select
 import shutil
@@ -43,12 +42,6 @@ import torch
 # vLLM's engine must live in this process so that we can reach its model for the weight push.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def step_seed(seed: int, step: int, rank: int = 0, salt: int = 0) -> int:
@@ -98,30 +91,15 @@ def sampler_dtype(vllm_dtype: str, training_dtype: str) -> str:
 
 
 def parse_args(cls, argv=None):
-    """Command-line flags from an `Args` dataclass, cleanrl style: each field's help text is the
-    string literal written under it. Booleans take --flag / --no-flag."""
-    import argparse
-    import ast
-    import dataclasses
+    """Command-line flags from an `Args` dataclass, with tyro (as cleanrl): each field's help text is
+    the docstring under it, a `Literal[...]` field accepts only its values (the parser lists them),
+    booleans take --flag / --no-flag. Flags keep the fields' names: --num_generations."""
     import inspect
-    import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    helps = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            helps[node.target.id] = nxt.value.value
-    parser = argparse.ArgumentParser(description=(inspect.getmodule(cls).__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                                help=helps.get(f.name, ""))
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, ""))
-    return cls(**vars(parser.parse_args(argv)))
+    import tyro
+
+    description = (inspect.getmodule(cls).__doc__ or "").split("\n")[0]
+    return tyro.cli(cls, args=argv, description=description, use_underscores=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2146,6 +2124,15 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     return math.nan if skipped else float(grad_norm) if grad_norm is not None else 0.0
 
 
+def lr_scheduler(optimizer, schedule: str, warmup_steps: int, total_updates: int):
+    """transformers' learning-rate schedule, stepped once per optimizer step: a linear warmup from 0
+    over warmup_steps, then constant (schedule "constant") or a cosine decay to 0 at total_updates."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine"}[schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_updates)
+
+
 def add_logprob_gap(stats: "StepStats", trainer_logprobs, sampler_logprobs, mask) -> None:
     """|log p_trainer - log p_sampler| of the sampled tokens, trainer at the weights that sampled:
     the sampler/trainer mismatch (bf16 sampling, kernels) that --is_correction exists for."""
@@ -2213,24 +2200,15 @@ NON_NEGATIVE = ("eval_temperature", "eval_limit", "eval_every", "save_every", "s
                 "epsilon", "epsilon_high", "beta", "kl_coef", "is_cap", "is_floor")
 FRACTIONS = ("top_p", "vllm_gpu_memory_utilization")  # in (0, 1]
 UNIT_INTERVAL = ("filter_low", "filter_high", "gamma")  # in [0, 1]
-COMMON_CHOICES = {"dtype": ("float32", "bfloat16"), "sampler": ("auto", "vllm", "hf"),
-                  "vllm_dtype": ("auto", "float32", "bfloat16"), "lr_schedule": ("constant", "cosine")}
 # flags that may change when a run is resumed: they steer or log the run, never what it computes
 RESUME_MAY_CHANGE = ("resume", "stop_at_step", "save_every", "track", "wandb_project", "output_dir",
                      "allow_unsandboxed_code")
 
 
-def _one_of(values) -> str:
-    values = list(values)
-    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
-
-
-def check_flags(args, choices: dict[str, tuple[str, ...]]) -> None:
+def check_flags(args) -> None:
     """Flag values that make no sense: sizes, counts and lengths below 1, a training temperature of 0 or
-    less, negative rates and periods, fractions outside (0, 1], a choice that does not exist."""
-    for name, allowed in choices.items():
-        if hasattr(args, name) and getattr(args, name) not in allowed:
-            raise SystemExit(f"--{name} {getattr(args, name)!r}: use {_one_of(allowed)}.")
+    less, negative rates and periods, fractions outside (0, 1]. (A choice that does not exist is refused
+    by the parser: the choice fields are Literal.)"""
     rules = ((AT_LEAST_ONE, lambda v: v >= 1, "must be at least 1"),
              (POSITIVE, lambda v: v > 0, "must be greater than 0"),
              (NON_NEGATIVE, lambda v: v >= 0, "must not be negative"),
@@ -2242,14 +2220,14 @@ def check_flags(args, choices: dict[str, tuple[str, ...]]) -> None:
                 raise SystemExit(f"--{name} {getattr(args, name)}: {rule}.")
 
 
-def check_run(args, accelerator, choices: dict[str, tuple[str, ...]], group: str | None = None):
+def check_run(args, accelerator, group: str | None = None):
     """Everything a user can get wrong, each as one sentence, checked before the run folder is created or a
     model is loaded: the flags (check_flags; `group`: why the algorithm needs --num_generations >= 2), the
     prompt count against the process count, the run folder (writable; --resume needs one, made with the
     same settings), the model path, the data files (load_tasks: file and line). Prompts that cannot fit
     the model's context with --max_completion_length tokens after them are dropped with one warning line.
     Returns (tokenizer, training rows, test rows cut to --eval_limit)."""
-    check_flags(args, {**COMMON_CHOICES, **choices})
+    check_flags(args)
     if group and args.num_generations < 2:
         raise SystemExit(f"--num_generations {args.num_generations}: {group}, so it needs at least 2 completions "
                          "per prompt.")

@@ -27,15 +27,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from common import (POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
                     check_code_sandbox, check_run, collate, collate_ids, encode_prompts, evaluate, index_batch,
-                    is_sharded, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step, parse_args,
-                    peak_memory, prompts_for_step, render_prompt, run_main, sampler_dtype, score_completions, set_seed,
+                    is_sharded, logprob_gap_metrics, lr_scheduler, make_accelerator, micro_batches, optimizer_step, parse_args,
+                    peak_memory, prompts_for_step, render_prompt, run_main, sampler_dtype, score_completions,
                     shard, step_seed, token_logprobs, unwrap)
 
 
@@ -61,14 +63,14 @@ class Args:
     """training prompts (data_prep.py schema)"""
     test_file: str = "data/toy/test.jsonl"
     """test problems evaluated at step 0, every eval_every steps and at the end"""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """training weights: float32 or bfloat16 (on GPU, bf16 autocast comes from `accelerate launch --mixed_precision bf16`)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     allow_unsandboxed_code: bool = False
     """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
-    sampler: str = "auto"
+    sampler: Literal["auto", "vllm", "hf"] = "auto"
     """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
     prompts_per_step: int = 16
     """prompts per optimizer batch, over all processes"""
@@ -86,32 +88,32 @@ class Args:
     """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
     vllm_tensor_parallel_size: int = 1
     """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
-    vllm_dtype: str = "auto"
+    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
     vllm_sleep: bool = True
     """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
     # --- reward ---
     reward: str = "correct=1,format=0.1"
     """weighted sum of reward terms name=weight: correct, format (rule based), code (share of a code row's tests passed), poem (poem rule reward: similarity, form, rhyme, syllables); logprob (log-prob of the reference answer after the reasoning); ppl_relative, ppl_absolute, ppl_hybrid (perplexity rewards of a frozen scorer)"""
-    logprob_variant: str = "sum"
+    logprob_variant: Literal["sum", "mean", "prob"] = "sum"
     """logprob reward: sum (of token log-probs), mean (per token), prob (mean token probability, RLPR)"""
     logprob_debias: bool = False
     """logprob reward: subtract the same score with no reasoning (VR-CLI / RLPR), same answer cue on both sides"""
-    logprob_scorer: str = "policy"
+    logprob_scorer: Literal["policy", "initial"] = "policy"
     """who scores the logprob reward: policy (current weights, no gradient) or initial (frozen starting model)"""
-    reward_norm: str = "none"
+    reward_norm: Literal["none", "zscore", "minmax"] = "none"
     """normalize each reward term before weighting: none, zscore, or minmax"""
-    reward_norm_scope: str = "group"
+    reward_norm_scope: Literal["group", "batch"] = "group"
     """the set a term is normalized over: group (the prompt's samples) or batch (this process's batch)"""
-    reasoning_only_loss: str = "auto"
+    reasoning_only_loss: Literal["auto", "on", "off"] = "auto"
     """train only the reasoning tokens (through the end-of-reasoning marker): on, off, or auto (on when every reward term ignores the written answer: logprob and ppl_*)"""
     # --- optimization ---
     total_steps: int = 200
     """optimizer steps"""
     learning_rate: float = 5e-5
     """AdamW learning rate (real 1.5B-7B models: about 1e-6)"""
-    lr_schedule: str = "constant"
-    """constant or cosine (both after linear warmup)"""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant or cosine (decay to 0 at the last optimizer step), both after a linear warmup from 0"""
     warmup_steps: int = 0
     """linear warmup steps"""
     weight_decay: float = 0.0
@@ -126,17 +128,17 @@ class Args:
     """clip range below: ratio >= 1 - epsilon"""
     epsilon_high: float = 0.2
     """clip range above: ratio <= 1 + epsilon_high (DAPO clip-higher: 0.28)"""
-    loss_type: str = "token-mean"
+    loss_type: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
-    scale_rewards: str = "group"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
     """advantage std: group, batch, or none (Dr. GRPO)"""
     beta: float = 0.0
     """KL (k3) weight to the starting model; 0 loads no reference model"""
     mask_truncated_completions: bool = False
     """give no gradient to completions cut at max_completion_length"""
-    is_correction: str = "none"
+    is_correction: Literal["none", "truncate", "mask"] = "none"
     """sampler/trainer mismatch correction: none, truncate (multiply by min(rho, is_cap)), mask (rho, zeroed outside [is_floor, is_cap])"""
-    is_level: str = "token"
+    is_level: Literal["token", "sequence"] = "token"
     """importance ratio rho = exp(old_trainer - old_sampler) per token, or per sequence (product over its tokens)"""
     is_cap: float = 2.0
     """upper bound C of rho"""
@@ -159,12 +161,6 @@ class Args:
     """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
 
 
-# the values of the flags that name a choice (common.check_run refuses any other, with one sentence)
-CHOICES = {"loss_type": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-           "scale_rewards": ("group", "batch", "none"), "reward_norm": ("none", "zscore", "minmax"),
-           "reward_norm_scope": ("group", "batch"), "reasoning_only_loss": ("auto", "on", "off"),
-           "logprob_variant": ("sum", "mean", "prob"), "logprob_scorer": ("policy", "initial"),
-           "is_correction": ("none", "truncate", "mask"), "is_level": ("token", "sequence")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +250,7 @@ def answer_logprob_score(logprobs: torch.Tensor, variant: str) -> float:
         return logprobs.mean().item()
     if variant == "prob":
         return logprobs.exp().mean().item()
-    raise SystemExit(f"--logprob_variant {variant!r}: use sum, mean or prob.")
+    raise ValueError(f"unknown logprob variant {variant!r}")
 
 
 def perplexity_rewards(lp_reasoning: torch.Tensor, lp_baseline: torch.Tensor) -> dict[str, float]:
@@ -298,7 +294,7 @@ def normalize_rewards(rewards: torch.Tensor, how: str, scope: str, eps: float = 
         low, high = rewards.amin(dims, keepdim=True), rewards.amax(dims, keepdim=True)
         span = high - low
         return torch.where(span > 0, (rewards - low) / span.clamp(min=eps), torch.zeros_like(rewards))
-    raise SystemExit(f"--reward_norm {how!r}: use none, zscore or minmax.")
+    raise ValueError(f"unknown reward normalization {how!r}")
 
 
 def importance_weights(old_trainer, old_sampler, mask, mode: str, level: str, cap: float, floor: float):
@@ -311,13 +307,13 @@ def importance_weights(old_trainer, old_sampler, mask, mode: str, level: str, ca
     if level == "sequence":
         log_ratio = log_ratio.sum(1, keepdim=True).expand_as(mask)
     elif level != "token":
-        raise SystemExit(f"--is_level {level!r}: use token or sequence.")
+        raise ValueError(f"unknown importance-ratio level {level!r}")
     rho = torch.exp(log_ratio)
     if mode == "truncate":
         return torch.clamp(rho, max=cap)
     if mode == "mask":
         return rho * ((rho >= floor) & (rho <= cap))
-    raise SystemExit(f"--is_correction {mode!r}: use none, truncate or mask.")
+    raise ValueError(f"unknown importance-sampling correction {mode!r}")
 
 
 def all_equal_groups(rewards: torch.Tensor) -> torch.Tensor:
@@ -344,7 +340,7 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1
     elif scale == "none":
         advantages = centered
     else:
-        raise SystemExit(f"--scale_rewards {scale!r}: use group, batch or none.")
+        raise ValueError(f"unknown advantage scale {scale!r}")
     advantages = torch.where(all_equal_groups(rewards)[:, None], 0.0, advantages)
     return advantages.to(rewards.dtype)
 
@@ -385,7 +381,7 @@ def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: i
         return float(mask.shape[0])
     if loss_type == "seq-mean-token-sum-norm":
         return float(mask.shape[0] * max_completion_length)
-    raise SystemExit(f"--loss_type {loss_type!r}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm.")
+    raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, normalizer: float) -> torch.Tensor:
@@ -600,10 +596,10 @@ def main():
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(args.seed + rank)
+    set_seed(args.seed, device_specific=True)  # seed + process index
     # a user's mistakes end here, with one sentence each, before the run folder or a model exists
-    tokenizer, train_rows, test_rows = check_run(args, accelerator, CHOICES,
-                                                 group="GRPO normalizes each reward within its prompt's group")
+    tokenizer, train_rows, test_rows = check_run(
+        args, accelerator, group="GRPO normalizes each reward within its prompt's group")
     weights = parse_reward_weights(args.reward, RULE_TERMS + ANSWER_BLIND_TERMS)
     if "correct" in weights and any(row["task"] == "poem" for row in train_rows):
         raise SystemExit(f"--reward {args.reward!r}: {args.train_file} has poem rows, which have no correctness "
@@ -627,14 +623,7 @@ def main():
         frozen = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
         frozen.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-
-    def lr_lambda(step):
-        warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-        if args.lr_schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * step / args.total_steps))
-        return warm
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.total_steps * args.num_iterations)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
 

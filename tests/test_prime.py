@@ -3,7 +3,6 @@
 import math
 import sys
 
-import pytest
 import torch
 
 from common import Rollout, Score, prompts_for_step
@@ -290,8 +289,3 @@ def test_outcome_only_rloo_under_accelerate_launch(toy, tmp_path):
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert not any(k.startswith("prm/") for m in metrics for k in m)  # no PRM is loaded or trained
     assert "model_1.safetensors" not in {p.name for p in (tmp_path / "rloo" / "checkpoints" / "step_2").iterdir()}
-
-
-def test_bad_flag_stops_with_one_sentence(toy, tmp_path):
-    with pytest.raises(AssertionError, match="--granularity 'step': use token or whole"):
-        run_script(prime_cmd(toy, tmp_path, "bad", "--granularity", "step"))
