@@ -18,8 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 from common import (Rollout, Sampler, _ChunkedLogprobEntropy, collate, collate_ids, load_tasks, lr_scheduler,
-                    parse_args, prompts_for_step, reasoning_token_count, score_completions, shard, token_logprobs,
-                    top_p_filter)
+                    parse_args, prompts_for_step, score_completions, shard, token_logprobs, top_p_filter)
 from conftest import REPO
 
 
