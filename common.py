@@ -1,16 +1,15 @@
-"""Shared by every algorithm script: data, rewards, masks, sampling, log-probs, run directory.
+"""Shared by every algorithm script: data, rewards, sampling, log-probs, run directory.
 
 Read top to bottom:
-  1. data         load_tasks, render_prompt
+  1. data         load_tasks, render_prompt, the prompt templates
   2. rewards      answer extraction and checking (one checker for training and eval.py), poem reward
   2b. sandbox     model-written programs against their tests, under bubblewrap
-  3. masks        completion, truncation, reasoning-only
-  4. sampling     Sampler: vLLM in-process engine or transformers, one Rollout record
-  5. log-probs    token log-probs of the training model, chunked over positions
-  6. batching     rollouts -> padded tensors, per-rank sharding of prompts
-  7. evaluation   sample the test set, score it, write an outputs file
-  8. run dir      config.json, metrics.jsonl, rollouts.jsonl, checkpoints, final/
-  9. guards       user mistakes found before anything is created, interrupts, non-finite updates
+  3. sampling     Sampler: vLLM in-process engine or transformers, one Rollout record
+  4. log-probs    token log-probs of the training model, chunked over positions
+  5. batching     rollouts -> padded tensors, per-rank sharding of prompts
+  6. evaluation   sample the test set, score it, write an outputs file
+  7. run dir      config.json, metrics.jsonl, rollouts.jsonl, checkpoints, final/
+  8. guards       user mistakes found before anything is created, interrupts, non-finite updates
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import logging
 import math
 import multiprocessing
 import os
-import random
 import re
 import select
 import shutil
@@ -44,12 +42,6 @@ import torch
 # vLLM's engine must live in this process so that we can reach its model for the weight push.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def step_seed(seed: int, step: int, rank: int = 0, salt: int = 0) -> int:
@@ -99,30 +91,15 @@ def sampler_dtype(vllm_dtype: str, training_dtype: str) -> str:
 
 
 def parse_args(cls, argv=None):
-    """Command-line flags from an `Args` dataclass, cleanrl style: each field's help text is the
-    string literal written under it. Booleans take --flag / --no-flag."""
-    import argparse
-    import ast
-    import dataclasses
+    """Command-line flags from an `Args` dataclass, with tyro (as cleanrl): each field's help text is
+    the docstring under it, a `Literal[...]` field accepts only its values (the parser lists them),
+    booleans take --flag / --no-flag. Flags keep the fields' names: --num_generations."""
     import inspect
-    import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    helps = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            helps[node.target.id] = nxt.value.value
-    parser = argparse.ArgumentParser(description=(inspect.getmodule(cls).__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                                help=helps.get(f.name, ""))
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, ""))
-    return cls(**vars(parser.parse_args(argv)))
+    import tyro
+
+    description = (inspect.getmodule(cls).__doc__ or "").split("\n")[0]
+    return tyro.cli(cls, args=argv, description=description, use_underscores=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,36 +111,65 @@ KNOWN_TASKS = ("toy", "countdown", "poem", "code", "gsm8k", "math", "numina", "e
                "amc23", "amc", "minerva", "olympiadbench")
 
 
+def read_jsonl(path: str | Path, errors: list[str] | None = None, numbered: bool = False) -> list:
+    """The objects of a JSON-lines file, blank lines skipped; numbered: (line number, object) pairs.
+
+    A line that is not valid JSON or not UTF-8 text stops with one sentence naming FILE:LINE; given an
+    `errors` list, that sentence is appended there instead and the line skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file.")
+    out = []
+    # surrogateescape: bytes that are not UTF-8 reach the check below instead of raising in the loop
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")  # raw non-UTF-8 bytes, or half a surrogate pair
+            except UnicodeEncodeError:
+                problem = "not UTF-8 text"
+            except RecursionError:
+                problem = "not valid JSON (nested too deeply)"
+            except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+                problem = f"not valid JSON ({getattr(e, 'msg', e)})"
+            else:
+                out.append((lineno, obj) if numbered else obj)
+                continue
+            if errors is None:
+                raise SystemExit(f"{path}:{lineno}: {problem}; fix or delete that line.")
+            errors.append(f"{path}:{lineno}: {problem}")
+    return out
+
+
+def write_jsonl(rows: list, path: str | Path) -> Path:
+    """Write rows as JSON lines, atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
 def load_tasks(path: str | Path) -> list[dict]:
     """Rows of a data_prep.py JSONL file; a malformed line stops with its file and line number."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; build it with `python data_prep.py ...` (see README).")
     rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SystemExit(f"{path}:{lineno}: not UTF-8 text; data_prep.py writes UTF-8 JSON lines.") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line.") from None
-            if not isinstance(row, dict):
-                raise SystemExit(f"{path}:{lineno}: not a JSON object; each line is one row {{id, task, prompt, answer}}.")
-            missing = [k for k in REQUIRED_FIELDS if k not in row]
-            if missing:
-                raise SystemExit(f"{path}:{lineno}: missing field(s) {missing}; rows need {list(REQUIRED_FIELDS)}.")
-            if not isinstance(row["prompt"], list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                              for m in row["prompt"]):
-                raise SystemExit(f"{path}:{lineno}: 'prompt' must be a list of {{role, content}} chat messages.")
-            if row["task"] not in KNOWN_TASKS:
-                raise SystemExit(f"{path}:{lineno}: unknown task {row['task']!r}; use one of {', '.join(KNOWN_TASKS)}.")
-            row.setdefault("metadata", {})
-            rows.append(row)
+    for lineno, row in read_jsonl(path, numbered=True):
+        if not isinstance(row, dict):
+            raise SystemExit(f"{path}:{lineno}: not a JSON object; each line is one row {{id, task, prompt, answer}}.")
+        missing = [k for k in REQUIRED_FIELDS if k not in row]
+        if missing:
+            raise SystemExit(f"{path}:{lineno}: missing field(s) {missing}; rows need {list(REQUIRED_FIELDS)}.")
+        if not isinstance(row["prompt"], list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                          for m in row["prompt"]):
+            raise SystemExit(f"{path}:{lineno}: 'prompt' must be a list of {{role, content}} chat messages.")
+        if row["task"] not in KNOWN_TASKS:
+            raise SystemExit(f"{path}:{lineno}: unknown task {row['task']!r}; use one of {', '.join(KNOWN_TASKS)}.")
+        row.setdefault("metadata", {})
+        rows.append(row)
     if not rows:
         raise SystemExit(f"{path}: the file has no rows.")
     return rows
@@ -188,6 +194,54 @@ def answer_style(row: dict) -> str:
     (a fenced Python block)."""
     default = "tag" if row["task"] in ("toy", "countdown", "poem") else "code" if row["task"] == "code" else "boxed"
     return row.get("metadata", {}).get("answer_style", default)
+
+
+# ---- prompt templates (data_prep.py writes them into rows; eval.py --template re-renders) ----------
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+PRIME_SUFFIX = "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"
+R1_SYSTEM = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The Assistant first thinks about the reasoning process in the mind and then "
+    "provides the User with the answer. The reasoning process is enclosed within <think> "
+    "</think> and the answer is enclosed within <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think>\n<answer> answer here </answer>."
+)
+# Prefilled assistant turn: the completion starts INSIDE the reasoning and goes on with
+# "... </think>\n<answer> ... </answer>".
+R1_PREFILL = "Let me solve this step by step.\n<think>"
+# PRIME's instruction for coding problems; the reward runs the last ```python block against the tests.
+CODE_INSTRUCTION = "Write Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
+ANSWER_STYLE = {"qwen_math": "boxed", "prime": "boxed", "r1": "tag", "code": "code"}  # template -> answer_style
+
+
+def build_prompt(template: str, question: str) -> list[dict]:
+    """Chat messages for one question under a named template."""
+    if template == "qwen_math":
+        return [{"role": "system", "content": QWEN_MATH_SYSTEM}, {"role": "user", "content": question}]
+    if template == "prime":
+        return [{"role": "user", "content": question + PRIME_SUFFIX}]
+    if template == "r1":
+        return [{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": question},
+                {"role": "assistant", "content": R1_PREFILL}]
+    if template == "code":
+        return [{"role": "user", "content": question + "\n\n" + CODE_INSTRUCTION}]
+    raise ValueError(f"unknown template {template!r}; choose one of {sorted(ANSWER_STYLE)}")
+
+
+def as_answer(x) -> str:
+    """Reference answers are strings: 27.0 becomes "27"; lists (OlympiadBench's ["$1$", "$2$"]) are
+    joined after their $...$ delimiters are dropped."""
+    if isinstance(x, (list, tuple)):
+        return ", ".join(strip_dollars(as_answer(v)) for v in x)
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x).strip()
+
+
+def strip_dollars(s: str) -> str:
+    while len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+        s = s[1:-1].strip()
+    return s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,19 +488,6 @@ def _numbers_equal(a: Fraction, b: Fraction) -> bool:
     return abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
 
 
-def parse_number(s: str) -> float | None:
-    """Plain number (int, decimal, a/b, \\frac{a}{b}, 4.5e33, 4.5\\times10^{33}, 50\\% -> 50.0) or None.
-    Never evals."""
-    value = _parse_fraction(normalize_answer(s))
-    if value is None:
-        return None
-    try:
-        value = float(value)
-    except OverflowError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _for_math_verify(s: str) -> str:
     """The text Math-Verify gets: a whole-text brace group peeled, and e-notation spelled
     \\times10^{n} (Math-Verify's LaTeX reader takes 4.5e33 for 4.5 * Euler's e * 33)."""
@@ -563,19 +604,15 @@ def shutdown_grader() -> None:
 atexit.register(shutdown_grader)
 
 
-def answers_match_many(
-    pairs: list[tuple[str | None, str]], timeout: float = 5.0
-) -> tuple[list[bool], int]:
-    """Grade many (pred, gold) pairs; returns (results, n_failed).
+def answers_match_many(pairs: list[tuple[str | None, str]], timeout: float = 5.0) -> tuple[list[bool], int]:
+    """The one equivalence check: is each pred the same answer as its gold? Returns (results, n_failed).
 
-    Only pairs the fast path cannot decide go to Math-Verify, all at once.
-    Each such pair gets `timeout` seconds of a worker, counted from when a
-    worker takes it; a worker still busy then is killed and replaced, so a
-    pair that hangs (9^{9^{9^{9}}}) holds up neither the pairs after it nor
-    later batches. A batch takes about timeout * ceil(h / workers) for h
-    pairs that hang, plus a worker start-up (~2 s) per hang; it waits at most
-    timeout * ceil(n / workers) + _MV_START_TIMEOUT in total, and then kills
-    the pool. Timeouts and worker errors count as False and as failed.
+    Only pairs the fast path cannot decide go to Math-Verify, all at once. Each gets `timeout` seconds
+    of a worker, counted from when a worker takes it; a worker still busy then is killed and replaced,
+    so a pair that hangs (9^{9^{9^{9}}}) holds up neither the pairs after it nor later batches. A batch
+    takes about timeout * ceil(h / workers) for h pairs that hang, plus a worker start-up (~2 s) per
+    hang; it waits at most timeout * ceil(n / workers) + _MV_START_TIMEOUT in all, then kills the pool.
+    Timeouts and worker errors count as False and as failed.
     """
     results = [False] * len(pairs)
     todo = []
@@ -612,12 +649,6 @@ def answers_match_many(
     if out_of_time:
         _discard_pool(pool)  # the batch ran out of time with pairs still queued or running
     return results, n_failed
-
-
-def answers_match(pred: str | None, gold: str, timeout: float = 5.0) -> bool:
-    """The one equivalence check of the project: is `pred` the same answer as `gold`?"""
-    results, _ = answers_match_many([(pred, gold)], timeout)
-    return results[0]
 
 
 # ---- Countdown -------------------------------------------------------------
@@ -1180,53 +1211,7 @@ def run_code_tests_many(jobs: list[tuple[str | None, dict | None]], limits: Code
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. masks
-# ----------------------------------------------------------------------------------------------
-# The end of the reasoning in the R1 format. (The log-prob seed project wrote it "<\think>", where
-# "\t" is a TAB: it never matched and almost every completion was masked out. Test: test_grpo.py.)
-END_OF_REASONING = "</think>"
-
-
-def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = END_OF_REASONING) -> int | None:
-    """Number of leading completion tokens up to and including the end-of-reasoning marker.
-
-    Found on characters, not tokens: the smallest k such that decode(ids[:k]) contains the marker.
-    So it works whatever way the tokenizer splits "</think>" (one special token, or "</", "think",
-    ">"). None when the marker never appears. Binary search: decoded prefixes only grow.
-    """
-    def has_marker(k: int) -> bool:
-        return marker in tokenizer.decode(completion_ids[:k], skip_special_tokens=False)
-
-    if not completion_ids or not has_marker(len(completion_ids)):
-        return None
-    lo, hi = 1, len(completion_ids)  # has_marker(hi) is True
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if has_marker(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def reasoning_mask(tokenizer, rollouts: list["Rollout"], width: int, marker: str = END_OF_REASONING) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, width] mask of the reasoning tokens (marker included), and a [N] bool: marker found.
-
-    Completions without the marker get an all-zero row: they receive no policy gradient
-    (their reward is scored as failed by the caller; see grpo_logprob.py).
-    """
-    mask = torch.zeros(len(rollouts), width)
-    found = torch.zeros(len(rollouts), dtype=torch.bool)
-    for i, r in enumerate(rollouts):
-        k = reasoning_token_count(tokenizer, r.completion_ids, marker)
-        if k is not None:
-            mask[i, :k] = 1.0
-            found[i] = True
-    return mask, found
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. sampling
+# 3. sampling
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
@@ -1545,7 +1530,7 @@ def full_named_parameters(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. log-probs of the training model
+# 4. log-probs of the training model
 # ----------------------------------------------------------------------------------------------
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     """log softmax(h W^T / T)[target] and the entropy of that softmax, for N rows of h.
@@ -1670,29 +1655,8 @@ def unwrap(model):
     return model
 
 
-@torch.no_grad()
-def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[list[int]],
-                          pad_id: int, batch_size: int = 64, temperature: float = 1.0,
-                          accelerator=None) -> list[torch.Tensor]:
-    """Per-token log-prob of continuations[i] after prefixes[i] (no gradient), e.g. of a reference
-    answer after the model's own reasoning. Returns a list of 1-D float tensors.
-
-    With a sharded model (FSDP, DeepSpeed) every forward pass is collective, so processes with fewer
-    batches than the others run filler batches until all have run as many."""
-    device = next(unwrap(model).parameters()).device
-    result = []
-    n_batches = math.ceil(len(prefixes) / batch_size)
-    if is_sharded(accelerator):
-        n_batches = int(accelerator.reduce(torch.tensor(n_batches, device=accelerator.device), "max").item())
-    for b in range(n_batches):
-        pairs = list(zip(prefixes[b * batch_size:(b + 1) * batch_size], continuations[b * batch_size:(b + 1) * batch_size]))
-        lp = token_logprobs(model, collate_ids(pairs or [([pad_id], [pad_id])], pad_id, device), temperature)
-        result += [lp[i, :len(c)].cpu() for i, (_, c) in enumerate(pairs)]
-    return result
-
-
 # ----------------------------------------------------------------------------------------------
-# 6. batching
+# 5. batching
 # ----------------------------------------------------------------------------------------------
 def collate_ids(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
     """(prompt ids, completion ids) pairs -> right-padded tensors.
@@ -1762,7 +1726,7 @@ def shard(items: list, rank: int, world: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. evaluation
+# 6. evaluation
 # ----------------------------------------------------------------------------------------------
 def evaluate(sampler: Sampler, tokenizer, rows: list[dict], *, n: int, temperature: float, max_tokens: int,
              seed: int, accelerator=None, top_p: float = 1.0) -> tuple[dict, list[dict]]:
@@ -1835,7 +1799,7 @@ def summarize_outputs(records: list[dict], errors: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. run directory, logging, checkpoints
+# 7. run directory, logging, checkpoints
 # ----------------------------------------------------------------------------------------------
 class Run:
     """One run's directory:
@@ -1885,26 +1849,26 @@ class Run:
         if not self.main:
             return
         record = {"step": step, **jsonable(metrics)}
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=step)
 
     def log_rollouts(self, step: int, records: list[dict]) -> None:
         if self.main:
-            with open(self.dir / "rollouts.jsonl", "a") as f:
+            with open(self.dir / "rollouts.jsonl", "a", encoding="utf-8") as f:
                 for r in records:
-                    f.write(json.dumps({"step": step, **r}) + "\n")
+                    f.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
 
     def save_eval(self, step: int, records: list[dict]) -> Path:
         path = self.dir / "eval" / f"step_{step:06d}.jsonl"
         if self.main:
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+            write_jsonl(records, path)
         return path
 
     def read_metrics(self) -> list[dict]:
         path = self.dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        return read_jsonl(path) if path.exists() else []
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, step: int, keep: int = 2, extra: dict | None = None) -> None:
@@ -2020,12 +1984,10 @@ def check_no_run_there(folder: Path) -> None:
 def leave_process_group(accelerator) -> None:
     """End a run's process: with several ranks, meet at a barrier and exit at once (os._exit(0)).
 
-    A normal interpreter shutdown under torchrun on CPU is unreliable, and we hit both failures in
-    our tests: without destroy_process_group() gloo's worker threads abort it ("terminate called
-    without an active exception", pytorch/pytorch#179291); with it, freeing the DDP model at shutdown
-    runs ~ProcessGroupGloo, which joins a gloo thread while holding the GIL, and that thread waits
-    for the GIL to free its last work item: a deadlock (py-spy stack, pytorch/pytorch#75097).
-    Whatever a run writes is written and closed before this, so skipping the shutdown loses nothing."""
+    A normal interpreter shutdown under torchrun on CPU is unreliable, both ways: without
+    destroy_process_group() gloo's worker threads abort it ("terminate called without an active
+    exception", pytorch/pytorch#179291); with it, freeing the DDP model joins a gloo thread that waits
+    for the GIL we hold: a deadlock (pytorch/pytorch#75097). Everything is written and closed before this."""
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         shutdown_grader()  # what atexit would have done
@@ -2061,7 +2023,7 @@ def init_wandb(args, run_dir: Path):
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -2162,6 +2124,15 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     return math.nan if skipped else float(grad_norm) if grad_norm is not None else 0.0
 
 
+def lr_scheduler(optimizer, schedule: str, warmup_steps: int, total_updates: int):
+    """transformers' learning-rate schedule, stepped once per optimizer step: a linear warmup from 0
+    over warmup_steps, then constant (schedule "constant") or a cosine decay to 0 at total_updates."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine"}[schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_updates)
+
+
 def add_logprob_gap(stats: "StepStats", trainer_logprobs, sampler_logprobs, mask) -> None:
     """|log p_trainer - log p_sampler| of the sampled tokens, trainer at the weights that sampled:
     the sampler/trainer mismatch (bf16 sampling, kernels) that --is_correction exists for."""
@@ -2229,24 +2200,15 @@ NON_NEGATIVE = ("eval_temperature", "eval_limit", "eval_every", "save_every", "s
                 "epsilon", "epsilon_high", "beta", "kl_coef", "is_cap", "is_floor")
 FRACTIONS = ("top_p", "vllm_gpu_memory_utilization")  # in (0, 1]
 UNIT_INTERVAL = ("filter_low", "filter_high", "gamma")  # in [0, 1]
-COMMON_CHOICES = {"dtype": ("float32", "bfloat16"), "sampler": ("auto", "vllm", "hf"),
-                  "vllm_dtype": ("auto", "float32", "bfloat16"), "lr_schedule": ("constant", "cosine")}
 # flags that may change when a run is resumed: they steer or log the run, never what it computes
 RESUME_MAY_CHANGE = ("resume", "stop_at_step", "save_every", "track", "wandb_project", "output_dir",
                      "allow_unsandboxed_code")
 
 
-def _one_of(values) -> str:
-    values = list(values)
-    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
-
-
-def check_flags(args, choices: dict[str, tuple[str, ...]]) -> None:
+def check_flags(args) -> None:
     """Flag values that make no sense: sizes, counts and lengths below 1, a training temperature of 0 or
-    less, negative rates and periods, fractions outside (0, 1], a choice that does not exist."""
-    for name, allowed in choices.items():
-        if hasattr(args, name) and getattr(args, name) not in allowed:
-            raise SystemExit(f"--{name} {getattr(args, name)!r}: use {_one_of(allowed)}.")
+    less, negative rates and periods, fractions outside (0, 1]. (A choice that does not exist is refused
+    by the parser: the choice fields are Literal.)"""
     rules = ((AT_LEAST_ONE, lambda v: v >= 1, "must be at least 1"),
              (POSITIVE, lambda v: v > 0, "must be greater than 0"),
              (NON_NEGATIVE, lambda v: v >= 0, "must not be negative"),
@@ -2258,14 +2220,14 @@ def check_flags(args, choices: dict[str, tuple[str, ...]]) -> None:
                 raise SystemExit(f"--{name} {getattr(args, name)}: {rule}.")
 
 
-def check_run(args, accelerator, choices: dict[str, tuple[str, ...]], group: str | None = None):
+def check_run(args, accelerator, group: str | None = None):
     """Everything a user can get wrong, each as one sentence, checked before the run folder is created or a
     model is loaded: the flags (check_flags; `group`: why the algorithm needs --num_generations >= 2), the
     prompt count against the process count, the run folder (writable; --resume needs one, made with the
     same settings), the model path, the data files (load_tasks: file and line). Prompts that cannot fit
     the model's context with --max_completion_length tokens after them are dropped with one warning line.
     Returns (tokenizer, training rows, test rows cut to --eval_limit)."""
-    check_flags(args, {**COMMON_CHOICES, **choices})
+    check_flags(args)
     if group and args.num_generations < 2:
         raise SystemExit(f"--num_generations {args.num_generations}: {group}, so it needs at least 2 completions "
                          "per prompt.")

@@ -8,7 +8,7 @@ One JSON object per line:
      "metadata": {"template": "qwen_math", "answer_style": "boxed", "source": "openai/gsm8k", ...}}
 
 If the template prefills the assistant turn (r1), the LAST prompt message is
-{"role": "assistant", "content": R1_PREFILL}; render it with continue_final_message=True.
+{"role": "assistant", "content": common.R1_PREFILL}; render it with continue_final_message=True.
 
 Usage:
     python data_prep.py gsm8k --out data/gsm8k_train.jsonl
@@ -35,8 +35,10 @@ from pathlib import Path
 
 import torch
 
-# the one brace-matching extractor, GSM8K reader and code-test reader, shared with the reward code
-from common import code_test_cases, gsm8k_gold, last_boxed
+# the prompt templates (shared with eval.py), and the one brace-matching extractor, GSM8K reader and
+# code-test reader (shared with the reward code)
+from common import (ANSWER_STYLE, PRIME_SUFFIX, R1_PREFILL, as_answer, build_prompt, code_test_cases, gsm8k_gold,
+                    last_boxed, write_jsonl)
 
 # Default hub ids per task. Every one of them can be replaced by a local file or folder
 # with --source (that is how the tests run: there is no hub access there).
@@ -62,46 +64,10 @@ class DataError(ValueError):
     """A problem the user can fix (bad path, wrong layout). The CLI prints it as one line."""
 
 
-# ---------------------------------------------------------------------------------------
-# Prompt templates
-# ---------------------------------------------------------------------------------------
-QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-PRIME_SUFFIX = "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"
-R1_SYSTEM = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant "
-    "solves it. The Assistant first thinks about the reasoning process in the mind and then "
-    "provides the User with the answer. The reasoning process is enclosed within <think> "
-    "</think> and the answer is enclosed within <answer> </answer> tags, respectively, i.e., "
-    "<think> reasoning process here </think>\n<answer> answer here </answer>."
-)
-# Prefilled assistant turn: the completion starts INSIDE the reasoning and goes on with
-# "... </think>\n<answer> ... </answer>".
-R1_PREFILL = "Let me solve this step by step.\n<think>"
-
-# PRIME's instruction for coding problems; the reward runs the last ```python block against the tests.
-CODE_INSTRUCTION = "Write Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
-# Eurus-2-RL-Data writes it with small variations ("```\nat the end." or "``` at the end.")
+# Eurus-2-RL-Data writes PRIME's code instruction (common.CODE_INSTRUCTION) with small variations
+# ("```\nat the end." or "``` at the end.")
 CODE_INSTRUCTION_RE = re.compile(r"\s*Write Python code to solve the problem\. Present the code in\s*```python\s*"
                                  r"Your code\s*```\s*at the end\.\s*$")
-
-# template name -> how the reward function should pull the answer out of a completion
-ANSWER_STYLE = {"qwen_math": "boxed", "prime": "boxed", "r1": "tag", "code": "code"}
-
-
-def build_prompt(template, question):
-    """Chat messages for one question under a named template."""
-    if template == "qwen_math":
-        return [{"role": "system", "content": QWEN_MATH_SYSTEM},
-                {"role": "user", "content": question}]
-    if template == "prime":
-        return [{"role": "user", "content": question + PRIME_SUFFIX}]
-    if template == "r1":
-        return [{"role": "system", "content": R1_SYSTEM},
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": R1_PREFILL}]
-    if template == "code":
-        return [{"role": "user", "content": question + "\n\n" + CODE_INSTRUCTION}]
-    raise DataError(f"unknown template {template!r}; choose one of {sorted(ANSWER_STYLE)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,7 +238,7 @@ def need(row, key, where):
     """row[key], or a one-sentence error naming the row, the field and the fix."""
     if row.get(key) is None:
         raise DataError(f"{where} has no field {key!r} (it has: {', '.join(row)}); "
-                        f"point --source at data in this task's layout or fix that row")
+                        f"point --source at data in the task's layout or fix that row")
     return row[key]
 
 
@@ -286,7 +252,7 @@ def as_text(value, key, where):
         return "\n\n".join(value)
     if not isinstance(value, str):
         raise DataError(f"{where} field {key!r} is a {type(value).__name__}, not text; "
-                        f"point --source at data in this task's layout or fix that row")
+                        f"point --source at data in the task's layout or fix that row")
     return value
 
 
@@ -296,23 +262,7 @@ def first_of(row, keys, where):
         if row.get(key) is not None:
             return as_text(row[key], key, where)
     raise DataError(f"{where} has none of the fields {list(keys)} (it has: {', '.join(row)}); "
-                    f"point --source at data in this task's layout or fix that row")
-
-
-def as_answer(x):
-    """Reference answers are strings: 27.0 becomes "27"; lists (OlympiadBench's ["$1$", "$2$"]) are
-    joined after their $...$ delimiters are dropped."""
-    if isinstance(x, (list, tuple)):
-        return ", ".join(strip_dollars(as_answer(v)) for v in x)
-    if isinstance(x, float) and x.is_integer():
-        return str(int(x))
-    return str(x).strip()
-
-
-def strip_dollars(s):
-    while len(s) >= 2 and s[0] == "$" and s[-1] == "$":
-        s = s[1:-1].strip()
-    return s
+                    f"point --source at data in the task's layout or fix that row")
 
 
 def as_level(x):
@@ -364,7 +314,7 @@ def gold_of(row, where):
             continue
         if not isinstance(value, (str, int, float, list, tuple)):
             raise DataError(f"{where} field {key!r} is a {type(value).__name__}, not an answer; "
-                            f"point --source at data in this task's layout or fix that row")
+                            f"point --source at data in the task's layout or fix that row")
         answer = as_answer(value)
         if "####" in answer:
             raise DataError(f"{where} field {key!r} is a worked solution ending in '#### N': "
@@ -373,7 +323,7 @@ def gold_of(row, where):
             return answer, key
     if "solution" not in row and not any(key in row for key in ANSWER_FIELDS):
         raise DataError(f"{where} has none of the fields {[*ANSWER_FIELDS, 'solution']} "
-                        f"(it has: {', '.join(row)}); point --source at data in this task's layout")
+                        f"(it has: {', '.join(row)}); point --source at data in the task's layout")
     solution = row.get("solution")
     boxed = last_boxed(as_text(solution, "solution", where)) if solution is not None else None
     return (boxed, "solution") if boxed else (None, None)
@@ -653,18 +603,6 @@ TASKS = {
 # ---------------------------------------------------------------------------------------
 # Output + CLI
 # ---------------------------------------------------------------------------------------
-def write_jsonl(rows, path):
-    """Write rows as JSON lines, atomically: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def resolve_split(args, spec):
     """(split to load, split the ids name, why). --split wins; a hub id gets the task's split (its hub
     copy may call it differently); a local file gets the split its name holds (gsm8k_test.jsonl),
@@ -699,7 +637,7 @@ def prepare(args):
 # ----------------------------------------------------------------------------------------------
 # toy task: chained single-digit arithmetic in the R1 format, and a warm-started tiny model
 # ----------------------------------------------------------------------------------------------
-# Why this task: it runs end to end on a laptop CPU in minutes, yet RL has something real to do.
+# Why the toy task: it runs end to end on a laptop CPU in minutes, yet RL has something real to do.
 # The warm start is trained on worked solutions of which a share (--slip_rate) contain one
 # arithmetic slip (a step's result off by 1 or 2, carried to the answer). The model learns the
 # right facts (greedy decoding is mostly right) but also learns to slip at about that rate when

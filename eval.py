@@ -10,7 +10,7 @@ score_completions): the files a training run writes under runs/NAME/eval/ are ou
 script. Outputs of the Qwen2.5-Math evaluation harness and lm-evaluation-harness --log_samples files
 are read too, and their own verdicts compared with ours. Re-scoring always recomputes
 preds/correct/format from the completions, so a fix to the grader applies to old runs too.
-Metric definitions: README "eval.py"; REFERENCE.md section 5.
+Metric definitions: README "eval.py" and the docstrings of pass_at_k, avg_at_k and maj_at_k below.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (Sampler, atomic_write_text, check_code_sandbox, check_writable, evaluate, fit_context, gsm8k_gold,
-                    jsonable, last_boxed, last_tag, load_tasks, load_tokenizer, normalize_answer, run_main,
-                    score_completions, score_fields, shutdown_grader, task_metrics, vllm_available)
-from data_prep import ANSWER_STYLE, CODE_INSTRUCTION, PRIME_SUFFIX, as_answer, build_prompt
+from common import (ANSWER_STYLE, CODE_INSTRUCTION, PRIME_SUFFIX, Sampler, as_answer, atomic_write_text, build_prompt,
+                    check_code_sandbox, check_writable, evaluate, fit_context, gsm8k_gold, jsonable, last_boxed,
+                    last_tag, load_tasks, load_tokenizer, normalize_answer, read_jsonl, run_main, score_completions,
+                    score_fields, shutdown_grader, task_metrics, vllm_available, write_jsonl)
 
 # ----------------------------------------------------------------------------------------------
 # metrics of one problem (hand-computed tests: tests/test_eval.py)
@@ -287,26 +287,8 @@ def read_outputs(path: Path, strict: bool) -> list[dict]:
     unknown layout is refused with one sentence."""
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; pass an outputs .jsonl (e.g. runs/NAME/eval/step_N.jsonl).")
-    lines, bad = [], []
-    # surrogateescape: a line that is not UTF-8 is reported like any other bad line
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                # a JSON escape of half a surrogate pair, or raw bytes that are not UTF-8
-                json.dumps(obj, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                bad.append(f"{path}:{lineno}: not UTF-8 text")
-                continue
-            except RecursionError:
-                bad.append(f"{path}:{lineno}: not valid JSON (nested too deeply)")
-                continue
-            except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
-                bad.append(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})")
-                continue
-            lines.append((lineno, obj))
+    bad: list[str] = []
+    lines = read_jsonl(path, bad, numbered=True)
     first = next((obj for _, obj in lines if isinstance(obj, dict)), None)
     layout = layout_of(first) if first is not None else "eval"
     if layout is None:
@@ -356,8 +338,7 @@ def rescore(records: list[dict]) -> tuple[list[dict], int]:
 
 def write_outputs(records: list[dict], summary: dict, path: Path) -> Path:
     """path (outputs JSONL) and path.summary.json next to it; returns the summary's path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_jsonl(records, path)
     summary_path = path.with_name(path.name.removesuffix(".jsonl") + ".summary.json")
     atomic_write_text(summary_path, json.dumps(jsonable(summary), indent=2) + "\n")
     return summary_path

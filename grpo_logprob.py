@@ -3,9 +3,23 @@
     python grpo_logprob.py                                   # toy task, rule reward (the quickstart)
     accelerate launch grpo_logprob.py --model Qwen/Qwen2.5-Math-1.5B --train_file data/gsm8k_train.jsonl ...
 
-One step: sample a group of completions per prompt, score them, normalize rewards within the group
-(advantages), then take a clipped policy-gradient step (GRPO, DeepSeekMath; loss options from
-DAPO and Dr. GRPO). Formulas: ../shared/REFERENCE.md section 1.
+One step: sample a group of n completions per prompt, score them, normalize rewards within the group
+(advantages), then take clipped policy-gradient steps. With s_t = exp(lp_t - old_t) per token:
+  A_i = (r_i - mean_group(r)) / (std_group(r) + eps)          (--scale_rewards: group, batch or none)
+  l_t = -min(s_t A, clip(s_t, 1 - eps_low, 1 + eps_high) A) + beta * k3,  k3 = exp(ref_t - lp_t) - (ref_t - lp_t) - 1
+  loss = token-mean: sum_t l_t / tokens of the batch;  seq-mean-token-mean: mean over completions of
+         their token mean;  seq-mean-token-sum-norm: sum_t l_t / (completions * max_completion_length)
+Papers: GRPO, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models"
+(arXiv 2402.03300); clip-higher and token-mean, "DAPO: An Open-Source LLM Reinforcement Learning System
+at Scale" (arXiv 2503.14476); no std and sum-norm, "Understanding R1-Zero-Like Training: A Critical
+Perspective" (Dr. GRPO, arXiv 2503.20783). The reference implementations use the unbiased std, as here.
+
+Log-prob reward ("Eliciting Reasoning in LLMs Using Logprob-Based Rewards"): the policy's own
+R = sum_t log pi(<answer>gold</answer>_t | prompt + reasoning + "</think>\n"), no gradient; the loss
+then covers the reasoning tokens only, as the reward ignores the written answer. Its released code
+differs in three defects this file does not repeat (tests/test_grpo.py): an end-of-reasoning marker
+that never matched (reasoning_mask), an inverted reward sign (answer_logprob_score), and reasoning
+searched for where it never is (scoring_texts). A frozen scorer's perplexity rewards: perplexity_rewards.
 """
 
 from __future__ import annotations
@@ -13,16 +27,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from common import (END_OF_REASONING, POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap,
-                    answer_style, check_code_sandbox, check_run, collate, continuation_logprobs, encode_prompts,
-                    evaluate, index_batch, logprob_gap_metrics, make_accelerator, micro_batches, optimizer_step,
-                    parse_args, peak_memory, prompts_for_step, reasoning_mask, render_prompt, run_main, sampler_dtype,
-                    score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+from common import (POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
+                    check_code_sandbox, check_run, collate, collate_ids, encode_prompts, evaluate, index_batch,
+                    is_sharded, logprob_gap_metrics, lr_scheduler, make_accelerator, micro_batches, optimizer_step, parse_args,
+                    peak_memory, prompts_for_step, render_prompt, run_main, sampler_dtype, score_completions,
+                    shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -47,14 +63,14 @@ class Args:
     """training prompts (data_prep.py schema)"""
     test_file: str = "data/toy/test.jsonl"
     """test problems evaluated at step 0, every eval_every steps and at the end"""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """training weights: float32 or bfloat16 (on GPU, bf16 autocast comes from `accelerate launch --mixed_precision bf16`)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     allow_unsandboxed_code: bool = False
     """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
-    sampler: str = "auto"
+    sampler: Literal["auto", "vllm", "hf"] = "auto"
     """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
     prompts_per_step: int = 16
     """prompts per optimizer batch, over all processes"""
@@ -72,32 +88,32 @@ class Args:
     """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
     vllm_tensor_parallel_size: int = 1
     """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
-    vllm_dtype: str = "auto"
+    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
     vllm_sleep: bool = True
     """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
     # --- reward ---
     reward: str = "correct=1,format=0.1"
     """weighted sum of reward terms name=weight: correct, format (rule based), code (share of a code row's tests passed), poem (poem rule reward: similarity, form, rhyme, syllables); logprob (log-prob of the reference answer after the reasoning); ppl_relative, ppl_absolute, ppl_hybrid (perplexity rewards of a frozen scorer)"""
-    logprob_variant: str = "sum"
+    logprob_variant: Literal["sum", "mean", "prob"] = "sum"
     """logprob reward: sum (of token log-probs), mean (per token), prob (mean token probability, RLPR)"""
     logprob_debias: bool = False
     """logprob reward: subtract the same score with no reasoning (VR-CLI / RLPR), same answer cue on both sides"""
-    logprob_scorer: str = "policy"
+    logprob_scorer: Literal["policy", "initial"] = "policy"
     """who scores the logprob reward: policy (current weights, no gradient) or initial (frozen starting model)"""
-    reward_norm: str = "none"
+    reward_norm: Literal["none", "zscore", "minmax"] = "none"
     """normalize each reward term before weighting: none, zscore, or minmax"""
-    reward_norm_scope: str = "group"
+    reward_norm_scope: Literal["group", "batch"] = "group"
     """the set a term is normalized over: group (the prompt's samples) or batch (this process's batch)"""
-    reasoning_only_loss: str = "auto"
+    reasoning_only_loss: Literal["auto", "on", "off"] = "auto"
     """train only the reasoning tokens (through the end-of-reasoning marker): on, off, or auto (on when every reward term ignores the written answer: logprob and ppl_*)"""
     # --- optimization ---
     total_steps: int = 200
     """optimizer steps"""
     learning_rate: float = 5e-5
     """AdamW learning rate (real 1.5B-7B models: about 1e-6)"""
-    lr_schedule: str = "constant"
-    """constant or cosine (both after linear warmup)"""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant or cosine (decay to 0 at the last optimizer step), both after a linear warmup from 0"""
     warmup_steps: int = 0
     """linear warmup steps"""
     weight_decay: float = 0.0
@@ -112,17 +128,17 @@ class Args:
     """clip range below: ratio >= 1 - epsilon"""
     epsilon_high: float = 0.2
     """clip range above: ratio <= 1 + epsilon_high (DAPO clip-higher: 0.28)"""
-    loss_type: str = "token-mean"
+    loss_type: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
-    scale_rewards: str = "group"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
     """advantage std: group, batch, or none (Dr. GRPO)"""
     beta: float = 0.0
     """KL (k3) weight to the starting model; 0 loads no reference model"""
     mask_truncated_completions: bool = False
     """give no gradient to completions cut at max_completion_length"""
-    is_correction: str = "none"
+    is_correction: Literal["none", "truncate", "mask"] = "none"
     """sampler/trainer mismatch correction: none, truncate (multiply by min(rho, is_cap)), mask (rho, zeroed outside [is_floor, is_cap])"""
-    is_level: str = "token"
+    is_level: Literal["token", "sequence"] = "token"
     """importance ratio rho = exp(old_trainer - old_sampler) per token, or per sequence (product over its tokens)"""
     is_cap: float = 2.0
     """upper bound C of rho"""
@@ -145,12 +161,6 @@ class Args:
     """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
 
 
-# the values of the flags that name a choice (common.check_run refuses any other, with one sentence)
-CHOICES = {"loss_type": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-           "scale_rewards": ("group", "batch", "none"), "reward_norm": ("none", "zscore", "minmax"),
-           "reward_norm_scope": ("group", "batch"), "reasoning_only_loss": ("auto", "on", "off"),
-           "logprob_variant": ("sum", "mean", "prob"), "logprob_scorer": ("policy", "initial"),
-           "is_correction": ("none", "truncate", "mask"), "is_level": ("token", "sequence")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,13 +181,52 @@ RULE_TERMS = ("correct", "format", "code", "poem")
 ANSWER_BLIND_TERMS = ("logprob", "ppl_relative", "ppl_absolute", "ppl_hybrid")  # ignore the written answer
 
 
+# The end of the reasoning in the R1 format. The log-prob reward paper's code wrote it "<\think>", where
+# "\t" is a TAB: it never matched, and almost every completion was masked out (tests/test_grpo.py).
+END_OF_REASONING = "</think>"
+
+
+def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = END_OF_REASONING) -> int | None:
+    """Number of leading completion tokens up to and including the end-of-reasoning marker; None without it.
+
+    The smallest k such that decode(ids[:k]) contains the marker, found on characters (binary search:
+    decoded prefixes only grow), so it works however the tokenizer splits "</think>".
+    """
+    def has_marker(k: int) -> bool:
+        return marker in tokenizer.decode(completion_ids[:k], skip_special_tokens=False)
+
+    if not completion_ids or not has_marker(len(completion_ids)):
+        return None
+    lo, hi = 1, len(completion_ids)  # has_marker(hi) is True
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if has_marker(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def reasoning_mask(tokenizer, rollouts, width: int, marker: str = END_OF_REASONING) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, width] mask of the reasoning tokens (marker included), and a [N] bool: marker found. A
+    completion without the marker gets an all-zero row: no policy gradient (fill_failed sets its reward)."""
+    mask = torch.zeros(len(rollouts), width)
+    found = torch.zeros(len(rollouts), dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        k = reasoning_token_count(tokenizer, r.completion_ids, marker)
+        if k is not None:
+            mask[i, :k] = 1.0
+            found[i] = True
+    return mask, found
+
+
 def scoring_texts(completion: str, answer: str, style: str) -> tuple[str | None, str, str]:
     """(reasoning, cue, continuation) for scoring the reference answer after a completion's reasoning.
 
     The completion starts inside the reasoning (the prompt prefills "<think>"), so the reasoning is
-    everything before the end-of-reasoning marker; it is never searched for "<think>" (the seed
-    project did, found nothing, and gave every member of a group the same reward). The reference
-    answer is wrapped as the task writes answers. reasoning is None when the marker is missing.
+    everything before the end-of-reasoning marker. The log-prob reward paper's code searched the
+    completion for "<think>", found nothing, and gave every member of a group the same reward. The
+    reference answer is wrapped as the task writes answers. reasoning is None when the marker is missing.
     """
     if style == "tag":
         marker, cue, continuation = END_OF_REASONING, END_OF_REASONING + "\n", f"<answer>{answer}</answer>"
@@ -190,9 +239,10 @@ def scoring_texts(completion: str, answer: str, style: str) -> tuple[str | None,
 def answer_logprob_score(logprobs: torch.Tensor, variant: str) -> float:
     """One number from the per-token log-probs of the reference answer: larger = more likely.
 
-    sum: sum_t log p (default; the seed's reward with the correct sign)
+    sum: sum_t log p (default; the paper's code min-max scaled |sum_t log p|, which ranks the least
+         likely answer highest)
     mean: mean_t log p
-    prob: mean_t p (RLPR's probability reward)
+    prob: mean_t p ("RLPR: Extrapolating RLVR to General Domains without Verifiers", arXiv 2506.18254)
     """
     if variant == "sum":
         return logprobs.sum().item()
@@ -200,12 +250,13 @@ def answer_logprob_score(logprobs: torch.Tensor, variant: str) -> float:
         return logprobs.mean().item()
     if variant == "prob":
         return logprobs.exp().mean().item()
-    raise SystemExit(f"--logprob_variant {variant!r}: use sum, mean or prob.")
+    raise ValueError(f"unknown logprob variant {variant!r}")
 
 
 def perplexity_rewards(lp_reasoning: torch.Tensor, lp_baseline: torch.Tensor) -> dict[str, float]:
     """The perplexity rewards of "Designing Good Rewards for RL on LLMs" from the reference answer's
-    token log-probs with the reasoning (improved) and without it (baseline), same cue on both.
+    token log-probs with the reasoning (improved) and without it (baseline), the same answer cue on both
+    (the paper cues the improved prompt only, which biases relative).
 
     PPL = exp(-mean_t log p);  relative = max(0, 1 - PPL_improved / PPL_baseline);
     absolute = 1 / PPL_improved;  hybrid = (relative + absolute) / 2.
@@ -243,7 +294,7 @@ def normalize_rewards(rewards: torch.Tensor, how: str, scope: str, eps: float = 
         low, high = rewards.amin(dims, keepdim=True), rewards.amax(dims, keepdim=True)
         span = high - low
         return torch.where(span > 0, (rewards - low) / span.clamp(min=eps), torch.zeros_like(rewards))
-    raise SystemExit(f"--reward_norm {how!r}: use none, zscore or minmax.")
+    raise ValueError(f"unknown reward normalization {how!r}")
 
 
 def importance_weights(old_trainer, old_sampler, mask, mode: str, level: str, cap: float, floor: float):
@@ -256,13 +307,13 @@ def importance_weights(old_trainer, old_sampler, mask, mode: str, level: str, ca
     if level == "sequence":
         log_ratio = log_ratio.sum(1, keepdim=True).expand_as(mask)
     elif level != "token":
-        raise SystemExit(f"--is_level {level!r}: use token or sequence.")
+        raise ValueError(f"unknown importance-ratio level {level!r}")
     rho = torch.exp(log_ratio)
     if mode == "truncate":
         return torch.clamp(rho, max=cap)
     if mode == "mask":
         return rho * ((rho >= floor) & (rho <= cap))
-    raise SystemExit(f"--is_correction {mode!r}: use none, truncate or mask.")
+    raise ValueError(f"unknown importance-sampling correction {mode!r}")
 
 
 def all_equal_groups(rewards: torch.Tensor) -> torch.Tensor:
@@ -289,7 +340,7 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1
     elif scale == "none":
         advantages = centered
     else:
-        raise SystemExit(f"--scale_rewards {scale!r}: use group, batch or none.")
+        raise ValueError(f"unknown advantage scale {scale!r}")
     advantages = torch.where(all_equal_groups(rewards)[:, None], 0.0, advantages)
     return advantages.to(rewards.dtype)
 
@@ -330,7 +381,7 @@ def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: i
         return float(mask.shape[0])
     if loss_type == "seq-mean-token-sum-norm":
         return float(mask.shape[0] * max_completion_length)
-    raise SystemExit(f"--loss_type {loss_type!r}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm.")
+    raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, normalizer: float) -> torch.Tensor:
@@ -450,6 +501,26 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
 # scoring the reference answer after the model's own reasoning (needs a model: not pure)
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
+def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[list[int]],
+                          pad_id: int, batch_size: int = 64, temperature: float = 1.0,
+                          accelerator=None) -> list[torch.Tensor]:
+    """Per-token log-probs (1-D tensors) of continuations[i] after prefixes[i], no gradient.
+
+    With a sharded model (FSDP, DeepSpeed) every forward pass is collective, so processes with fewer
+    batches than the others run filler batches until all have run as many."""
+    device = next(unwrap(model).parameters()).device
+    result = []
+    n_batches = math.ceil(len(prefixes) / batch_size)
+    if is_sharded(accelerator):
+        n_batches = int(accelerator.reduce(torch.tensor(n_batches, device=accelerator.device), "max").item())
+    for b in range(n_batches):
+        pairs = list(zip(prefixes[b * batch_size:(b + 1) * batch_size], continuations[b * batch_size:(b + 1) * batch_size]))
+        lp = token_logprobs(model, collate_ids(pairs or [([pad_id], [pad_id])], pad_id, device), temperature)
+        result += [lp[i, :len(c)].cpu() for i, (_, c) in enumerate(pairs)]
+    return result
+
+
+@torch.no_grad()
 def reference_answer_logprobs(scorer, tokenizer, rows: list[dict], texts: list[str], pad_id: int,
                               with_baseline: bool = True, accelerator=None):
     """Per-token log-probs of each row's reference answer (a) after prompt + reasoning + cue, and
@@ -525,10 +596,10 @@ def main():
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(args.seed + rank)
+    set_seed(args.seed, device_specific=True)  # seed + process index
     # a user's mistakes end here, with one sentence each, before the run folder or a model exists
-    tokenizer, train_rows, test_rows = check_run(args, accelerator, CHOICES,
-                                                 group="GRPO normalizes each reward within its prompt's group")
+    tokenizer, train_rows, test_rows = check_run(
+        args, accelerator, group="GRPO normalizes each reward within its prompt's group")
     weights = parse_reward_weights(args.reward, RULE_TERMS + ANSWER_BLIND_TERMS)
     if "correct" in weights and any(row["task"] == "poem" for row in train_rows):
         raise SystemExit(f"--reward {args.reward!r}: {args.train_file} has poem rows, which have no correctness "
@@ -552,14 +623,7 @@ def main():
         frozen = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
         frozen.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-
-    def lr_lambda(step):
-        warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-        if args.lr_schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * step / args.total_steps))
-        return warm
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.total_steps * args.num_iterations)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
 

@@ -1,13 +1,19 @@
-"""PRIME: online implicit process rewards (Process Reinforcement through IMplicit rEwards).
+"""PRIME: online implicit process rewards. Paper: "Process Reinforcement through Implicit Rewards"
+(Cui et al. 2025, arXiv 2502.01456).
 
     python prime.py                                   # toy task, PRIME
     python prime.py --process_reward_coef 0           # the same run, outcome-only RLOO (no PRM)
 
-One step: sample groups of completions, keep the prompts whose group accuracy is in [0.2, 0.8]
-(oversampling and a buffer of leftovers fill the batch), score every token with the implicit PRM
-(r_t = beta * (log pi_prm - log pi_ref)), train the PRM with cross-entropy on its sequence reward
-against the outcome, build leave-one-out returns per reward source, and take PPO mini-batch steps.
-Formulas: ../shared/REFERENCE.md section 4 (arXiv 2502.01456).
+One step: sample groups of n completions, keep the prompts whose group accuracy is in [0.2, 0.8]
+(oversampling and a buffer of leftovers fill the batch), then
+  implicit PRM  r_t = beta * (log pi_prm(y_t) - log pi_ref(y_t)), scored before the PRM's update (--prm_update)
+  PRM loss      BCE(sigmoid(beta * sum_t (log pi_prm - log pi_ref)), outcome label in [0, 1])
+  returns       leave-one-out per reward source (paper eq. 5): outcome r_o(i) - mean_{j!=i} r_o(j) on the
+                last token, process r_t(i) - mean_{j!=i} rbar(j); each a return-to-go (gamma), summed
+                (process weighted by --process_reward_coef), whitened over the batch's valid tokens
+  policy        PPO mini-batch steps on -min(s_t A_t, clip(s_t, 1-eps, 1+eps) A_t), token-mean
+Paper vs released code: the code's process baseline leaves out the token's own reward, not rbar(i)
+(--process_baseline, see leave_one_out); the whitening is the code's, the paper does not state it.
 
 The paper's setting (Qwen2.5-Math-7B SFT; Eurus-2-RL-Data), as a command line:
     accelerate launch prime.py --model PRIME-RL/Eurus-2-7B-SFT --train_file data/eurus_train.jsonl \\
@@ -21,17 +27,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from common import (Rollout, Run, Sampler, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox,
                     check_run, collate, encode_prompts, evaluate, index_batch, logprob_gap_metrics,
                     make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step,
-                    run_main, sampler_dtype, score_completions, set_seed, step_seed, token_logprobs, unwrap)
+                    run_main, sampler_dtype, score_completions, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -56,14 +63,14 @@ class Args:
     """training prompts (data_prep.py schema; the task needs a correctness check)"""
     test_file: str = "data/toy/test.jsonl"
     """test problems evaluated at step 0, every eval_every steps and at the end"""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """training weights: float32 or bfloat16"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory (policy and PRM)"""
     allow_unsandboxed_code: bool = False
     """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
-    sampler: str = "auto"
+    sampler: Literal["auto", "vllm", "hf"] = "auto"
     """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
     prompts_per_step: int = 16
     """prompts (groups) per update step after filtering, over all processes"""
@@ -79,7 +86,7 @@ class Args:
     """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
     vllm_tensor_parallel_size: int = 1
     """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
-    vllm_dtype: str = "auto"
+    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
     # --- prompt filter ---
     filter_low: float = 0.2
@@ -95,16 +102,16 @@ class Args:
     """weight of the process return in the summed return; 0 = outcome-only RLOO (no PRM, no reference loaded)"""
     beta: float = 0.05
     """implicit reward scale: r_t = beta * (log pi_prm(y_t) - log pi_ref(y_t))"""
-    granularity: str = "token"
+    granularity: Literal["token", "whole"] = "token"
     """token (a reward on every token) or whole (the sequence's sum on its last token)"""
-    reference: str = "frozen"
+    reference: Literal["frozen", "old_policy"] = "frozen"
     """log pi_ref: frozen (the starting model) or old_policy (the policy's log-probs before this step's update)"""
-    prm_update: str = "after"
+    prm_update: Literal["after", "before"] = "after"
     """after (score with the PRM as it was, then update it: paper default) or before (update, then re-score)"""
     prm_learning_rate: float = 1e-5
     """AdamW learning rate of the PRM (paper, 7B: 1e-6; on the toy 1e-4 made the PRM drift and the policy worse)"""
     # --- advantages and policy update ---
-    process_baseline: str = "paper"
+    process_baseline: Literal["paper", "code"] = "paper"
     """leave-one-out baseline of the process rewards: paper (eq. 5: r_t(i) - mean_{j!=i} rbar(j)) or code (the released code: r_t(i) n/(n-1) - sum_j rbar(j)/(n-1))"""
     gamma: float = 1.0
     """discount of the return-to-go"""
@@ -141,9 +148,6 @@ class Args:
     """write the step's trained completions, outcomes and process rewards to rollouts.jsonl every k steps (0: never)"""
 
 
-# the values of the flags that name a choice (common.check_run refuses any other, with one sentence)
-CHOICES = {"granularity": ("token", "whole"), "reference": ("frozen", "old_policy"), "prm_update": ("after", "before"),
-           "process_baseline": ("paper", "code")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +161,7 @@ def implicit_process_rewards(prm_logprobs, ref_logprobs, mask, beta: float, gran
         return r
     if granularity == "whole":
         return r.sum(1, keepdim=True) * last_token_mask(mask)
-    raise SystemExit(f"--granularity {granularity!r}: use token or whole.")
+    raise ValueError(f"unknown granularity {granularity!r}")
 
 
 def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -196,7 +200,7 @@ def leave_one_out(rewards, reward_mask, group_size: int, baseline: str = "paper"
         advantages = rewards * group_size / (group_size - 1) \
             - (groups.sum(1, keepdim=True) / (group_size - 1)).repeat_interleave(group_size, 0)
     else:
-        raise SystemExit(f"--process_baseline {baseline!r}: use paper or code.")
+        raise ValueError(f"unknown process baseline {baseline!r}")
     return advantages * reward_mask
 
 
@@ -355,10 +359,10 @@ def main():
     args = parse_args(Args)
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(args.seed + rank)
+    set_seed(args.seed, device_specific=True)  # seed + process index
     # a user's mistakes end here, with one sentence each, before the run folder or a model exists
-    tokenizer, train_rows, test_rows = check_run(args, accelerator, CHOICES,
-                                                 group="PRIME's leave-one-out baselines average a prompt's other samples")
+    tokenizer, train_rows, test_rows = check_run(
+        args, accelerator, group="PRIME's leave-one-out baselines average a prompt's other samples")
     if any(r["task"] == "poem" for r in train_rows):
         raise SystemExit(f"{args.train_file}: poem rows have no correctness check; PRIME needs a verifiable task.")
     check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)

@@ -1,4 +1,5 @@
-"""RAFT and RAFT++: train on the positive samples only (Minimal-RL, Xiong et al. 2025, arXiv 2504.11343).
+"""RAFT and RAFT++: train on the positive samples only. Paper: "A Minimalist Approach to LLM Reasoning:
+from Rejection Sampling to Reinforce" (Xiong et al. 2025, arXiv 2504.11343).
 
     python raft_pp.py                       # toy task, RAFT++ (the toy settings are the defaults)
     python raft_pp.py --algo raft           # plain RAFT: supervised step on the positive samples
@@ -16,31 +17,33 @@ ties are all kept, as the paper's indicator 1[r = max_i r_i]), then
           with s_t = exp(log pi_t - log pi_old_t); the paper found IS without the clip worse than RAFT.
 Loss = (1/|D|) sum_{seq in D} (1/|a|) sum_t l_t with D the positive samples of the optimizer batch
 (--normalizer selected) or every sample of it (--normalizer batch: the indicator inside a sum over
-the batch). The toy defaults take two optimizer steps per rollout batch: at the first the ratio is 1
-and RAFT++ has exactly RAFT's gradient; they differ from the second on. Formulas:
-../shared/REFERENCE.md section 3.
+the batch); l_t also gets kl_coef * k3 - entropy_coef * H_t, k3 = exp(ref_t - lp_t) - (ref_t - lp_t) - 1
+(paper: 0.001 each). The toy defaults take two optimizer steps per rollout batch: at the first the
+ratio is 1 and RAFT++ has exactly RAFT's gradient; they differ from the second on. Paper vs released
+code: the paper rewards a wrong answer -1, the code 0 (--negative_reward); the positive samples are the same.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run,
-                    collate, encode_prompts, evaluate, index_batch, logprob_gap_metrics, make_accelerator,
+                    collate, encode_prompts, evaluate, index_batch, logprob_gap_metrics, lr_scheduler, make_accelerator,
                     micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, run_main, sampler_dtype,
-                    score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+                    score_completions, shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
 class Args:
     # --- run ---
-    algo: str = "raft++"
+    algo: Literal["raft", "raft++"] = "raft++"
     """raft (supervised step on the positive samples) or raft++ (importance sampling with clipping)"""
     run_name: str = ""
     """name of the run folder under output_dir (empty: ALGO_toy)"""
@@ -61,14 +64,14 @@ class Args:
     """training prompts (data_prep.py schema; every task must have a correctness check)"""
     test_file: str = "data/toy/test.jsonl"
     """test problems evaluated at step 0, every eval_every steps and at the end"""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """training weights: float32 or bfloat16"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     allow_unsandboxed_code: bool = False
     """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
-    sampler: str = "auto"
+    sampler: Literal["auto", "vllm", "hf"] = "auto"
     """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
     prompts_per_step: int = 16
     """prompts sampled per step (the rollout batch), over all processes (paper: 1024)"""
@@ -86,7 +89,7 @@ class Args:
     """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
     vllm_tensor_parallel_size: int = 1
     """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
-    vllm_dtype: str = "auto"
+    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
     vllm_sleep: bool = True
     """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
@@ -98,8 +101,8 @@ class Args:
     """rollout steps (each: sample, then mini_batches x num_iterations optimizer steps)"""
     learning_rate: float = 5e-5
     """AdamW learning rate (paper, 1.5B-7B models: 1e-6)"""
-    lr_schedule: str = "constant"
-    """constant or cosine (both after linear warmup), per optimizer step"""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant or cosine (decay to 0 at the last optimizer step), both after a linear warmup from 0"""
     warmup_steps: int = 0
     """linear warmup, in optimizer steps"""
     weight_decay: float = 0.0
@@ -116,9 +119,9 @@ class Args:
     """raft++: clip range below, ratio >= 1 - epsilon"""
     epsilon_high: float = 0.2
     """raft++: clip range above, ratio <= 1 + epsilon_high"""
-    normalizer: str = "selected"
+    normalizer: Literal["selected", "batch"] = "selected"
     """|D| of the loss: selected (the positive samples, SFT on the accepted set) or batch (every sampled completion)"""
-    loss_type: str = "seq-mean-token-mean"
+    loss_type: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
     """seq-mean-token-mean (the paper's 1/|a| per sequence, then 1/|D|) or token-mean (sum over tokens / tokens of D)"""
     kl_coef: float = 0.0
     """k3 KL loss weight to the starting model (paper: 0.001)"""
@@ -143,9 +146,6 @@ class Args:
     """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
 
 
-# the values of the flags that name a choice (common.check_run refuses any other, with one sentence)
-CHOICES = {"algo": ("raft", "raft++"), "normalizer": ("selected", "batch"),
-           "loss_type": ("seq-mean-token-mean", "token-mean")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def loss_normalizer(in_d: torch.Tensor, token_mask: torch.Tensor, loss_type: str
         return float(in_d.sum().item())
     if loss_type == "token-mean":
         return (token_mask * in_d[:, None]).sum().item()
-    raise SystemExit(f"--loss_type {loss_type!r}: use seq-mean-token-mean or token-mean.")
+    raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 def aggregate_loss(token_loss, loss_mask, loss_type: str, normalizer: float) -> torch.Tensor:
@@ -312,9 +312,9 @@ def main():
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(args.seed + rank)
+    set_seed(args.seed, device_specific=True)  # seed + process index
     # a user's mistakes end here, with one sentence each, before the run folder or a model exists
-    tokenizer, train_rows, test_rows = check_run(args, accelerator, CHOICES)
+    tokenizer, train_rows, test_rows = check_run(args, accelerator)
     if (args.prompts_per_step // world) % args.mini_batches:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must split into {world} processes x "
                          f"--mini_batches {args.mini_batches} whole prompts.")
@@ -333,14 +333,7 @@ def main():
         frozen.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     updates = args.total_steps * args.mini_batches * args.num_iterations
-
-    def lr_lambda(step):
-        warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-        if args.lr_schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * step / updates))
-        return warm
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, updates)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
 

@@ -1,4 +1,5 @@
-"""Vanilla Reinforce and Reinforce-rej (Minimal-RL, Xiong et al. 2025, arXiv 2504.11343).
+"""Vanilla Reinforce and Reinforce-rej. Paper: "A Minimalist Approach to LLM Reasoning: from Rejection
+Sampling to Reinforce" (Xiong et al. 2025, arXiv 2504.11343).
 
     python reinforce_rej.py                         # toy task, Reinforce-rej (the toy settings are the defaults)
     python reinforce_rej.py --algo reinforce        # vanilla Reinforce: every prompt, raw reward
@@ -16,34 +17,35 @@ baseline and no mean/std normalization:
   reinforce_rej: prompts whose samples are all correct or all wrong are removed from the batch
                  first: they leave the loss and its normalizer (removed, not zeroed).
 Loss = (1/|D|) sum_{seq in D} (1/|a|) sum_t l_t, D = the samples left in the optimizer batch.
+l_t also gets kl_coef * k3 - entropy_coef * H_t, k3 = exp(ref_t - lp_t) - (ref_t - lp_t) - 1 (paper: 0.001 each).
 
-Rewards: {-1, +1} by default, as in the paper. With --negative_reward 0 (the released code's {0, 1})
+Rewards: {-1, +1} by default, as in the paper; the released code returns {0, 1}. With --negative_reward 0
 a wrong answer has zero weight: nothing pushes its probability down, both algorithms learn from the
 correct samples alone (Reinforce then equals RAFT++ with the wrong samples counted in |D|), and
 Reinforce-rej's filter no longer matters for all-wrong prompts, which carry no gradient anyway.
-Formulas: ../shared/REFERENCE.md section 3.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run,
-                    collate, encode_prompts, evaluate, index_batch, logprob_gap_metrics, make_accelerator,
+                    collate, encode_prompts, evaluate, index_batch, logprob_gap_metrics, lr_scheduler, make_accelerator,
                     micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, run_main, sampler_dtype,
-                    score_completions, set_seed, shard, step_seed, token_logprobs, unwrap)
+                    score_completions, shard, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
 class Args:
     # --- run ---
-    algo: str = "reinforce_rej"
+    algo: Literal["reinforce", "reinforce_rej"] = "reinforce_rej"
     """reinforce (every prompt) or reinforce_rej (prompts whose samples are all correct or all wrong removed)"""
     run_name: str = ""
     """name of the run folder under output_dir (empty: ALGO_toy)"""
@@ -64,14 +66,14 @@ class Args:
     """training prompts (data_prep.py schema; every task must have a correctness check)"""
     test_file: str = "data/toy/test.jsonl"
     """test problems evaluated at step 0, every eval_every steps and at the end"""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """training weights: float32 or bfloat16"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     allow_unsandboxed_code: bool = False
     """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
-    sampler: str = "auto"
+    sampler: Literal["auto", "vllm", "hf"] = "auto"
     """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
     prompts_per_step: int = 16
     """prompts sampled per step (the rollout batch), over all processes (paper: 1024)"""
@@ -89,7 +91,7 @@ class Args:
     """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
     vllm_tensor_parallel_size: int = 1
     """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
-    vllm_dtype: str = "auto"
+    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
     vllm_sleep: bool = True
     """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
@@ -101,8 +103,8 @@ class Args:
     """rollout steps (each: sample, then mini_batches x num_iterations optimizer steps)"""
     learning_rate: float = 5e-5
     """AdamW learning rate (paper, 1.5B-7B models: 1e-6)"""
-    lr_schedule: str = "constant"
-    """constant or cosine (both after linear warmup), per optimizer step"""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant or cosine (decay to 0 at the last optimizer step), both after a linear warmup from 0"""
     warmup_steps: int = 0
     """linear warmup, in optimizer steps"""
     weight_decay: float = 0.0
@@ -119,7 +121,7 @@ class Args:
     """clip range below, ratio >= 1 - epsilon"""
     epsilon_high: float = 0.2
     """clip range above, ratio <= 1 + epsilon_high"""
-    loss_type: str = "seq-mean-token-mean"
+    loss_type: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
     """seq-mean-token-mean (the paper's 1/|a| per sequence, then 1/|D|) or token-mean (sum over tokens / tokens of D)"""
     kl_coef: float = 0.0
     """k3 KL loss weight to the starting model (paper: 0.001)"""
@@ -144,8 +146,6 @@ class Args:
     """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
 
 
-# the values of the flags that name a choice (common.check_run refuses any other, with one sentence)
-CHOICES = {"algo": ("reinforce", "reinforce_rej"), "loss_type": ("seq-mean-token-mean", "token-mean")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def loss_normalizer(in_d: torch.Tensor, token_mask: torch.Tensor, loss_type: str
         return float(in_d.sum().item())
     if loss_type == "token-mean":
         return (token_mask * in_d[:, None]).sum().item()
-    raise SystemExit(f"--loss_type {loss_type!r}: use seq-mean-token-mean or token-mean.")
+    raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 def aggregate_loss(token_loss, loss_mask, loss_type: str, normalizer: float) -> torch.Tensor:
@@ -307,11 +307,11 @@ def main():
     # cpu=True on CPU-only machines: without it accelerate treats torchrun's processes as unrelated
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(args.seed + rank)
+    set_seed(args.seed, device_specific=True)  # seed + process index
     # a user's mistakes end here, with one sentence each, before the run folder or a model exists
     group = "Reinforce-rej keeps the prompts whose samples are both right and wrong" if args.algo == "reinforce_rej" \
         else None
-    tokenizer, train_rows, test_rows = check_run(args, accelerator, CHOICES, group=group)
+    tokenizer, train_rows, test_rows = check_run(args, accelerator, group=group)
     if (args.prompts_per_step // world) % args.mini_batches:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must split into {world} processes x "
                          f"--mini_batches {args.mini_batches} whole prompts.")
@@ -330,14 +330,7 @@ def main():
         frozen.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     updates = args.total_steps * args.mini_batches * args.num_iterations
-
-    def lr_lambda(step):
-        warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-        if args.lr_schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * step / updates))
-        return warm
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, updates)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
 

@@ -22,16 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+from common import read_jsonl  # noqa: E402
 
 
 def finished(run: Path, total_steps: int) -> bool:
-    return (run / "final").exists() and any(m["step"] == total_steps and "eval/accuracy" in m
-                                            for m in read_jsonl(run / "metrics.jsonl"))
+    return (run / "final").exists() and (run / "metrics.jsonl").exists() and any(
+        m["step"] == total_steps and "eval/accuracy" in m for m in read_jsonl(run / "metrics.jsonl"))
 
 
 def train(command: list[str], runs_dir: str, name: str, settings: dict, jobs: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""GRPO on the toy task with four reward set-ups, same warm start, seed and budget (issue 3 table).
+"""GRPO on the toy task with four reward set-ups, same warm start, seed and budget.
 
     python bench/grpo_rewards_compare.py                 # 4 set-ups x 3 seeds, 2 at a time (about 25 min on 2 cores)
     python bench/grpo_rewards_compare.py --seeds 0       # one seed

@@ -1,7 +1,7 @@
 """Real benchmark files: convert each with data_prep.py, then grade each row's own worked solution
 against the converted gold with the grader that training and eval.py use (common.score_completions).
 
-    python bench/real_data.py [--data ../shared/data/benchmarks]
+    python bench/real_data.py --data DIR      # DIR: a folder of benchmark files (none ship with the repo)
 
 Every .jsonl/.json/.parquet/.csv file in --data is converted on its own with the task its name
 points to (gsm8k, math500, math, aime24, aime, amc23, amc, minerva, olympiadbench). What is graded:
@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data_prep  # noqa: E402
-from common import _mv_verify, answers_match, last_boxed, load_tasks, score_completions, shutdown_grader  # noqa: E402
+from common import _mv_verify, answers_match_many, last_boxed, load_tasks, score_completions, shutdown_grader  # noqa: E402
 
 # file name -> data_prep task: the first pattern found in the name (lower case) wins
 TASK_OF_NAME = [("gsm8k", "gsm8k"), ("math500", "math500"), ("math_500", "math500"), ("minerva", "minerva"),
@@ -129,7 +129,7 @@ def check_respellings(rows: list[dict]) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/benchmarks", help="folder holding the benchmark files")
+    p.add_argument("--data", required=True, help="folder holding the benchmark files")
     args = p.parse_args()
     folder = Path(args.data)
     files = sorted(f for f in folder.glob("*") if f.suffix in data_prep.FORMATS) if folder.is_dir() else []
@@ -142,7 +142,7 @@ def main():
     datasets.disable_progress_bars()
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # the peer's calls run without its timeout
 
-    answers_match(r"2\sqrt{2}", r"\sqrt{8}")  # start the Math-Verify pool outside the timings
+    answers_match_many([(r"2\sqrt{2}", r"\sqrt{8}")])  # start the Math-Verify pool outside the timings
     with tempfile.TemporaryDirectory() as tmp:
         results = [check_file(f, Path(tmp)) for f in files]
         spelled = check_respellings([row for r in results for row in r.get("rows", [])])

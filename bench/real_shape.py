@@ -54,7 +54,8 @@ def build(work: Path) -> Path:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from data_prep import QWEN_CHAT_TEMPLATE, toy_problem, toy_row, toy_solution, write_jsonl
+    from common import write_jsonl
+    from data_prep import QWEN_CHAT_TEMPLATE, toy_problem, toy_row, toy_solution
 
     model_dir = work / "model"
     if (model_dir / "model.safetensors").exists():
@@ -160,7 +161,9 @@ def run(script, name, flags, work, model_dir, threads) -> list[dict]:
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
         print(f"{name}: {time.perf_counter() - t0:.0f} s in all", flush=True)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()][1:]
+    from common import read_jsonl
+
+    return read_jsonl(run_dir / "metrics.jsonl")[1:]
 
 
 def main():

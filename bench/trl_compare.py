@@ -32,11 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from comparisons import read_jsonl
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / ".bench-deps"))
+from common import read_jsonl  # noqa: E402
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("WANDB_MODE", "disabled")

@@ -1,7 +1,7 @@
 """Shared fixtures: one tiny toy task + model per test session, built by the real data_prep CLI."""
 
 import contextlib
-import json
+import math
 import os
 import signal
 import socket
@@ -55,8 +55,26 @@ def torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
 
 
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def answers_match(pred: str | None, gold: str, timeout: float = 5.0) -> bool:
+    """One (pred, gold) pair through the grader's entry point, common.answers_match_many."""
+    import common
+
+    return common.answers_match_many([(pred, gold)], timeout)[0][0]
+
+
+def parse_number(s: str) -> float | None:
+    """The value the grader's fast path reads from a plain number (int, decimal, a/b, \\frac{a}{b},
+    4.5e33, 4.5\\times10^{33}, 50\\% -> 50.0) as a finite float, or None."""
+    import common
+
+    value = common._parse_fraction(common.normalize_answer(s))
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 @pytest.fixture(scope="session")

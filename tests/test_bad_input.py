@@ -112,8 +112,6 @@ CASES = [
     Case("zero or negative temperatures", ["--temperature", "0"], "--temperature 0.0: must be greater than 0.",
          script="prime"),
     Case("a probability outside (0, 1]", ["--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]."),
-    Case("a choice that does not exist", ["--loss_type", "token_mean"],
-         "--loss_type 'token_mean': use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm."),
     Case("--resume with no run folder", ["--resume"],
          "--resume: there is no run folder {tmp}/r; check --output_dir and --run_name, or start without --resume."),
     Case("--resume on a folder made with other settings", ["--resume", "--learning_rate", "1e-4"],
@@ -182,7 +180,7 @@ def test_each_mistake_gets_one_sentence(case, toy, lengths, tmp_path, monkeypatc
     elif case.label.startswith("--prompts_per_step not divisible"):  # as torchrun with 2 processes would find it
         args = common.parse_args(grpo_logprob.Args, argv)
         with pytest.raises(SystemExit) as stop:
-            common.check_run(args, SimpleNamespace(num_processes=2, is_main_process=True), grpo_logprob.CHOICES)
+            common.check_run(args, SimpleNamespace(num_processes=2, is_main_process=True))
         assert str(stop.value) == says
     else:
         with pytest.raises(SystemExit) as stop:
@@ -205,7 +203,7 @@ def test_prompts_too_long_are_dropped_with_one_warning_line(toy, lengths, tmp_pa
     data.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], long_row, *rows[1:]]))
     args = common.parse_args(grpo_logprob.Args, [*base_flags("grpo_logprob", toy, tmp_path), "--train_file", str(data),
                                                  "--test_file", str(data)])
-    _, train, test = common.check_run(args, SimpleNamespace(num_processes=1, is_main_process=True), grpo_logprob.CHOICES)
+    _, train, test = common.check_run(args, SimpleNamespace(num_processes=1, is_main_process=True))
     assert [r["id"] for r in train] == [r["id"] for r in test] == [r["id"] for r in rows]
     room = lengths.context - args.max_completion_length
     warning = (f"warning: {data}: dropped 1 of 5 prompts longer than {room} tokens (the context of {lengths.context} "
@@ -232,7 +230,7 @@ def test_a_failed_start_does_not_block_the_corrected_one(toy, tmp_path):
     (tmp_path / "r" / "eval").mkdir(parents=True)
     (tmp_path / "r" / "config.json").write_text(json.dumps(config(toy, tmp_path)))
     args = common.parse_args(grpo_logprob.Args, base_flags("grpo_logprob", toy, tmp_path))
-    _, train, _ = common.check_run(args, SimpleNamespace(num_processes=1, is_main_process=True), grpo_logprob.CHOICES)
+    _, train, _ = common.check_run(args, SimpleNamespace(num_processes=1, is_main_process=True))
     assert train
 
 

@@ -56,7 +56,8 @@ def test_train_refuses_a_folder_made_with_other_settings(tmp_path, monkeypatch):
 
 def test_real_data_on_a_tiny_folder(tmp_path):
     """bench/real_data.py on hand-made files in three real layouts: the table, the rejected rows by id,
-    the e-notation respellings, the RESULT line; and one clear sentence when the folder is absent."""
+    the e-notation respellings, the RESULT line; one clear sentence when the folder is absent, and the
+    parser's refusal without --data (no folder is assumed)."""
     def write(name, rows):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -83,3 +84,6 @@ def test_real_data_on_a_tiny_folder(tmp_path):
     assert absent.returncode == 1 and absent.stdout == ""
     assert absent.stderr.strip() == (f"no benchmark files: {tmp_path / 'nope'} is absent; pass --data DIR, a folder "
                                      "of benchmark .jsonl/.json/.parquet/.csv files (nothing was checked)")
+    unnamed = subprocess.run([sys.executable, "bench/real_data.py"], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+    assert unnamed.returncode == 2 and "the following arguments are required: --data" in unnamed.stderr

@@ -1,17 +1,25 @@
-"""common.py: log-probs, masks, batching, data loading, scoring, run directory."""
+"""common.py: log-probs, batching, data loading, scoring, run directory."""
 
+import ast
 import dataclasses
+import importlib
+import inspect
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
-from common import (Rollout, Sampler, _ChunkedLogprobEntropy, collate, collate_ids, load_tasks, parse_args,
-                    prompts_for_step, reasoning_token_count, score_completions, shard, token_logprobs,
-                    top_p_filter)
+from common import (Rollout, Sampler, _ChunkedLogprobEntropy, collate, collate_ids, load_tasks, lr_scheduler,
+                    parse_args, prompts_for_step, score_completions, shard, token_logprobs, top_p_filter)
+from conftest import REPO
 
 
 # --- chunked log-probs ------------------------------------------------------------------------
@@ -111,25 +119,6 @@ def test_top_p_filter_keeps_smallest_nucleus():
     assert torch.allclose(out, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
 
 
-# --- masks ------------------------------------------------------------------------------------
-def test_reasoning_mask_found_on_characters_whatever_the_tokenization(toy):
-    tok = AutoTokenizer.from_pretrained(toy / "model")
-    text = "\n3 + 4 = 7\n</think>\n<answer>7</answer>"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    k = reasoning_token_count(tok, ids)
-    # Qwen's pre-tokenizer splits it "</", "think", ">\n": the token holding the marker's last
-    # character is the last reasoning token (here it also carries the newline)
-    assert [tok.decode([i]) for i in ids[k - 3:k]] == ["</", "think", ">\n"]
-    assert "</think>" in tok.decode(ids[:k]) and "</think>" not in tok.decode(ids[:k - 1])
-    # the same text where "</think>" is one added token
-    tok.add_tokens(["</think>"])
-    ids2 = tok(text, add_special_tokens=False)["input_ids"]
-    assert len(ids2) < len(ids)
-    k2 = reasoning_token_count(tok, ids2)
-    assert tok.convert_ids_to_tokens(ids2[k2 - 1]) == "</think>"
-    assert reasoning_token_count(tok, tok("no marker here", add_special_tokens=False)["input_ids"]) is None
-
-
 # --- batching and data ------------------------------------------------------------------------
 def test_collate_layout():
     rollouts = [Rollout([1, 2, 3], [4, 5], [-0.1, -0.2], "", "stop"), Rollout([6], [7, 8, 9], [-1, -2, -3], "", "length")]
@@ -161,6 +150,21 @@ def test_shard_keeps_prompts_whole_and_mini_batches_the_same_for_any_process_cou
             assert together == prompts[j * 4:(j + 1) * 4], (world, j)
     with pytest.raises(SystemExit, match="multiple of the process count"):
         shard(list(range(5)), 0, 2)
+
+
+def test_jsonl_round_trip_and_one_sentence_per_bad_line(tmp_path):
+    out = tmp_path / "sub" / "x.jsonl"
+    common.write_jsonl([{"a": 1}, {"b": "é"}], out)  # atomic: written next to it, then renamed
+    assert common.read_jsonl(out) == [{"a": 1}, {"b": "é"}] and not (tmp_path / "sub" / "x.jsonl.tmp").exists()
+    out.write_bytes(b'{"a": 1}\n\n[1\n"\\ud800"\n{"b": "\xff"}\n2\n')
+    errors = []
+    assert common.read_jsonl(out, errors, numbered=True) == [(1, {"a": 1}), (6, 2)]  # line 2 is blank
+    assert errors == [f"{out}:3: not valid JSON (Expecting ',' delimiter)", f"{out}:4: not UTF-8 text",
+                      f"{out}:5: not UTF-8 text"]
+    with pytest.raises(SystemExit, match=r"x.jsonl:3: not valid JSON \(Expecting ',' delimiter\); fix or delete"):
+        common.read_jsonl(out)
+    with pytest.raises(SystemExit, match=r"missing.jsonl: no such file"):
+        common.read_jsonl(tmp_path / "missing.jsonl")
 
 
 def test_load_tasks_reports_file_and_line(tmp_path):
@@ -205,9 +209,64 @@ def test_a_crashing_scorer_scores_zero_and_is_counted(monkeypatch):
 def test_parse_args_reads_help_and_types():
     from grpo_logprob import Args
 
-    args = parse_args(Args, ["--learning_rate", "0.01", "--resume", "--reward", "correct=1"])
+    args = parse_args(Args, ["--learning_rate", "0.01", "--resume", "--reward", "correct=1", "--loss_type",
+                             "seq-mean-token-sum-norm", "--num_generations", "3"])
     assert args.learning_rate == 0.01 and args.resume is True and args.reward == "correct=1"
-    assert parse_args(Args, ["--no-vllm_sleep"]).vllm_sleep is False
+    assert args.loss_type == "seq-mean-token-sum-norm" and args.num_generations == 3
+    assert parse_args(Args, ["--no-vllm_sleep"]).vllm_sleep is False  # both spellings of the negation
+    assert parse_args(Args, ["--no_vllm_sleep"]).vllm_sleep is False
+    assert parse_args(Args, []) == Args()
+
+
+@pytest.mark.parametrize("script", ["grpo_logprob", "raft_pp", "reinforce_rej", "prime"])
+def test_help_shows_every_flag_with_its_help_text(script, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    args_cls = importlib.import_module(script).Args
+    with pytest.raises(SystemExit) as stop:
+        parse_args(args_cls, ["--help"])
+    assert stop.value.code == 0
+    shown = " ".join(re.sub("[\u2500-\u257f]", " ", capsys.readouterr().out).split())  # box drawing aside
+    body = ast.parse(textwrap.dedent(inspect.getsource(args_cls))).body[0].body
+    helps = {node.target.id: " ".join(doc.value.value.split()) for node, doc in zip(body, body[1:])
+             if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)}
+    assert set(helps) == {f.name for f in dataclasses.fields(args_cls)}, "every Args field has a help string"
+    missing = [name for name, text in helps.items() if f"--{name}" not in shown or text not in shown]
+    assert not missing, f"{script}.py --help lacks these flags or their help text: {missing}"
+
+
+@pytest.mark.parametrize("cmd, message", [
+    (["raft_pp.py", "--loss_type", "nonsense"],
+     "invalid choice 'nonsense' for argument '--loss_type'. Expected one of ('seq-mean-token-mean', 'token-mean')."),
+    (["prime.py", "--granularity", "step"],
+     "invalid choice 'step' for argument '--granularity'. Expected one of ('token', 'whole')."),
+])
+def test_parser_refuses_a_bad_choice_with_the_allowed_values(cmd, message):
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "60"})  # a narrow terminal
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in " ".join(re.sub("[\u2500-\u257f]", " ", proc.stderr).split()), proc.stderr
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------
+def _lr_factors(schedule, warmup, total):
+    """The learning rate of optimizer steps 0..total as a multiple of the base rate."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_scheduler(optimizer, schedule, warmup, total)
+    factors = []
+    for _ in range(total + 1):
+        factors.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
+def test_lr_schedule_hand_numbers():
+    c1, c3 = (2 + math.sqrt(2)) / 4, (2 - math.sqrt(2)) / 4  # 0.5 (1 + cos(pi/4)), 0.5 (1 + cos(3 pi/4))
+    assert _lr_factors("constant", 0, 4) == [1.0] * 5
+    assert _lr_factors("cosine", 0, 4) == pytest.approx([1.0, c1, 0.5, c3, 0.0], abs=1e-15)
+    # warmup from 0: step/warmup, then the cosine over the steps after the warmup
+    assert _lr_factors("constant", 2, 6) == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert _lr_factors("cosine", 2, 6) == pytest.approx([0.0, 0.5, 1.0, c1, 0.5, c3, 0.0], abs=1e-15)
 
 
 # --- run directory ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import data_prep as dp  # noqa: E402
 
 
@@ -30,10 +31,6 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 def check_schema(rows, task, template):
     assert len({r["id"] for r in rows}) == len(rows), "ids must be unique"
     for r in rows:
@@ -46,7 +43,7 @@ def check_schema(rows, task, template):
         assert meta["answer_style"] == {"r1": "tag", "qwen_math": "boxed", "prime": "boxed"}[template]
         assert meta["source"]
         if template == "r1":
-            assert r["prompt"][-1] == {"role": "assistant", "content": dp.R1_PREFILL}
+            assert r["prompt"][-1] == {"role": "assistant", "content": common.R1_PREFILL}
         else:
             assert r["prompt"][-1]["role"] == "user"
 
@@ -97,19 +94,19 @@ def eval_expr(text):
 # --- templates ---------------------------------------------------------------------------
 def test_build_prompt_templates():
     q = "What is 1+1?"
-    assert dp.build_prompt("qwen_math", q) == [
+    assert common.build_prompt("qwen_math", q) == [
         {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
         {"role": "user", "content": q}]
-    assert dp.build_prompt("prime", q) == [
+    assert common.build_prompt("prime", q) == [
         {"role": "user", "content": q + "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"}]
-    r1 = dp.build_prompt("r1", q)
+    r1 = common.build_prompt("r1", q)
     assert [m["role"] for m in r1] == ["system", "user", "assistant"]
     assert r1[0]["content"].endswith("<think> reasoning process here </think>\n<answer> answer here </answer>.")
     assert r1[-1]["content"] == "Let me solve this step by step.\n<think>"
-    assert dp.build_prompt("code", q) == [{"role": "user", "content": q + "\n\nWrite Python code to solve the problem. "
+    assert common.build_prompt("code", q) == [{"role": "user", "content": q + "\n\nWrite Python code to solve the problem. "
                                             "Present the code in \n```python\nYour code\n```\nat the end."}]
     with pytest.raises(ValueError, match="unknown template"):
-        dp.build_prompt("nope", q)
+        common.build_prompt("nope", q)
 
 
 def test_last_boxed_nested_braces():
@@ -174,12 +171,12 @@ def test_eurus_math_rows_strip_prime_suffix():
     assert skipped == 0 and len(rows) == 5
     assert [r["answer"] for r in math_rows] == ["2", "12", "4"]
     questions = [r["prompt"][-1]["content"] for r in math_rows]
-    assert questions[0] == "What is the remainder when $2^{10}$ is divided by $7$?" + dp.PRIME_SUFFIX
+    assert questions[0] == "What is the remainder when $2^{10}$ is divided by $7$?" + common.PRIME_SUFFIX
     assert all(q.count("Present the answer in LaTex format") == 1 for q in questions)
-    assert math_rows[2]["prompt"][-1]["content"] == "How many primes are less than $10$?" + dp.PRIME_SUFFIX
+    assert math_rows[2]["prompt"][-1]["content"] == "How many primes are less than $10$?" + common.PRIME_SUFFIX
     # PRIME's own system prompt is dropped; the question is re-templated.
     rows, _ = convert("eurus", "eurus.jsonl")
-    assert rows[0]["prompt"][0]["content"] == dp.QWEN_MATH_SYSTEM
+    assert rows[0]["prompt"][0]["content"] == common.QWEN_MATH_SYSTEM
     assert rows[0]["prompt"][1]["content"] == "What is the remainder when $2^{10}$ is divided by $7$?"
     assert rows[2]["metadata"]["data_source"] == "numina_olympiads"
 
@@ -189,7 +186,7 @@ def check_code_rows(rows, prefix):
     for r in rows:
         assert r["task"] == "code" and r["id"].startswith(prefix + "-") and isinstance(r["answer"], str)
         assert r["metadata"]["template"] == "code" and r["metadata"]["answer_style"] == "code"
-        assert r["prompt"][-1]["role"] == "user" and r["prompt"][-1]["content"].endswith("\n\n" + dp.CODE_INSTRUCTION)
+        assert r["prompt"][-1]["role"] == "user" and r["prompt"][-1]["content"].endswith("\n\n" + common.CODE_INSTRUCTION)
         assert r["prompt"][-1]["content"].count("Write Python code") == 1
 
 
@@ -434,13 +431,6 @@ def test_hub_ids_go_to_load_dataset(monkeypatch):
     assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
 
 
-def test_write_jsonl_is_atomic(tmp_path):
-    out = tmp_path / "sub" / "x.jsonl"
-    dp.write_jsonl([{"a": 1}, {"b": "é"}], out)
-    assert read_jsonl(out) == [{"a": 1}, {"b": "é"}]
-    assert not (tmp_path / "sub" / "x.jsonl.tmp").exists()
-
-
 # --- the CLI --------------------------------------------------------------------------------
 def test_cli_gsm8k_test_split_with_r1(tmp_path):
     out = tmp_path / "gsm8k.jsonl"
@@ -448,7 +438,7 @@ def test_cli_gsm8k_test_split_with_r1(tmp_path):
                   "--template", "r1", "--out", out)
     assert res.returncode == 0, res.stderr
     assert "wrote 3 rows of split 'test' (--split)" in res.stdout and str(out) in res.stdout
-    rows = read_jsonl(out)
+    rows = common.read_jsonl(out)
     check_schema(rows, "gsm8k", "r1")
     assert rows[2]["id"] == "gsm8k-test-00002" and rows[2]["answer"] == "1234"
     assert rows[0]["metadata"]["source"] == "tests/fixtures/gsm8k.jsonl"
@@ -460,7 +450,7 @@ def test_cli_split_from_the_file_name_and_unreadable_files(tmp_path):
     res = run_cli("gsm8k", "--source", source, "--out", tmp_path / "out.jsonl")
     assert res.returncode == 0, res.stderr
     assert "wrote 3 rows of split 'test' (named in the file name)" in res.stdout
-    assert read_jsonl(tmp_path / "out.jsonl")[0]["id"] == "gsm8k-test-00000"
+    assert common.read_jsonl(tmp_path / "out.jsonl")[0]["id"] == "gsm8k-test-00000"
     broken = tmp_path / "broken.json"
     broken.write_text('{"problem": "p", "answer": ')
     res = run_cli("math", "--source", broken, "--out", tmp_path / "x.jsonl")
@@ -476,14 +466,14 @@ def test_cli_numina_reports_skipped(tmp_path):
     res = run_cli("numina", "--source", "tests/fixtures/numina.jsonl", "--out", out)
     assert res.returncode == 0, res.stderr
     assert "wrote 2 rows (skipped 1: no \\boxed{} answer" in res.stdout
-    check_schema(read_jsonl(out), "numina", "qwen_math")
+    check_schema(common.read_jsonl(out), "numina", "qwen_math")
 
 
 def test_cli_countdown_limit_and_seed(tmp_path):
     out = tmp_path / "cd.jsonl"
     res = run_cli("countdown", "--source", "tests/fixtures/countdown.jsonl", "--limit", "2", "--out", out)
     assert res.returncode == 0, res.stderr
-    assert [r["metadata"]["target"] for r in read_jsonl(out)] == [98, 24]
+    assert [r["metadata"]["target"] for r in common.read_jsonl(out)] == [98, 24]
     outs = []
     for i in range(2):
         outs.append(tmp_path / f"cd_seed{i}.jsonl")
@@ -523,13 +513,13 @@ def test_toy_task_files_split_and_model(toy):
         for step in row["metadata"]["steps"]:
             value = value + int(step[1:]) if step[0] == "+" else value - int(step[1:])
         assert row["answer"] == str(value) and row["task"] == "toy"
-        assert row["prompt"][-1] == {"role": "assistant", "content": dp.R1_PREFILL}
+        assert row["prompt"][-1] == {"role": "assistant", "content": common.R1_PREFILL}
         assert row["metadata"]["answer_style"] == "tag"
     tok = AutoTokenizer.from_pretrained(toy / "model")
     model = AutoModelForCausalLM.from_pretrained(toy / "model")
     assert model.config.model_type == "qwen2" and model.config.head_dim >= 32
     text = render_prompt(tok, test[0]["prompt"])
-    assert text.endswith("<|im_start|>assistant\n" + dp.R1_PREFILL)
+    assert text.endswith("<|im_start|>assistant\n" + common.R1_PREFILL)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3  # chat markers are single tokens

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
-from conftest import REPO, free_port, read_jsonl, run_script, torchrun
+from common import read_jsonl
+from conftest import REPO, free_port, run_script, torchrun
 
 def launch_config(name: str = "fsdp2") -> list[str]:
     """One of the repo's launch configs with 2 processes on CPU (float32, so the results compare exactly)."""

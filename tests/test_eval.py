@@ -13,8 +13,8 @@ import pytest
 
 import data_prep as dp
 import eval as ev
-from common import score_completions
-from conftest import REPO, read_jsonl, run_script
+from common import build_prompt, read_jsonl, score_completions, write_jsonl
+from conftest import REPO, run_script
 
 FIXTURES = REPO / "tests" / "fixtures"
 
@@ -329,9 +329,9 @@ def test_benchmark_outputs_break_down_by_subject_and_level(tmp_path):
 
 def test_retemplate_renders_the_question_again():
     row = {"id": "x", "task": "math", "answer": "1",
-           "prompt": dp.build_prompt("prime", "What is 1?"), "metadata": {"template": "prime", "answer_style": "boxed"}}
+           "prompt": build_prompt("prime", "What is 1?"), "metadata": {"template": "prime", "answer_style": "boxed"}}
     r1 = ev.retemplate(row, "r1")
-    assert r1["prompt"] == dp.build_prompt("r1", "What is 1?")
+    assert r1["prompt"] == build_prompt("r1", "What is 1?")
     assert r1["metadata"]["answer_style"] == "tag" and row["metadata"]["template"] == "prime"
 
 
@@ -339,11 +339,11 @@ def test_dataset_folder_limit_per_file_and_template(tmp_path):
     for task in ("aime24", "amc23"):
         rows, _ = dp.TASKS[task]["convert"](dp.load_rows(str(FIXTURES / f"{task}.jsonl"), "test"),
                                             "qwen_math", "fixture", "test")
-        dp.write_jsonl(rows, tmp_path / f"{task}.jsonl")
+        write_jsonl(rows, tmp_path / f"{task}.jsonl")
     rows = ev.load_dataset_rows(str(tmp_path), "r1", limit=2)
     assert [r["task"] for r in rows] == ["aime24", "aime24", "amc23", "amc23"]
     assert all(r["prompt"][-1]["role"] == "assistant" and r["metadata"]["answer_style"] == "tag" for r in rows)
-    dp.write_jsonl(rows[:1], tmp_path / "dup.jsonl")
+    write_jsonl(rows[:1], tmp_path / "dup.jsonl")
     with pytest.raises(SystemExit, match="appears twice"):
         ev.load_dataset_rows(str(tmp_path), None, limit=0)
 

@@ -7,8 +7,9 @@ import time
 import pytest
 
 import common
-from common import _mv_verify, answers_match, answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok, gsm8k_gold, last_boxed, last_tag, normalize_answer, parse_number, shutdown_grader
-from conftest import grader_workers, time_limit
+from common import (_mv_verify, answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok,
+                    gsm8k_gold, last_boxed, last_tag, normalize_answer, shutdown_grader)
+from conftest import answers_match, grader_workers, parse_number, time_limit
 
 # ---------------------------------------------------------------------------
 # End-to-end grading table: (style, model output, reference, expected).

@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, read_jsonl, run_script
-from grpo_logprob import (aggregate_loss, all_equal_groups, answer_logprob_score, clipped_policy_loss, fill_failed,
-                          group_advantages,
-                          importance_weights, kl_k3, loss_normalizer, normalize_rewards, parse_reward_weights,
-                          perplexity_rewards, scoring_texts)
+from common import Rollout, read_jsonl
+from conftest import REPO, run_script
+from grpo_logprob import (END_OF_REASONING, aggregate_loss, all_equal_groups, answer_logprob_score, clipped_policy_loss,
+                          fill_failed, group_advantages, importance_weights, kl_k3, loss_normalizer, normalize_rewards,
+                          parse_reward_weights, perplexity_rewards, reasoning_mask, reasoning_token_count, scoring_texts)
 
 
 # --- advantages -------------------------------------------------------------------------------
@@ -191,27 +191,46 @@ def test_importance_weights_hand_numbers():
                                              "sequence", 9.0, 0.5), torch.full((1, 3), 0.75))
 
 
-# --- regression tests for the log-prob seed project's defects (REFERENCE.md section 2) --------
+# --- regression tests: the defects of the released code of "Eliciting Reasoning in LLMs Using
+# Logprob-Based Rewards", which must not come back ---------------------------------------------
 def test_defect1_end_of_reasoning_marker_is_not_a_tab(toy):
-    """The seed wrote the marker "<\\think>": "\\t" is a TAB, it never matched, and almost every
+    """That code wrote the marker "<\\think>": "\\t" is a TAB, it never matched, and almost every
     completion was masked out. Our reasoning mask must cover the reasoning of a real completion."""
     from transformers import AutoTokenizer
 
-    import common
-
-    assert common.END_OF_REASONING == "</think>" and "\t" not in common.END_OF_REASONING
+    assert END_OF_REASONING == "</think>" and "\t" not in END_OF_REASONING
     tok = AutoTokenizer.from_pretrained(toy / "model")
     text = "\n3+4=7\n7-2=5\n</think>\n<answer>5</answer>"
     ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    rollout = common.Rollout([1], ids, [0.0] * len(ids), text, "stop")
-    mask, found = common.reasoning_mask(tok, [rollout], len(ids))
+    rollout = Rollout([1], ids, [0.0] * len(ids), text, "stop")
+    mask, found = reasoning_mask(tok, [rollout], len(ids))
     reasoning_tokens = len(tok("\n3+4=7\n7-2=5\n</think>", add_special_tokens=False)["input_ids"])
     assert found.item() and reasoning_tokens - 1 <= mask.sum().item() <= reasoning_tokens
     assert mask.sum().item() > len(ids) / 2  # the defect masked nearly everything
 
 
+def test_reasoning_mask_found_on_characters_whatever_the_tokenization(toy):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    text = "\n3 + 4 = 7\n</think>\n<answer>7</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    k = reasoning_token_count(tok, ids)
+    # Qwen's pre-tokenizer splits it "</", "think", ">\n": the token holding the marker's last
+    # character is the last reasoning token (here it also carries the newline)
+    assert [tok.decode([i]) for i in ids[k - 3:k]] == ["</", "think", ">\n"]
+    assert "</think>" in tok.decode(ids[:k]) and "</think>" not in tok.decode(ids[:k - 1])
+    # the same text where "</think>" is one added token
+    tok.add_tokens(["</think>"])
+    ids2 = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids2) < len(ids)
+    k2 = reasoning_token_count(tok, ids2)
+    assert tok.convert_ids_to_tokens(ids2[k2 - 1]) == "</think>"
+    assert reasoning_token_count(tok, tok("no marker here", add_special_tokens=False)["input_ids"]) is None
+
+
 def test_defect2_reward_sign_more_likely_answer_scores_higher():
-    """The seed's reward was a min-max of |sum log p|: the least likely gold answer got the highest
+    """Its reward was a min-max of |sum log p|: the least likely gold answer got the highest
     reward. Ours must rank a more likely reference answer higher under every variant and norm."""
     likely, unlikely = torch.log(torch.tensor([0.9, 0.8])), torch.log(torch.tensor([0.2, 0.1]))
     base = torch.log(torch.tensor([0.3, 0.3]))
@@ -225,7 +244,7 @@ def test_defect2_reward_sign_more_likely_answer_scores_higher():
 
 
 def test_defect3_reasoning_is_read_from_a_completion_that_starts_inside_it():
-    """The seed looked for "<think>" inside the completion, but it lives in the prompt's prefill,
+    """It looked for "<think>" inside the completion, but it lives in the prompt's prefill,
     so the reasoning was empty and every member of a group scored the same."""
     a = "\n3+4=7\n</think>\n<answer>7</answer>"
     b = "\n3+4=8\n</think>\n<answer>8</answer>"

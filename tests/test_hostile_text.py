@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 import common
 import eval as ev
 from common import (Rollout, _fast_match, _parse_fraction, countdown_correct, countdown_value, extract_answer,
-                    format_ok, last_boxed, last_tag, normalize_answer, parse_number, reasoning_mask,
-                    reasoning_token_count, score_completions)
-from conftest import Hang, grader_workers, settled_workers, time_limit  # noqa: F401  Hang: bench/fuzz.py
+                    format_ok, last_boxed, last_tag, normalize_answer, score_completions)
+from conftest import Hang, answers_match, grader_workers, parse_number, settled_workers, time_limit  # noqa: F401  Hang: bench/fuzz.py
+from grpo_logprob import reasoning_mask, reasoning_token_count
 
 # No hypothesis deadline: its per-example timer would fail a slow CI machine. A hang is caught by
 # CALL_LIMIT instead, about a hundred times what the largest input here takes.
@@ -380,7 +380,7 @@ def adversarial_batch(hostile_copies: int = 1, ordinary_copies: int = 1, shuffle
 
 def test_adversarial_batch_is_graded_in_bounded_time():
     rows, texts, expected = adversarial_batch()
-    common.answers_match("1", "2\\cdot\\frac{1}{2}")  # the pool is up: its start-up is not measured
+    answers_match("1", "2\\cdot\\frac{1}{2}")  # the pool is up: its start-up is not measured
     assert settled_workers() == common._MV_WORKERS
     start = time.monotonic()
     with time_limit(300):  # the hanging towers must not make the batch hang
@@ -393,7 +393,7 @@ def test_adversarial_batch_is_graded_in_bounded_time():
     assert got == [c for c in expected if c is not None]  # ordinary answers after the towers: right
     # the stuck workers were killed and replaced: as many as before, and none left busy
     assert settled_workers() == common._MV_WORKERS
-    assert common.answers_match("2\\sqrt{2}", "\\sqrt{8}")
+    assert answers_match("2\\sqrt{2}", "\\sqrt{8}")
     common.shutdown_grader()
     assert grader_workers() == []
 

@@ -3,11 +3,11 @@
 import math
 import sys
 
-import pytest
 import torch
 
 from common import Rollout, Score, prompts_for_step
-from conftest import REPO, read_jsonl, run_script, torchrun
+from common import read_jsonl
+from conftest import REPO, run_script, torchrun
 from prime import (discounted_returns, from_json, implicit_process_rewards, keep_groups, last_token_mask,
                    leave_one_out, ppo_token_loss, prm_loss, prm_pair_accuracy, rank_prompts, to_json, whiten,
                    whiten_stats)
@@ -289,8 +289,3 @@ def test_outcome_only_rloo_under_accelerate_launch(toy, tmp_path):
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert not any(k.startswith("prm/") for m in metrics for k in m)  # no PRM is loaded or trained
     assert "model_1.safetensors" not in {p.name for p in (tmp_path / "rloo" / "checkpoints" / "step_2").iterdir()}
-
-
-def test_bad_flag_stops_with_one_sentence(toy, tmp_path):
-    with pytest.raises(AssertionError, match="--granularity 'step': use token or whole"):
-        run_script(prime_cmd(toy, tmp_path, "bad", "--granularity", "step"))

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import read_jsonl, run_script, torchrun
+from common import read_jsonl
+from conftest import run_script, torchrun
 from raft_pp import (aggregate_loss, correctness_rewards, kl_efficiency, kl_k3, loss_normalizer, micro_batches,
                      positive_samples, raft_pp_token_loss, raft_token_loss)
 

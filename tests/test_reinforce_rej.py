@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from conftest import free_port, read_jsonl, run_script
+from common import read_jsonl
+from conftest import free_port, run_script
 from reinforce_rej import (aggregate_loss, correctness_rewards, kl_efficiency, loss_normalizer, mixed_prompts,
                            reinforce_token_loss)
 
