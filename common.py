@@ -77,6 +77,31 @@ def make_accelerator(args=None):
     return accelerator
 
 
+def load_model(path: str, dtype: str, accelerator, frozen: bool = False, gradient_checkpointing: bool = False):
+    """A causal LM from a hub id or folder, in `dtype` ("float32" or "bfloat16"): to train (pass it to
+    accelerator.prepare next), or `frozen`: whole on this process's device, no gradients, for the
+    no-gradient passes (KL reference, scorers). Under DeepSpeed ZeRO-3 transformers loads every model
+    partitioned (zero.Init), usable only inside a DeepSpeed engine; a frozen copy is loaded whole, as
+    under DDP and FSDP2."""
+    from transformers import AutoModelForCausalLM
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None) if frozen else None
+    if plugin is not None:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    finally:
+        if plugin is not None:
+            plugin.set_deepspeed_weakref()
+    if frozen:
+        return model.to(accelerator.device).eval().requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
 def is_sharded(accelerator) -> bool:
     """Whether the training model's parameters are split over processes (FSDP, DeepSpeed)."""
     return accelerator is not None and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
@@ -2099,7 +2124,13 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     in `stats` as skipped_nonfinite and warned about (skip_nonfinite_step). Under DeepSpeed the engine
     keeps the gradients and steps inside the backward pass: there the check sees only the norm it
     reports when clipping, and cannot undo the step."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    grad_norm = None
+    if max_grad_norm > 0 and accelerator.distributed_type.name == "FSDP":
+        # torch's own clipping reduces over the DTensor shards; accelerate's compares the parameters
+        # with its first prepared model's, which fails for a second model (PRIME's PRM)
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_grad_norm)
+    elif max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already reduced over the shards
         grad_norm = grad_norm.full_tensor()
     grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in model.parameters())

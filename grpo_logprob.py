@@ -32,11 +32,10 @@ from typing import Literal
 import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
 from common import (POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
                     check_code_sandbox, check_run, collate, collate_ids, encode_prompts, evaluate, index_batch,
-                    is_sharded, logprob_gap_metrics, lr_scheduler, make_accelerator, micro_batches, optimizer_step, parse_args,
+                    is_sharded, load_model, logprob_gap_metrics, lr_scheduler, make_accelerator, micro_batches, optimizer_step, parse_args,
                     peak_memory, prompts_for_step, render_prompt, run_main, sampler_dtype, score_completions,
                     shard, step_seed, token_logprobs, unwrap)
 
@@ -614,14 +613,9 @@ def main():
     needs_frozen = (args.beta > 0 or any(n.startswith("ppl_") for n in weights)
                     or ("logprob" in weights and args.logprob_scorer == "initial"))
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    frozen = None  # the starting model: KL reference, initial-model scorer, perplexity scorer
-    if needs_frozen:
-        frozen = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
-        frozen.requires_grad_(False)
+    model = load_model(args.model, args.dtype, accelerator, gradient_checkpointing=args.gradient_checkpointing)
+    # the starting model: KL reference, initial-model scorer, perplexity scorer
+    frozen = load_model(args.model, args.dtype, accelerator, frozen=True) if needs_frozen else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.total_steps * args.num_iterations)
     model, optimizer = accelerator.prepare(model, optimizer)

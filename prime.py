@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
 from common import (Rollout, Run, Sampler, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox,
-                    check_run, collate, encode_prompts, evaluate, index_batch, logprob_gap_metrics,
+                    check_run, collate, encode_prompts, evaluate, index_batch, load_model, logprob_gap_metrics,
                     make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step,
                     run_main, sampler_dtype, score_completions, step_seed, token_logprobs, unwrap)
 
@@ -372,13 +371,9 @@ def main():
                          "process: launch with configs/fsdp2.yaml, or pass --process_reward_coef 0 (RLOO, no PRM).")
     per_rank, n = args.prompts_per_step // world, args.num_generations
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-
     def load(trainable: bool):
-        m = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-        if trainable and args.gradient_checkpointing:
-            m.gradient_checkpointing_enable()
-        return m if trainable else m.to(accelerator.device).eval().requires_grad_(False)
+        return load_model(args.model, args.dtype, accelerator, frozen=not trainable,
+                          gradient_checkpointing=args.gradient_checkpointing)
 
     model = load(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)

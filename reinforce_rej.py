@@ -34,10 +34,9 @@ from typing import Literal
 import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
 from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run,
-                    collate, encode_prompts, evaluate, index_batch, logprob_gap_metrics, lr_scheduler, make_accelerator,
+                    collate, encode_prompts, evaluate, index_batch, load_model, logprob_gap_metrics, lr_scheduler, make_accelerator,
                     micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, run_main, sampler_dtype,
                     score_completions, shard, step_seed, token_logprobs, unwrap)
 
@@ -320,14 +319,9 @@ def main():
     check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
     needs_frozen = args.kl_coef > 0 or args.log_kl
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    frozen = None  # the starting model: KL reference and the KL-to-initial-policy metric
-    if needs_frozen:
-        frozen = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
-        frozen.requires_grad_(False)
+    model = load_model(args.model, args.dtype, accelerator, gradient_checkpointing=args.gradient_checkpointing)
+    # the starting model: KL reference and the KL-to-initial-policy metric
+    frozen = load_model(args.model, args.dtype, accelerator, frozen=True) if needs_frozen else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     updates = args.total_steps * args.mini_batches * args.num_iterations
     scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, updates)

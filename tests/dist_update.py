@@ -28,6 +28,7 @@ import grpo_logprob  # noqa: E402
 import prime  # noqa: E402
 import raft_pp  # noqa: E402
 import reinforce_rej  # noqa: E402
+import common  # noqa: E402
 from common import Rollout, Run, leave_process_group, make_accelerator, shard  # noqa: E402
 
 SUFFIX = {"FSDP": "_fsdp", "DEEPSPEED": "_zero3"}
@@ -54,6 +55,8 @@ def fixed_rollouts(vocab: int) -> list[list[Rollout]]:
 
 
 def prepare(acc, model_dir, n_models=1):
+    if acc.distributed_type.name == "DEEPSPEED":
+        acc.free_memory()  # accelerator.backward drives the first DeepSpeed engine prepared: drop the last case's
     out = []
     for _ in range(n_models):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -64,7 +67,7 @@ def prepare(acc, model_dir, n_models=1):
 
 
 def frozen_model(acc, model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(acc.device).eval().requires_grad_(False)
+    return common.load_model(model_dir, "float32", acc, frozen=True)
 
 
 def grpo_case(acc, model_dir, groups, **overrides):
@@ -149,13 +152,14 @@ class CheckpointArgs:
 
 
 def check_checkpoint(acc, model_dir, out: Path, groups):
-    """Run.save_checkpoint under several processes (DDP or FSDP): every rank's state lands in the
+    """Run.save_checkpoint under several processes (DDP, FSDP or DeepSpeed): every rank's state lands in the
     checkpoint even when rank 1 writes late (the main process must not rename the temporary folder
     before all ranks have written into it), and loading it restores the weights after they moved."""
     (model, optimizer), _ = prepare(acc, model_dir)
     run = Run(CheckpointArgs(str(out / f"ckpt_{acc.distributed_type.name}")), acc)
     def weights():  # a copy: without sharding, get_state_dict returns the live tensors
-        return {k: v.detach().clone() for k, v in acc.get_state_dict(model).items()}
+        state = acc.get_state_dict(model)  # DeepSpeed ZeRO-3: gathered on the main process only (None elsewhere)
+        return {k: v.detach().clone() for k, v in (state or {}).items()}
 
     saved = weights()
     if acc.process_index == 1:  # a slow rank: its save_state starts (and ends) after rank 0's

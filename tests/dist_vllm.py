@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import (Sampler, collate, encode_prompts, leave_process_group, load_tasks, make_accelerator,  # noqa: E402
+from common import (Sampler, collate, encode_prompts, leave_process_group, load_model, load_tasks, make_accelerator,  # noqa: E402
                     token_logprobs, unwrap)
 
 
@@ -59,7 +59,7 @@ def main():
     after = [g[0].completion_ids for g in sampler.generate(prompts, 1, 0.0, 24, seed=0)]
     state = [acc.get_state_dict(model)]  # full weights, on the main process at least (FSDP gathers there)
     torch.distributed.broadcast_object_list(state, src=0)
-    trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = load_model(model_dir, "float32", acc, frozen=True)  # whole, also under DeepSpeed ZeRO-3
     missing, unexpected = trainer.load_state_dict({k: v.cpu() for k, v in state[0].items()}, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head: tied
     expected = []

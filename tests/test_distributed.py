@@ -107,6 +107,42 @@ def test_grpo_two_processes_vllm_resume_equals_straight(toy, tmp_path):
     shutil.rmtree(tmp_path / "straight")
 
 
+SHARDED_RUNS = {"raft_pp.py": ["--kl_coef", "0.01"],  # a frozen KL reference next to the sharded policy
+                "prime.py": ["--filter_low", "0", "--filter_high", "1"]}  # policy, PRM (both clipped), reference
+
+
+@needs_vllm
+@pytest.mark.parametrize("script,launch", [("raft_pp.py", "zero3"), ("prime.py", "fsdp2")])
+def test_sharded_runs_with_vllm_resume_equal_straight(toy, tmp_path, script, launch):
+    """The scripts as users launch them on a GPU node (accelerate launch with a sharded config, colocated
+    vLLM, frozen models, gradient clipping, checkpoints): 2 steps straight == 1 step, stop, --resume, 1
+    more (every metric but timings and memory, the rollouts of both processes)."""
+    def cmd(name, *extra):
+        return [script, "--model", str(toy / "model"), "--train_file", str(toy / "train.jsonl"),
+                "--test_file", str(toy / "test.jsonl"), "--output_dir", str(tmp_path), "--run_name", name,
+                "--sampler", "vllm", "--total_steps", "2", "--prompts_per_step", "4", "--num_generations", "4",
+                "--max_completion_length", "48", "--eval_limit", "6", "--temperature", "0.5",
+                "--log_rollouts_every", "1", *SHARDED_RUNS[script], *extra]
+
+    run_script(cmd("straight", "--save_every", "0"), launcher=launch_config(launch), timeout=600)
+    run_script(cmd("resumed", "--stop_at_step", "1"), launcher=launch_config(launch), timeout=600)
+    run_script(cmd("resumed", "--resume"), launcher=launch_config(launch), timeout=600)
+
+    def strip(name):
+        return [{k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)}
+                for m in read_jsonl(tmp_path / name / "metrics.jsonl")]
+
+    assert [m["step"] for m in strip("resumed")] == [0, 1, 2] and strip("straight") == strip("resumed")
+    step1, step2 = strip("straight")[1:]
+    assert step1["grad_norm"] > 0, step1  # step 1 trained: the resumed run must have restored its weights
+    if script == "raft_pp.py":
+        assert step2["kl"] > 0  # the frozen reference and the policy differ after a step
+    else:
+        assert step2["grad_norm"] > 0 and "prm/loss" in step1 and "prm/loss" in step2
+    assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
+    assert (tmp_path / "straight" / "final" / "model.safetensors").exists()
+
+
 @needs_vllm
 def test_bad_tensor_parallel_size_stops_with_one_sentence(toy, tmp_path):
     with pytest.raises(AssertionError) as e:
