@@ -8,8 +8,9 @@ Read top to bottom:
   4. log-probs    token log-probs of the training model, chunked over positions
   5. batching     rollouts -> padded tensors, per-rank sharding of prompts
   6. evaluation   sample the test set, score it, write an outputs file
-  7. run dir      config.json, metrics.jsonl, rollouts.jsonl, checkpoints, final/
-  8. guards       user mistakes found before anything is created, interrupts, non-finite updates
+  7. run dir      config.json, metrics.jsonl, rollouts.jsonl, checkpoints, final/, each step's end
+  8. set-up       the policy, optimizer and schedule, frozen model, sampler, evaluation of every script
+  9. guards       user mistakes found before anything is created, interrupts, non-finite updates
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+if not torch.cuda.is_available():  # DeepSpeed's own device detection warns at every CPU start
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # vLLM's engine must live in this process so that we can reach its model for the weight push.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -1846,6 +1850,7 @@ class Run:
         reused, its leftovers discarded."""
         global _ACTIVE_RUN
         self.dir = Path(args.output_dir) / args.run_name
+        self.args = args
         self.acc = accelerator
         self.main = accelerator.is_main_process
         self.wandb = None
@@ -1971,6 +1976,52 @@ class Run:
         if self.wandb is not None:
             self.wandb.finish()
         leave_process_group(self.acc)
+
+    # -- the training loop's frame, the same in every script --------------------------------------
+    def evaluate_start(self, run_eval, start_step: int) -> None:
+        """Step 0: the test set before the first update (a resumed run has it already)."""
+        if start_step == 0:
+            metrics = run_eval(0)
+            self.log(0, metrics)
+            self.acc.print(f"step 0 (warm start): test accuracy {number(metrics['eval/accuracy'])}")
+
+    def log_step_rollouts(self, step: int, records: list[dict]) -> None:
+        """Every --log_rollouts_every steps: the step's rollouts of every process (all processes call it)."""
+        if not self.args.log_rollouts_every or step % self.args.log_rollouts_every:
+            return
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            records = gather_object(records)
+        self.log_rollouts(step, records)
+
+    def end_step(self, step: int, metrics: dict, run_eval, checkpoint_extra=None) -> bool:
+        """The end of a training step: the evaluation when due (every --eval_every steps and the last),
+        the metrics line, a checkpoint when due (every --save_every steps, the last, --stop_at_step; with
+        checkpoint_extra() in its trainer_state.json). True when --stop_at_step ends the run here."""
+        a = self.args
+        if (a.eval_every and step % a.eval_every == 0) or step == a.total_steps:
+            metrics.update(run_eval(step))
+        self.log(step, metrics)
+        if (a.save_every and step % a.save_every == 0) or step in (a.total_steps, a.stop_at_step):
+            self.save_checkpoint(step, extra=checkpoint_extra() if checkpoint_extra else None)
+        if step == a.stop_at_step:
+            self.acc.print(f"stopped after step {step} (--stop_at_step); continue with --resume")
+            self.finish()
+            return True
+        return False
+
+    def finish_training(self, model, tokenizer) -> None:
+        """The final model in Hugging Face format, the test accuracy before and after, the run ended."""
+        final = self.save_final(model, tokenizer)
+        history = [m for m in self.read_metrics() if "eval/accuracy" in m]
+        if history and self.main:
+            first, last = history[0], history[-1]
+            print(f"test accuracy (temperature {self.args.eval_temperature}, {self.args.eval_num_samples} sample(s) "
+                  f"per problem): step {first['step']}: {number(first['eval/accuracy'])} -> step {last['step']}: "
+                  f"{number(last['eval/accuracy'])}")
+            print(f"run folder: {self.dir}   final model: {final}")
+        self.finish()
 
 
 def _line_step(line: str) -> int | None:
@@ -2214,6 +2265,68 @@ class Timer:
     def pop(self) -> dict:
         out, self.t = {f"time/{k}": v for k, v in self.t.items()}, {}
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. set-up shared by every script: models, optimizer and schedule, sampler, evaluation
+# ----------------------------------------------------------------------------------------------
+def setup_policy(args, accelerator, total_updates: int | None, needs_frozen: bool):
+    """(policy, optimizer, schedule, frozen): the policy to train, prepared by accelerate with its AdamW
+    optimizer; transformers' learning-rate schedule over total_updates optimizer steps (None: no
+    schedule), registered for checkpoints; and, if needs_frozen, the starting model kept frozen (KL
+    reference, scorers)."""
+    model = load_model(args.model, args.dtype, accelerator, gradient_checkpointing=args.gradient_checkpointing)
+    frozen = load_model(args.model, args.dtype, accelerator, frozen=True) if needs_frozen else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = None
+    if total_updates is not None:
+        scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, total_updates)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if scheduler is not None:
+        accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
+    return model, optimizer, scheduler, frozen
+
+
+def start_sampler(args, accelerator, tokenizer, model, start_step: int) -> "Sampler":
+    """The run's sampler (--sampler, the --vllm_* flags) on the policy's weights; a resumed run pushes the
+    restored weights into it."""
+    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), accelerator=accelerator,
+                      max_model_len=args.max_model_len, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                      tensor_parallel_size=args.vllm_tensor_parallel_size,
+                      dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed,
+                      enable_sleep_mode=getattr(args, "vllm_sleep", False))
+    if start_step:
+        sampler.push_weights(unwrap(model))
+    return sampler
+
+
+def make_evaluator(args, accelerator, sampler, tokenizer, test_rows, run, extra=None):
+    """run_eval(step) -> metrics: the test rows sampled (--eval_num_samples at --eval_temperature) and
+    scored, the outputs saved to eval/step_N.jsonl; extra(records) adds a script's own metrics."""
+    def run_eval(step: int) -> dict:
+        metrics, records = evaluate(sampler, tokenizer, test_rows, n=args.eval_num_samples,
+                                    temperature=args.eval_temperature, max_tokens=args.max_completion_length,
+                                    seed=step_seed(args.seed, step, salt=1), accelerator=accelerator)
+        if extra is not None:
+            metrics.update(extra(records))
+        run.save_eval(step, records)
+        return metrics
+
+    return run_eval
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def gather_floats(accelerator, values) -> torch.Tensor:
+    """Every process's values (a list or tensor of equal length on each) as one float32 CPU tensor."""
+    return accelerator.gather(torch.as_tensor(values, dtype=torch.float32, device=accelerator.device)).cpu()
+
+
+def number(value, digits: int = 3) -> str:
+    """A metric for the console: tasks without a correctness check (poem) have no accuracy."""
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
 # ----------------------------------------------------------------------------------------------

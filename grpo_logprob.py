@@ -27,17 +27,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from common import (POEM_WEIGHTS, Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
-                    check_code_sandbox, check_run, collate, collate_ids, encode_prompts, evaluate, index_batch,
-                    is_sharded, load_model, logprob_gap_metrics, lr_scheduler, make_accelerator, micro_batches, optimizer_step, parse_args,
-                    peak_memory, prompts_for_step, render_prompt, run_main, sampler_dtype, score_completions,
-                    shard, step_seed, token_logprobs, unwrap)
+from common import (POEM_WEIGHTS, Run, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
+                    check_code_sandbox, check_run, collate, collate_ids, encode_prompts, gather_floats, index_batch,
+                    is_sharded, logprob_gap_metrics, make_accelerator, make_evaluator, micro_batches, number,
+                    optimizer_step, pad_token_id, parse_args, peak_memory, prompts_for_step, render_prompt, run_main,
+                    score_completions, setup_policy, shard, start_sampler, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -585,9 +586,19 @@ def reward_terms(weights, scores, valid, with_reasoning, baseline, with_reasonin
     return terms
 
 
-def number(value, digits: int = 3) -> str:
-    """A metric for the console: tasks without a correctness check (poem) have no accuracy."""
-    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+def gold_logprob_metric(model, tokenizer, records: list[dict], pad_id: int, accelerator) -> dict:
+    """eval/gold_logprob: the mean log-prob of the reference answer after the model's own reasoning (summed
+    over its tokens), over the evaluated completions that closed their reasoning (nan if none did)."""
+    world = accelerator.num_processes
+    mine = records[accelerator.process_index::world]
+    lps, _ = reference_answer_logprobs(model, tokenizer, [r for r in mine for _ in r["completions"]],
+                                       [c for r in mine for c in r["completions"]], pad_id, with_baseline=False,
+                                       accelerator=accelerator)
+    sums = [lp.sum().item() for lp in lps if lp is not None]
+    # sum and count over ranks, not a gather: the ranks' shares differ in size
+    total, count = accelerator.reduce(torch.tensor([sum(sums), len(sums)], dtype=torch.float64,
+                                                   device=accelerator.device), "sum").tolist()
+    return {"eval/gold_logprob": total / count if count else float("nan")}
 
 
 def main():
@@ -613,46 +624,17 @@ def main():
     needs_frozen = (args.beta > 0 or any(n.startswith("ppl_") for n in weights)
                     or ("logprob" in weights and args.logprob_scorer == "initial"))
 
-    model = load_model(args.model, args.dtype, accelerator, gradient_checkpointing=args.gradient_checkpointing)
-    # the starting model: KL reference, initial-model scorer, perplexity scorer
-    frozen = load_model(args.model, args.dtype, accelerator, frozen=True) if needs_frozen else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.total_steps * args.num_iterations)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
-
+    model, optimizer, scheduler, frozen = setup_policy(args, accelerator, args.total_steps * args.num_iterations,
+                                                       needs_frozen)
     run = Run(args, accelerator, resume=args.resume)
     start_step = run.load_latest_checkpoint()["step"] if args.resume else 0
-    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), accelerator=accelerator,
-                      max_model_len=args.max_model_len, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                      tensor_parallel_size=args.vllm_tensor_parallel_size,
-                      dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed, enable_sleep_mode=args.vllm_sleep)
-    if start_step:
-        sampler.push_weights(unwrap(model))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def run_eval(step):
-        metrics, records = evaluate(sampler, tokenizer, test_rows, n=args.eval_num_samples,
-                                    temperature=args.eval_temperature, max_tokens=args.max_completion_length,
-                                    seed=step_seed(args.seed, step, salt=1), accelerator=accelerator)
-        # mean log-prob of the reference answer after the model's own reasoning (sum over its tokens)
-        mine = records[rank::world]
-        flat_rows = [r for r in mine for _ in r["completions"]]
-        lps, _ = reference_answer_logprobs(unwrap(model), tokenizer, flat_rows,
-                                           [c for r in mine for c in r["completions"]], pad_id, with_baseline=False,
-                                           accelerator=accelerator)
-        sums = [lp.sum().item() for lp in lps if lp is not None]
-        # sum and count over ranks, not a gather: the ranks' shares differ in size
-        total, count = accelerator.reduce(torch.tensor([sum(sums), len(sums)], dtype=torch.float64,
-                                                       device=accelerator.device), "sum").tolist()
-        metrics["eval/gold_logprob"] = total / count if count else float("nan")  # nan: no reasoning closed
-        run.save_eval(step, records)
-        return metrics
-
-    if start_step == 0:
-        metrics = run_eval(0)
-        run.log(0, metrics)
-        accelerator.print(f"step 0 (warm start): test accuracy {number(metrics['eval/accuracy'])}")
+    sampler = start_sampler(args, accelerator, tokenizer, model, start_step)
+    pad_id = pad_token_id(tokenizer)
+    run_eval = make_evaluator(args, accelerator, sampler, tokenizer, test_rows, run,
+                              extra=lambda records: gold_logprob_metric(unwrap(model), tokenizer, records, pad_id,
+                                                                        accelerator))
+    run.evaluate_start(run_eval, start_step)
+    gathered = partial(gather_floats, accelerator)
 
     timer = Timer()
     bar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
@@ -704,9 +686,6 @@ def main():
             sampler.push_weights(unwrap(model))
 
         # --- logging ---
-        def gathered(values) -> torch.Tensor:
-            return accelerator.gather(torch.as_tensor(values, dtype=torch.float32, device=accelerator.device)).cpu()
-
         lengths = gathered([len(r.completion_ids) for r in rollouts])
         correct_all = gathered([s.correct if s.correct is not None else float("nan") for s in scores])
         metrics = {
@@ -736,33 +715,14 @@ def main():
         if any(n in ANSWER_BLIND_TERMS for n in weights):
             metrics["rewards/no_marker"] = 1.0 - gathered(valid.float()).mean().item()
         metrics["tokens_per_second"] = metrics["num_tokens"] / (time.perf_counter() - t_step)
-        if args.log_rollouts_every and step % args.log_rollouts_every == 0:
-            from accelerate.utils import gather_object
-
-            records = [{"id": row["id"], "prompt": row["prompt"], "completion": r.text, "reward": rw.item(),
-                        "correct": s.correct, "format": s.format,
-                        **{f"reward_{n}": terms[n][i].item() for n in terms}}
-                       for i, (row, r, rw, s) in enumerate(zip(rollout_rows, rollouts, rewards, scores))]
-            run.log_rollouts(step, gather_object(records) if world > 1 else records)
-        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
-            metrics.update(run_eval(step))
-        run.log(step, metrics)
+        run.log_step_rollouts(step, [{"id": row["id"], "prompt": row["prompt"], "completion": r.text,
+                                      "reward": rw.item(), "correct": s.correct, "format": s.format,
+                                      **{f"reward_{n}": terms[n][i].item() for n in terms}}
+                                     for i, (row, r, rw, s) in enumerate(zip(rollout_rows, rollouts, rewards, scores))])
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=number(metrics['train/accuracy'], 2))
-        if (args.save_every and step % args.save_every == 0) or step in (args.total_steps, args.stop_at_step):
-            run.save_checkpoint(step)
-        if step == args.stop_at_step:
-            accelerator.print(f"stopped after step {step} (--stop_at_step); continue with --resume")
-            run.finish()
+        if run.end_step(step, metrics, run_eval):
             return
-
-    final = run.save_final(model, tokenizer)
-    history = [m for m in run.read_metrics() if "eval/accuracy" in m]
-    if history and accelerator.is_main_process:
-        first, last = history[0], history[-1]
-        print(f"test accuracy (temperature {args.eval_temperature}, {args.eval_num_samples} sample(s) per problem): "
-              f"step {first['step']}: {number(first['eval/accuracy'])} -> step {last['step']}: {number(last['eval/accuracy'])}")
-        print(f"run folder: {run.dir}   final model: {final}")
-    run.finish()
+    run.finish_training(model, tokenizer)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -34,10 +35,11 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
-from common import (Rollout, Run, Sampler, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox,
-                    check_run, collate, encode_prompts, evaluate, index_batch, load_model, logprob_gap_metrics,
-                    make_accelerator, micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step,
-                    run_main, sampler_dtype, score_completions, step_seed, token_logprobs, unwrap)
+from common import (Rollout, Run, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run,
+                    collate, encode_prompts, gather_floats, index_batch, load_model, logprob_gap_metrics,
+                    make_accelerator, make_evaluator, micro_batches, optimizer_step, pad_token_id, parse_args,
+                    peak_memory, prompts_for_step, run_main, score_completions, setup_policy, start_sampler, step_seed,
+                    token_logprobs, unwrap)
 
 
 @dataclass
@@ -371,19 +373,13 @@ def main():
                          "process: launch with configs/fsdp2.yaml, or pass --process_reward_coef 0 (RLOO, no PRM).")
     per_rank, n = args.prompts_per_step // world, args.num_generations
 
-    def load(trainable: bool):
-        return load_model(args.model, args.dtype, accelerator, frozen=not trainable,
-                          gradient_checkpointing=args.gradient_checkpointing)
-
-    model = load(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    prm = prm_optimizer = ref = None
+    # the policy, the frozen reference of the implicit PRM, and the PRM (itself a causal LM, trained)
+    model, optimizer, _, ref = setup_policy(args, accelerator, None, use_prm and args.reference == "frozen")
+    prm = prm_optimizer = None
     if use_prm:
-        prm = load(True)
+        prm = load_model(args.model, args.dtype, accelerator, gradient_checkpointing=args.gradient_checkpointing)
         prm_optimizer = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=args.weight_decay)
         prm, prm_optimizer = accelerator.prepare(prm, prm_optimizer)  # saved and restored with the policy
-        ref = load(False) if args.reference == "frozen" else None
 
     run = Run(args, accelerator, resume=args.resume)
     start_step, data_pos, buffer = 0, 0, []  # this rank's position in its prompt stream, kept groups not yet used
@@ -393,31 +389,14 @@ def main():
             raise SystemExit(f"--resume: the checkpoint was written by {len(state['data_pos'])} processes; "
                              "resume with as many.")
         start_step, data_pos, buffer = state["step"], state["data_pos"][rank], from_json(state["buffer"][rank])
-    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), accelerator=accelerator,
-                      max_model_len=args.max_model_len, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                      tensor_parallel_size=args.vllm_tensor_parallel_size,
-                      dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed)
-    if start_step:
-        sampler.push_weights(unwrap(model))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def run_eval(step):
-        metrics, records = evaluate(sampler, tokenizer, test_rows, n=args.eval_num_samples,
-                                    temperature=args.eval_temperature, max_tokens=args.max_completion_length,
-                                    seed=step_seed(args.seed, step, salt=1), accelerator=accelerator)
-        run.save_eval(step, records)
-        return metrics
-
-    def gathered(values) -> torch.Tensor:
-        return accelerator.gather(torch.as_tensor(values, dtype=torch.float32, device=accelerator.device)).cpu()
+    sampler = start_sampler(args, accelerator, tokenizer, model, start_step)
+    run_eval = make_evaluator(args, accelerator, sampler, tokenizer, test_rows, run)
+    run.evaluate_start(run_eval, start_step)
+    pad_id = pad_token_id(tokenizer)
+    gathered = partial(gather_floats, accelerator)
 
     def global_sum(value) -> float:
         return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum").item()
-
-    if start_step == 0:
-        metrics = run_eval(0)
-        run.log(0, metrics)
-        accelerator.print(f"step 0 (warm start): test accuracy {metrics['eval/accuracy']:.3f}")
 
     timer = Timer()
     bar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
@@ -486,12 +465,10 @@ def main():
                     "prm/reward_incorrect": global_sum(seq_rewards[~is_correct].sum())
                     / max(global_sum((~is_correct).sum()), 1),
                 })
-            if args.log_rollouts_every and step % args.log_rollouts_every == 0:
-                records = [{"id": g["row"]["id"], "prompt": g["row"]["prompt"], "completion": r.text,
-                            "correct": s.correct, "process_reward": seq_rewards[i * n + j].item()}
-                           for i, g in enumerate(batch_groups)
-                           for j, (r, s) in enumerate(zip(g["rollouts"], g["scores"]))]
-                run.log_rollouts(step, gather_object(records) if world > 1 else records)
+            run.log_step_rollouts(step, [{"id": g["row"]["id"], "prompt": g["row"]["prompt"], "completion": r.text,
+                                          "correct": s.correct, "process_reward": seq_rewards[i * n + j].item()}
+                                         for i, g in enumerate(batch_groups)
+                                         for j, (r, s) in enumerate(zip(g["rollouts"], g["scores"]))])
         # ranks sample different numbers of completions: sums, not gathers (which need equal sizes)
         sampled = global_sum(len(sampled_correct))
         metrics.update({
@@ -508,27 +485,12 @@ def main():
             **peak_memory(),
         })
         metrics["tokens_per_second"] = metrics.get("num_tokens", 0) / (time.perf_counter() - t_step)
-        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
-            metrics.update(run_eval(step))
-        run.log(step, metrics)
         bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", kept=f"{metrics['filter/kept_frac']:.2f}")
-        if (args.save_every and step % args.save_every == 0) or step in (args.total_steps, args.stop_at_step):
-            # each rank's data position and buffer, gathered: accelerate writes from the main process only
-            run.save_checkpoint(step, extra=dict(data_pos=gather_object([data_pos]),
-                                                 buffer=gather_object([to_json(buffer)])))
-        if step == args.stop_at_step:
-            accelerator.print(f"stopped after step {step} (--stop_at_step); continue with --resume")
-            run.finish()
+        # each rank's data position and buffer, gathered: accelerate writes from the main process only
+        if run.end_step(step, metrics, run_eval, checkpoint_extra=lambda: dict(
+                data_pos=gather_object([data_pos]), buffer=gather_object([to_json(buffer)]))):
             return
-
-    final = run.save_final(model, tokenizer)
-    history = [m for m in run.read_metrics() if "eval/accuracy" in m]
-    if history and accelerator.is_main_process:
-        first, last = history[0], history[-1]
-        print(f"test accuracy (temperature {args.eval_temperature}, {args.eval_num_samples} sample(s) per problem): "
-              f"step {first['step']}: {first['eval/accuracy']:.3f} -> step {last['step']}: {last['eval/accuracy']:.3f}")
-        print(f"run folder: {run.dir}   final model: {final}")
-    run.finish()
+    run.finish_training(model, tokenizer)
 
 
 if __name__ == "__main__":

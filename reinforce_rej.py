@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from common import (Run, Sampler, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run,
-                    collate, encode_prompts, evaluate, index_batch, load_model, logprob_gap_metrics, lr_scheduler, make_accelerator,
-                    micro_batches, optimizer_step, parse_args, peak_memory, prompts_for_step, run_main, sampler_dtype,
-                    score_completions, shard, step_seed, token_logprobs, unwrap)
+from common import (Run, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run, collate,
+                    encode_prompts, gather_floats, index_batch, logprob_gap_metrics, make_accelerator, make_evaluator,
+                    micro_batches, optimizer_step, pad_token_id, parse_args, peak_memory, prompts_for_step, run_main,
+                    score_completions, setup_policy, shard, start_sampler, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -317,38 +318,18 @@ def main():
     if any(r["task"] == "poem" for r in train_rows):
         raise SystemExit(f"{args.train_file}: poem rows have no correctness check; Reinforce needs a verifiable task.")
     check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)
+
+    # the frozen starting model: KL reference and the KL-to-initial-policy metric
     needs_frozen = args.kl_coef > 0 or args.log_kl
-
-    model = load_model(args.model, args.dtype, accelerator, gradient_checkpointing=args.gradient_checkpointing)
-    # the starting model: KL reference and the KL-to-initial-policy metric
-    frozen = load_model(args.model, args.dtype, accelerator, frozen=True) if needs_frozen else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     updates = args.total_steps * args.mini_batches * args.num_iterations
-    scheduler = lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, updates)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
-
+    model, optimizer, scheduler, frozen = setup_policy(args, accelerator, updates, needs_frozen)
     run = Run(args, accelerator, resume=args.resume)
     start_step = run.load_latest_checkpoint()["step"] if args.resume else 0
-    sampler = Sampler(args.sampler, args.model, tokenizer, model=unwrap(model), accelerator=accelerator,
-                      max_model_len=args.max_model_len, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                      tensor_parallel_size=args.vllm_tensor_parallel_size,
-                      dtype=sampler_dtype(args.vllm_dtype, args.dtype), seed=args.seed, enable_sleep_mode=args.vllm_sleep)
-    if start_step:
-        sampler.push_weights(unwrap(model))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def run_eval(step):
-        metrics, records = evaluate(sampler, tokenizer, test_rows, n=args.eval_num_samples,
-                                    temperature=args.eval_temperature, max_tokens=args.max_completion_length,
-                                    seed=step_seed(args.seed, step, salt=1), accelerator=accelerator)
-        run.save_eval(step, records)
-        return metrics
-
-    if start_step == 0:
-        metrics = run_eval(0)
-        run.log(0, metrics)
-        accelerator.print(f"step 0 (warm start): test accuracy {metrics['eval/accuracy']:.3f}")
+    sampler = start_sampler(args, accelerator, tokenizer, model, start_step)
+    run_eval = make_evaluator(args, accelerator, sampler, tokenizer, test_rows, run)
+    run.evaluate_start(run_eval, start_step)
+    pad_id = pad_token_id(tokenizer)
+    gathered = partial(gather_floats, accelerator)
     # the reference point of kl_efficiency: train accuracy at step 1 (read back after a resume)
     # (only the main process writes metrics, so the others may find nothing: they log nothing either)
     start_accuracy = next((m["train/accuracy"] for m in run.read_metrics() if m["step"] == 1), float("nan"))
@@ -387,9 +368,6 @@ def main():
             sampler.push_weights(unwrap(model))
 
         # --- logging ---
-        def gathered(values) -> torch.Tensor:
-            return accelerator.gather(torch.as_tensor(values, dtype=torch.float32, device=accelerator.device)).cpu()
-
         all_rewards, all_correct = gathered(rewards), gathered(correct)
         all_in_batch = gathered(in_batch.float()).view(-1, args.num_generations)
         lengths = gathered([len(r.completion_ids) for r in rollouts])
@@ -418,32 +396,13 @@ def main():
                 start_accuracy = metrics["train/accuracy"]
             metrics["kl_efficiency"] = kl_efficiency(metrics["train/accuracy"], start_accuracy, metrics["kl"])
         metrics["tokens_per_second"] = metrics["num_tokens"] / (time.perf_counter() - t_step)
-        if args.log_rollouts_every and step % args.log_rollouts_every == 0:
-            from accelerate.utils import gather_object
-
-            records = [{"id": row["id"], "prompt": row["prompt"], "completion": r.text, "reward": rw.item(),
-                        "correct": s.correct, "format": s.format, "kept": bool(sel)}
-                       for row, r, rw, s, sel in zip(rollout_rows, rollouts, rewards, scores, in_batch)]
-            run.log_rollouts(step, gather_object(records) if world > 1 else records)
-        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
-            metrics.update(run_eval(step))
-        run.log(step, metrics)
+        run.log_step_rollouts(step, [{"id": row["id"], "prompt": row["prompt"], "completion": r.text,
+                                      "reward": rw.item(), "correct": s.correct, "format": s.format, "kept": bool(sel)}
+                                     for row, r, rw, s, sel in zip(rollout_rows, rollouts, rewards, scores, in_batch)])
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
-        if (args.save_every and step % args.save_every == 0) or step in (args.total_steps, args.stop_at_step):
-            run.save_checkpoint(step)
-        if step == args.stop_at_step:
-            accelerator.print(f"stopped after step {step} (--stop_at_step); continue with --resume")
-            run.finish()
+        if run.end_step(step, metrics, run_eval):
             return
-
-    final = run.save_final(model, tokenizer)
-    history = [m for m in run.read_metrics() if "eval/accuracy" in m]
-    if history and accelerator.is_main_process:
-        first, last = history[0], history[-1]
-        print(f"test accuracy (temperature {args.eval_temperature}, {args.eval_num_samples} sample(s) per problem): "
-              f"step {first['step']}: {first['eval/accuracy']:.3f} -> step {last['step']}: {last['eval/accuracy']:.3f}")
-        print(f"run folder: {run.dir}   final model: {final}")
-    run.finish()
+    run.finish_training(model, tokenizer)
 
 
 if __name__ == "__main__":

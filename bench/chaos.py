@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from common import read_jsonl  # noqa: E402
 TIMING_KEYS = ("time/", "tokens_per_second", "memory/")  # wall-clock and memory: differ between any two runs
 TOY_FLAGS = ["--train_size", "1500", "--test_size", "48", "--sft_steps", "150", "--hidden_size", "64",
              "--num_layers", "2", "--vocab_size", "320", "--sft_batch_size", "32"]
@@ -130,10 +132,6 @@ def finish(cmd: list[str], run: Path, log: Path, attempts: int = 3) -> int:
         if code == 0:
             return attempt
     raise SystemExit(f"{run}: the resumed run failed {attempts} times (exit {code}); see {log}.")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def differences(straight: Path, run: Path, total_steps: int) -> list[str]:

@@ -17,7 +17,8 @@ import psutil
 import pytest
 
 import common
-from conftest import REPO, read_jsonl, run_script
+from common import read_jsonl
+from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "bench"))
 import chaos  # noqa: E402
