@@ -209,12 +209,6 @@ def aggregate_loss(token_loss, loss_mask, loss_type: str, normalizer: float) -> 
     return (token_loss * loss_mask).sum() / max(normalizer, 1.0)
 
 
-def kl_efficiency(accuracy: float, start_accuracy: float, kl: float) -> float:
-    """Reward gain per unit KL to the starting model: (accuracy - accuracy at step 1) / KL. Measured on
-    the fraction of correct samples so that it does not depend on --negative_reward."""
-    return (accuracy - start_accuracy) / kl if kl > 0 else float("nan")
-
-
 # ----------------------------------------------------------------------------------------------
 # the update: one sampled batch -> optimizer steps, exactly as main() runs it (tests/dist_update.py
 # runs it on one process and on two, and checks that both leave the same weights)
@@ -332,9 +326,6 @@ def main():
     run.evaluate_start(run_eval, start_step)
     pad_id = pad_token_id(tokenizer)
     gathered = partial(gather_floats, accelerator)
-    # the reference point of kl_efficiency: train accuracy at step 1 (read back after a resume)
-    # (only the main process writes metrics, so the others may find nothing: they log nothing either)
-    start_accuracy = next((m["train/accuracy"] for m in run.read_metrics() if m["step"] == 1), float("nan"))
 
     timer = Timer()
     bar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
@@ -390,10 +381,6 @@ def main():
             **timer.pop(),
             **peak_memory(),
         }
-        if needs_frozen:
-            if step == 1:
-                start_accuracy = metrics["train/accuracy"]
-            metrics["kl_efficiency"] = kl_efficiency(metrics["train/accuracy"], start_accuracy, metrics["kl"])
         metrics["tokens_per_second"] = metrics["num_tokens"] / (time.perf_counter() - t_step)
         run.log_step_rollouts(step, [{"id": row["id"], "prompt": row["prompt"], "completion": r.text,
                                       "reward": rw.item(), "correct": s.correct, "format": s.format,
