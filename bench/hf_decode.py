@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
@@ -34,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+
+from sampler_throughput import make_big_model, time_calls  # noqa: E402
 
 from common import Rollout, Sampler, collate, encode_prompts, load_tasks, token_logprobs, top_p_filter  # noqa: E402
 
@@ -79,17 +80,6 @@ def generate_rollouts(model, tokenizer, eos_ids, prompt_ids, n, temperature, max
     return [rollouts[i * n:(i + 1) * n] for i in range(len(prompt_ids))], logits_bytes
 
 
-def tokens_per_second(fn, repeats):
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens = fn()
-        runs.append((time.perf_counter() - t0, tokens))
-    seconds, tokens = sorted(runs)[len(runs) // 2]
-    return tokens / seconds
-
-
 def logprob_error(model, tokenizer, groups):
     """Largest |sampler log-prob - training model's log-prob| over the sampled tokens."""
     rollouts = [r for g in groups for r in g]
@@ -117,8 +107,8 @@ def compare(label, model, tokenizer, prompts, max_tokens, repeats, model_path=No
                                                                        max_tokens, seed=0)
         return sum(len(r.completion_ids) for g in groups for r in g)
 
-    res[f"{label}_loop_tok_s"] = tokens_per_second(run_loop, repeats)
-    res[f"{label}_generate_tok_s"] = tokens_per_second(run_generate, repeats)
+    res[f"{label}_loop_tok_s"] = time_calls(run_loop, repeats)
+    res[f"{label}_generate_tok_s"] = time_calls(run_generate, repeats)
     res[f"{label}_generate_logits_MB"] /= 2**20
     res[f"{label}_loop_vs_generate"] = res[f"{label}_loop_tok_s"] / res[f"{label}_generate_tok_s"]
     if check:
@@ -136,7 +126,6 @@ def main():
     args = ap.parse_args()
     if not Path(args.toy_model).is_dir():
         raise SystemExit(f"{args.toy_model}: no toy model; build it with `python data_prep.py toy`.")
-    from sampler_throughput import make_big_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     torch.set_grad_enabled(False)
