@@ -291,6 +291,21 @@ def mini_batch_pass(model, optimizer, batch: dict, loss_of, size_of, args, accel
     return grad_norm
 
 
+def prm_micro_batch_loss(prm, mb: dict, beta: float) -> tuple:
+    """The PRM's summed cross-entropy on a micro-batch (normalized by the mini-batch's sequence count)."""
+    lp = token_logprobs(prm, mb)
+    return prm_loss(lp, mb["ref_logprobs"], mb["completion_mask"], mb["labels"], beta).sum(), {}
+
+
+def policy_micro_batch_loss(model, mb: dict, temperature: float, epsilon: float) -> tuple:
+    """The policy's summed PPO token loss on a micro-batch (normalized by the mini-batch's token count),
+    with the entropy, clipped and token sums for the metrics."""
+    lp, entropy = token_logprobs(model, mb, temperature, with_entropy=True)
+    loss, clipped = ppo_token_loss(lp, mb["old_logprobs"], mb["advantages"], epsilon)
+    m = mb["completion_mask"]
+    return (loss * m).sum(), dict(entropy=(entropy * m).sum(), clipped=(clipped * m).sum(), tokens=m.sum())
+
+
 def logprobs_of(model, batch: dict, size: int, temperature: float = 1.0) -> torch.Tensor:
     """Token log-probs [N, C] of the batch's completions under `model`, no gradient, `size` rows at a time."""
     rows = torch.arange(len(batch["completion_mask"]), device=batch["completion_mask"].device)
@@ -314,12 +329,9 @@ def update(model, optimizer, batch: dict, args, accelerator, prm=None, prm_optim
         batch["ref_logprobs"] = logprobs_of(ref, batch, size) if ref is not None else \
             batch["old_logprobs"] if args.temperature == 1.0 else logprobs_of(model, batch, size)
 
-        def prm_loss_of(mb):
-            lp = token_logprobs(prm, mb)
-            return prm_loss(lp, mb["ref_logprobs"], mb["completion_mask"], mb["labels"], args.beta).sum(), {}
-
         def update_prm():
-            mini_batch_pass(prm, prm_optimizer, batch, prm_loss_of, len, args, accelerator, stats, "prm_")
+            loss_of = partial(prm_micro_batch_loss, prm, beta=args.beta)
+            mini_batch_pass(prm, prm_optimizer, batch, loss_of, len, args, accelerator, stats, "prm_")
 
         if args.prm_update == "before":
             update_prm()
@@ -337,14 +349,8 @@ def update(model, optimizer, batch: dict, args, accelerator, prm=None, prm_optim
     batch["advantages"] = returns
 
     # --- update: PPO clip, token-mean over each mini-batch ---
-    def policy_loss_of(mb):
-        lp, entropy = token_logprobs(model, mb, args.temperature, with_entropy=True)
-        loss, clipped = ppo_token_loss(lp, mb["old_logprobs"], mb["advantages"], args.epsilon)
-        m = mb["completion_mask"]
-        return (loss * m).sum(), dict(entropy=(entropy * m).sum(), clipped=(clipped * m).sum(), tokens=m.sum())
-
-    grad_norm = mini_batch_pass(model, optimizer, batch, policy_loss_of, lambda m: m.sum(), args, accelerator,
-                                stats, "")
+    loss_of = partial(policy_micro_batch_loss, model, temperature=args.temperature, epsilon=args.epsilon)
+    grad_norm = mini_batch_pass(model, optimizer, batch, loss_of, lambda m: m.sum(), args, accelerator, stats, "")
     stats.add(abs_advantage=(returns.abs() * mask).sum())
     t = stats.reduce(accelerator)
     tokens = max(t["tokens"], 1.0)
