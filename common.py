@@ -2308,6 +2308,7 @@ def make_evaluator(args, accelerator, sampler, tokenizer, test_rows, run, extra=
     """run_eval(step) -> metrics: the test rows sampled (--eval_num_samples at --eval_temperature) and
     scored, the outputs saved to eval/step_N.jsonl; extra(records) adds a script's own metrics."""
     def run_eval(step: int) -> dict:
+        sampler.wake_up()
         metrics, records = evaluate(sampler, tokenizer, test_rows, n=args.eval_num_samples,
                                     temperature=args.eval_temperature, max_tokens=args.max_completion_length,
                                     seed=step_seed(args.seed, step, salt=1), accelerator=accelerator)

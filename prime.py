@@ -89,6 +89,8 @@ class Args:
     """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
     vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
+    vllm_sleep: bool = True
+    """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
     # --- prompt filter ---
     filter_low: float = 0.2
     """keep a prompt if the mean accuracy of its group is >= filter_low"""
@@ -414,6 +416,7 @@ def main():
         sampled_correct, sampled_format, sampled_groups, kept_groups, rounds = [], [], 0, 0, 0
         reward_errors = code_timeouts = 0
         with timer("sample"):
+            sampler.wake_up()
             # rounds are global (a full process samples nothing), so that processes sharing a
             # tensor-parallel engine always generate together
             while gathered([per_rank - len(batch_groups)]).max() > 0 and rounds < args.max_sample_rounds:
@@ -436,6 +439,7 @@ def main():
                 for i in keep.nonzero().flatten().tolist():
                     group = dict(row=rows[i], rollouts=groups[i], scores=scores[i * n:(i + 1) * n])
                     (batch_groups if len(batch_groups) < per_rank else buffer).append(group)
+            sampler.sleep()
         # every rank trains on the same number of groups, so that all join each collective
         size = int(gathered([len(batch_groups)]).min().item())
         batch_groups, buffer = batch_groups[:size], batch_groups[size:] + buffer
@@ -450,6 +454,7 @@ def main():
                                                device=accelerator.device)
                 metrics, seq_rewards = update(model, optimizer, batch, args, accelerator, prm, prm_optimizer, ref)
             with timer("push"):
+                sampler.wake_up()
                 sampler.push_weights(unwrap(model))
 
             # --- logging ---

@@ -343,3 +343,39 @@ def test_jsonable_writes_strict_json_values():
 
     value = {"a": float("nan"), "b": [torch.tensor(2.0), np.float32(0.5), float("inf")], "c": {"d": np.int64(3)}, "e": "x"}
     assert common.jsonable(value) == {"a": None, "b": [2.0, 0.5, None], "c": {"d": 3}, "e": "x"}
+
+
+@pytest.mark.parametrize("script", ["grpo_logprob", "raft_pp", "reinforce_rej", "prime"])
+def test_the_engine_is_awake_whenever_it_samples_or_takes_weights(script, toy, tmp_path, monkeypatch):
+    """With --vllm_sleep on a GPU the engine sleeps during the update; sampling, evaluating or pushing
+    weights into a sleeping engine fails there. On CPU sleep is a no-op, so here it is tracked for the
+    hf sampler too: two steps with an evaluation after each (prime.py's filter may keep nothing, so a
+    step without an update is covered) must never use the sampler while it sleeps, and sleep every step."""
+    events = []
+
+    def sleep(self):
+        self.sleeping = True
+        events.append("sleep")
+
+    def wake_up(self):
+        self.sleeping = False
+
+    def awake(method):
+        def wrapped(self, *a, **k):
+            assert not self.sleeping, f"{method.__name__} on a sleeping engine"
+            return method(self, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(Sampler, "sleep", sleep)
+    monkeypatch.setattr(Sampler, "wake_up", wake_up)
+    monkeypatch.setattr(Sampler, "generate", awake(Sampler.generate))
+    monkeypatch.setattr(Sampler, "push_weights", awake(Sampler.push_weights))
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--model", str(toy / "model"), "--train_file",
+                                      str(toy / "train.jsonl"), "--test_file", str(toy / "test.jsonl"),
+                                      "--output_dir", str(tmp_path), "--run_name", "r", "--sampler", "hf",
+                                      "--total_steps", "2", "--eval_every", "1", "--eval_limit", "4",
+                                      "--prompts_per_step", "2", "--num_generations", "2",
+                                      "--max_completion_length", "16", "--save_every", "0"])
+    module.main()
+    assert events.count("sleep") >= 2
