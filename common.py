@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -117,6 +118,66 @@ def sampler_dtype(vllm_dtype: str, training_dtype: str) -> str:
     if vllm_dtype != "auto":
         return vllm_dtype
     return "bfloat16" if torch.cuda.is_available() else training_dtype
+
+
+@dataclass
+class RunArgs:
+    """The flags every algorithm script shares (each script's `Args` adds its own): the run folder,
+    the model and data, the vLLM engine, evaluation, checkpoints and logging."""
+    # --- run ---
+    run_name: str = "run"
+    """name of the run folder under output_dir"""
+    output_dir: str = "runs"
+    """where run folders go"""
+    seed: int = 0
+    """seed of sampling and of anything random in training"""
+    resume: bool = False
+    """continue the run in output_dir/run_name from its latest checkpoint (step 0 if it has none); every other flag must be as before, except --stop_at_step, --save_every, --track, --wandb_project, --output_dir and --allow_unsandboxed_code"""
+    track: bool = False
+    """log to Weights & Biases (offline automatically when there is no network)"""
+    wandb_project: str = "rl-reasoning"
+    """wandb project name"""
+    # --- model and data ---
+    model: str = "data/toy/model"
+    """hub id or local path of the starting model"""
+    train_file: str = "data/toy/train.jsonl"
+    """training prompts (data_prep.py schema)"""
+    test_file: str = "data/toy/test.jsonl"
+    """test problems evaluated at step 0, every eval_every steps and at the end"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """training weights: float32 or bfloat16 (on GPU, bf16 autocast comes from `accelerate launch --mixed_precision bf16`)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    allow_unsandboxed_code: bool = False
+    """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
+    # --- sampler ---
+    sampler: Literal["auto", "vllm", "hf"] = "auto"
+    """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
+    max_model_len: int = 0
+    """vLLM: longest prompt + completion in tokens (0: the model's own limit)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
+    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
+    vllm_sleep: bool = True
+    """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
+    # --- evaluation, checkpoints and logging ---
+    eval_every: int = 50
+    """evaluate every k steps (0: only before the first update and at the end)"""
+    eval_limit: int = 500
+    """test problems per evaluation (0: all)"""
+    eval_num_samples: int = 1
+    """samples per test problem; accuracy is the mean over all of them"""
+    eval_temperature: float = 1.0
+    """evaluation temperature (0: greedy)"""
+    save_every: int = 20
+    """checkpoint every k steps (0: only at the end)"""
+    stop_at_step: int = 0
+    """checkpoint and exit after this step, as a preempted job would; continue with --resume (0: off)"""
+    log_rollouts_every: int = 10
+    """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
 
 
 def parse_args(cls, argv=None):

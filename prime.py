@@ -35,44 +35,19 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
-from common import (Rollout, Run, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run,
-                    collate, encode_prompts, gather_floats, index_batch, load_model, logprob_gap_metrics,
+from common import (Rollout, Run, RunArgs, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox,
+                    check_run, collate, encode_prompts, gather_floats, index_batch, load_model, logprob_gap_metrics,
                     make_accelerator, make_evaluator, micro_batches, optimizer_step, pad_token_id, parse_args,
                     peak_memory, prompts_for_step, run_main, score_completions, setup_policy, start_sampler, step_seed,
                     token_logprobs, unwrap)
 
 
 @dataclass
-class Args:
-    # --- run ---
+class Args(RunArgs):
+    # --- run (output folder, model, data, vLLM engine, evaluation: common.RunArgs) ---
     run_name: str = "prime_toy"
     """name of the run folder under output_dir"""
-    output_dir: str = "runs"
-    """where run folders go"""
-    seed: int = 0
-    """seed of sampling and of anything random in training"""
-    resume: bool = False
-    """continue the run in output_dir/run_name from its latest checkpoint (PRM, optimizers, buffer included)"""
-    track: bool = False
-    """log to Weights & Biases (offline automatically when there is no network)"""
-    wandb_project: str = "rl-reasoning"
-    """wandb project name"""
-    # --- model and data ---
-    model: str = "data/toy/model"
-    """hub id or local path of the starting model (policy, PRM and reference all start from it)"""
-    train_file: str = "data/toy/train.jsonl"
-    """training prompts (data_prep.py schema; the task needs a correctness check)"""
-    test_file: str = "data/toy/test.jsonl"
-    """test problems evaluated at step 0, every eval_every steps and at the end"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """training weights: float32 or bfloat16"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass to save memory (policy and PRM)"""
-    allow_unsandboxed_code: bool = False
-    """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
     # --- sampling ---
-    sampler: Literal["auto", "vllm", "hf"] = "auto"
-    """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
     prompts_per_step: int = 16
     """prompts (groups) per update step after filtering, over all processes"""
     num_generations: int = 4
@@ -81,16 +56,6 @@ class Args:
     """maximum completion tokens"""
     temperature: float = 1.0
     """sampling temperature (the policy's PPO log-probs use the same; PRM and reference use 1)"""
-    max_model_len: int = 0
-    """vLLM: longest prompt + completion in tokens (0: the model's own limit)"""
-    vllm_gpu_memory_utilization: float = 0.3
-    """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
-    vllm_tensor_parallel_size: int = 1
-    """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
-    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
-    vllm_sleep: bool = True
-    """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
     # --- prompt filter ---
     filter_low: float = 0.2
     """keep a prompt if the mean accuracy of its group is >= filter_low"""
@@ -134,23 +99,6 @@ class Args:
     """sequences per forward/backward pass; gradients accumulate over the mini-batch"""
     epsilon: float = 0.2
     """PPO clip range: ratio in [1 - epsilon, 1 + epsilon]"""
-    # --- evaluation and logging ---
-    eval_every: int = 50
-    """evaluate every k steps (0: only before the first update and at the end)"""
-    eval_limit: int = 500
-    """test problems per evaluation (0: all)"""
-    eval_num_samples: int = 1
-    """samples per test problem; accuracy is the mean over all of them"""
-    eval_temperature: float = 1.0
-    """evaluation temperature (0: greedy)"""
-    save_every: int = 20
-    """checkpoint every k steps (0: only at the end)"""
-    stop_at_step: int = 0
-    """checkpoint and exit after this step, as a preempted job would; continue with --resume (0: off)"""
-    log_rollouts_every: int = 10
-    """write the step's trained completions, outcomes and process rewards to rollouts.jsonl every k steps (0: never)"""
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,8 +269,7 @@ def update(model, optimizer, batch: dict, args, accelerator, prm=None, prm_optim
     reward source, summed and whitened over all processes, then the PPO mini-batch pass of the policy.
     batch = collate(...) of whole groups plus "labels" [N] (the outcome, 0/1). Returns the metrics
     (reduced over processes) and the per-sequence process rewards [N] of this process's completions."""
-    stats, n, mask = StepStats(), args.num_generations, batch["completion_mask"]
-    size = args.micro_batch_size
+    stats, n, mask, size = StepStats(), args.num_generations, batch["completion_mask"], args.micro_batch_size
     batch["old_logprobs"] = logprobs_of(model, batch, size, args.temperature)
     add_logprob_gap(stats, batch["old_logprobs"], batch["sampler_logprobs"], mask)
     token_rewards = torch.zeros_like(mask)
@@ -381,7 +328,7 @@ def main():
                          "process: launch with configs/fsdp2.yaml, or pass --process_reward_coef 0 (RLOO, no PRM).")
     per_rank, n = args.prompts_per_step // world, args.num_generations
 
-    # the policy, the frozen reference of the implicit PRM, and the PRM (itself a causal LM, trained)
+    # the policy, the frozen reference of the implicit PRM, and the PRM (a causal LM, trained): all from --model
     model, optimizer, _, ref = setup_policy(args, accelerator, None, use_prm and args.reference == "frozen")
     prm = prm_optimizer = None
     if use_prm:
@@ -428,8 +375,6 @@ def main():
                 scores, errors = score_completions([r for r in rows for _ in range(n)],
                                                    [c.text for g in groups for c in g])
                 reward_errors, code_timeouts = reward_errors + errors, code_timeouts + sum(s.timed_out for s in scores)
-                if any(s.correct is None for s in scores):
-                    raise SystemExit(f"{args.train_file}: PRIME needs tasks with a correctness check (not poem).")
                 correct = torch.tensor([s.correct for s in scores]).view(len(rows), n)
                 keep = keep_groups(correct, args.filter_low, args.filter_high)
                 sampled_correct += correct.flatten().tolist()
@@ -470,12 +415,9 @@ def main():
             if use_prm:
                 right, pairs = prm_pair_accuracy(seq_rewards, labels.cpu(), n)
                 is_correct = labels.cpu() > 0.5
-                metrics.update({
-                    "prm/accuracy": global_sum(right) / max(global_sum(pairs), 1.0),
-                    "prm/reward_correct": global_sum(seq_rewards[is_correct].sum()) / max(global_sum(is_correct.sum()), 1),
-                    "prm/reward_incorrect": global_sum(seq_rewards[~is_correct].sum())
-                    / max(global_sum((~is_correct).sum()), 1),
-                })
+                metrics["prm/accuracy"] = global_sum(right) / max(global_sum(pairs), 1.0)
+                for name, sel in (("correct", is_correct), ("incorrect", ~is_correct)):
+                    metrics[f"prm/reward_{name}"] = global_sum(seq_rewards[sel].sum()) / max(global_sum(sel.sum()), 1)
             run.log_step_rollouts(step, [{"id": g["row"]["id"], "prompt": g["row"]["prompt"], "completion": r.text,
                                           "correct": s.correct, "process_reward": seq_rewards[i * n + j].item()}
                                          for i, g in enumerate(batch_groups)

@@ -34,45 +34,20 @@ import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from common import (Run, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run, collate,
+from common import (Run, RunArgs, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run, collate,
                     encode_prompts, gather_floats, index_batch, logprob_gap_metrics, make_accelerator, make_evaluator,
                     micro_batches, optimizer_step, pad_token_id, parse_args, peak_memory, prompts_for_step, run_main,
                     score_completions, setup_policy, shard, start_sampler, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
-class Args:
-    # --- run ---
-    algo: Literal["raft", "raft++"] = "raft++"
-    """raft (supervised step on the positive samples) or raft++ (importance sampling with clipping)"""
+class Args(RunArgs):
+    # --- run (output folder, model, data, vLLM engine, evaluation: common.RunArgs) ---
     run_name: str = ""
     """name of the run folder under output_dir (empty: ALGO_toy)"""
-    output_dir: str = "runs"
-    """where run folders go"""
-    seed: int = 0
-    """seed of sampling and of anything random in training"""
-    resume: bool = False
-    """continue the run in output_dir/run_name from its latest checkpoint"""
-    track: bool = False
-    """log to Weights & Biases (offline automatically when there is no network)"""
-    wandb_project: str = "rl-reasoning"
-    """wandb project name"""
-    # --- model and data ---
-    model: str = "data/toy/model"
-    """hub id or local path of the starting model"""
-    train_file: str = "data/toy/train.jsonl"
-    """training prompts (data_prep.py schema; every task must have a correctness check)"""
-    test_file: str = "data/toy/test.jsonl"
-    """test problems evaluated at step 0, every eval_every steps and at the end"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """training weights: float32 or bfloat16"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass to save memory"""
-    allow_unsandboxed_code: bool = False
-    """code rows: run model-written programs without the bubblewrap sandbox if it cannot start (limits only)"""
+    algo: Literal["raft", "raft++"] = "raft++"
+    """raft (supervised step on the positive samples) or raft++ (importance sampling with clipping)"""
     # --- sampling ---
-    sampler: Literal["auto", "vllm", "hf"] = "auto"
-    """vllm (in-process engine, weights pushed after each update), hf (transformers), or auto (vllm if installed)"""
     prompts_per_step: int = 16
     """prompts sampled per step (the rollout batch), over all processes (paper: 1024)"""
     num_generations: int = 8
@@ -83,16 +58,6 @@ class Args:
     """sampling temperature (the training log-probs use the same)"""
     top_p: float = 1.0
     """nucleus sampling threshold"""
-    max_model_len: int = 0
-    """vLLM: longest prompt + completion in tokens (0: the model's own limit)"""
-    vllm_gpu_memory_utilization: float = 0.3
-    """vLLM: fraction of GPU memory (of CPU memory on CPU) for weights and KV cache"""
-    vllm_tensor_parallel_size: int = 1
-    """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
-    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """vLLM engine precision: auto (bfloat16 on GPU, the training --dtype on CPU), float32 or bfloat16"""
-    vllm_sleep: bool = True
-    """vLLM on GPU: release the engine's memory while the trainer updates (sleep mode)"""
     # --- reward ---
     negative_reward: float = -1.0
     """reward of a wrong answer (a correct one: +1): -1 (paper) or 0 (released code); RAFT only logs it"""
@@ -129,23 +94,6 @@ class Args:
     """entropy bonus weight (paper: 0.001)"""
     log_kl: bool = True
     """log the KL to the starting model even when kl_coef is 0 (one extra no-grad forward of a frozen copy per step)"""
-    # --- evaluation and logging ---
-    eval_every: int = 50
-    """evaluate every k steps (0: only before the first update and at the end)"""
-    eval_limit: int = 500
-    """test problems per evaluation (0: all)"""
-    eval_num_samples: int = 1
-    """samples per test problem; accuracy is the mean over all of them"""
-    eval_temperature: float = 1.0
-    """evaluation temperature (0: greedy)"""
-    save_every: int = 20
-    """checkpoint every k steps (0: only at the end)"""
-    stop_at_step: int = 0
-    """checkpoint and exit after this step, as a preempted job would; continue with --resume (0: off)"""
-    log_rollouts_every: int = 10
-    """write the step's prompts, completions and rewards to rollouts.jsonl every k steps (0: never)"""
-
-
 
 
 # ----------------------------------------------------------------------------------------------

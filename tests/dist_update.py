@@ -17,7 +17,6 @@ both hide a gradient scaled by a wrong factor).
 
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import prime  # noqa: E402
 import raft_pp  # noqa: E402
 import reinforce_rej  # noqa: E402
 import common  # noqa: E402
-from common import Rollout, Run, leave_process_group, make_accelerator, shard  # noqa: E402
+from common import Rollout, Run, RunArgs, leave_process_group, make_accelerator, shard  # noqa: E402
 
 SUFFIX = {"FSDP": "_fsdp", "DEEPSPEED": "_zero3"}
 PROMPTS, N = 8, 2  # 8 prompts x 2 samples; under two processes each takes 4 prompts
@@ -145,18 +144,12 @@ CASES = {
 }
 
 
-@dataclass
-class CheckpointArgs:
-    output_dir: str
-    run_name: str = "ckpt"
-
-
 def check_checkpoint(acc, model_dir, out: Path, groups):
     """Run.save_checkpoint under several processes (DDP, FSDP or DeepSpeed): every rank's state lands in the
     checkpoint even when rank 1 writes late (the main process must not rename the temporary folder
     before all ranks have written into it), and loading it restores the weights after they moved."""
     (model, optimizer), _ = prepare(acc, model_dir)
-    run = Run(CheckpointArgs(str(out / f"ckpt_{acc.distributed_type.name}")), acc)
+    run = Run(RunArgs(output_dir=str(out / f"ckpt_{acc.distributed_type.name}"), run_name="ckpt"), acc)
     def weights():  # a copy: without sharding, get_state_dict returns the live tensors
         state = acc.get_state_dict(model)  # DeepSpeed ZeRO-3: gathered on the main process only (None elsewhere)
         return {k: v.detach().clone() for k, v in (state or {}).items()}

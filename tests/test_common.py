@@ -226,9 +226,11 @@ def test_help_shows_every_flag_with_its_help_text(script, capsys, monkeypatch):
         parse_args(args_cls, ["--help"])
     assert stop.value.code == 0
     shown = " ".join(re.sub("[\u2500-\u257f]", " ", capsys.readouterr().out).split())  # box drawing aside
-    body = ast.parse(textwrap.dedent(inspect.getsource(args_cls))).body[0].body
-    helps = {node.target.id: " ".join(doc.value.value.split()) for node, doc in zip(body, body[1:])
-             if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)}
+    helps = {}
+    for cls in reversed(args_cls.__mro__[:-1]):  # common.RunArgs, then the script's Args (its overrides win)
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        helps.update({node.target.id: " ".join(doc.value.value.split()) for node, doc in zip(body, body[1:])
+                      if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)})
     assert set(helps) == {f.name for f in dataclasses.fields(args_cls)}, "every Args field has a help string"
     missing = [name for name, text in helps.items() if f"--{name}" not in shown or text not in shown]
     assert not missing, f"{script}.py --help lacks these flags or their help text: {missing}"

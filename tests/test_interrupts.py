@@ -169,18 +169,11 @@ def test_an_exception_in_a_reward_leaves_no_child_behind(toy, graded_by_math_ver
 
 
 # --- the run folder on resume ------------------------------------------------------------------
-@dataclasses.dataclass
-class FolderArgs:
-    output_dir: str
-    run_name: str = "r"
-    resume: bool = False
-
-
 def test_a_folder_without_checkpoint_is_started_over(tmp_path, capsys):
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
-    args = FolderArgs(str(tmp_path))
+    args = common.RunArgs(output_dir=str(tmp_path), run_name="r")
     folder = tmp_path / "r"
     run = common.Run(args, acc)  # a start that failed before logging anything ...
     assert common.Run(args, acc).dir == folder  # ... does not block the next start
@@ -209,7 +202,7 @@ def test_resume_trims_a_line_cut_short_by_a_kill(tmp_path):
 
     model = torch.nn.Linear(2, 2)
     model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    run = common.Run(FolderArgs(str(tmp_path)), acc)
+    run = common.Run(common.RunArgs(output_dir=str(tmp_path), run_name="r"), acc)
     run.log(0, {"a": 1})
     run.log_rollouts(1, [{"completion": "x"}])
     run.log(1, {"a": 2})
@@ -218,6 +211,6 @@ def test_resume_trims_a_line_cut_short_by_a_kill(tmp_path):
     with open(run.dir / "rollouts.jsonl", "a") as f:
         f.write('{"step": 2, "compl')  # the kill came in the middle of this line
     (run.dir / "checkpoints" / ".tmp_step_2").mkdir()  # and a checkpoint write it cut short
-    assert common.Run(FolderArgs(str(tmp_path), resume=True), acc, resume=True).load_latest_checkpoint()["step"] == 1
+    assert common.Run(common.RunArgs(output_dir=str(tmp_path), run_name="r", resume=True), acc, resume=True).load_latest_checkpoint()["step"] == 1
     assert [r["step"] for r in read_jsonl(run.dir / "rollouts.jsonl")] == [1]
     assert [m["step"] for m in read_jsonl(run.dir / "metrics.jsonl")] == [0, 1]
