@@ -250,3 +250,17 @@ def test_the_readme_table_has_a_case_per_row():
     table = list(itertools.takewhile(lambda line: line.startswith("|"), section[start:]))
     labels = [line.split("|")[1].strip().replace("`", "") for line in table[2:]]
     assert labels == [c.label for c in CASES]
+    # each row's sentence is the case's: paths and numbers aside (the README shows examples), "..." elides
+    for line, case in zip(table[2:], CASES):
+        shown = re.match(r"`([^`]*)`", line.split("|", 2)[2].strip())
+        if shown:  # rows that say "the same sentence ..." in words have no sentence of their own
+            pattern = re.escape(sentence_shape(shown[1])).replace(re.escape("..."), ".*")
+            assert re.fullmatch(pattern, sentence_shape(case.says)), f"README row {case.label!r}: {shown[1]}"
+
+
+def sentence_shape(text: str) -> str:
+    """A sentence with its paths written P and its numbers N: what the README row and the case share."""
+    text = re.sub(r"\{(tmp|toy)\}", "/P", text.replace("`", ""))
+    text = re.sub(r"\{[a-z_]+\}", "0", text)  # the case's other placeholders are numbers
+    text = re.sub(r"[^\s(]*/[^\s);,:]*", "P", text)
+    return " ".join(re.sub(r"\d+", "N", text).split())
