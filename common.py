@@ -1284,7 +1284,7 @@ def _code_isolation(flag: str = "--allow_unsandboxed_code") -> bool:
     if _code_setup["allow_unsandboxed"]:
         return False
     raise SystemExit(f"code rows run model-written programs, which need the bubblewrap sandbox, but {why}: "
-                     f"install it (README, \"Code task and sandbox\") or pass {flag} to run them without isolation.")
+                     f"install it (README, \"Code rows\") or pass {flag} to run them without isolation.")
 
 
 def run_code_tests_many(jobs: list[tuple[str | None, dict | None]], limits: CodeLimits | None = None,
