@@ -15,10 +15,12 @@ ties are all kept, as the paper's indicator 1[r = max_i r_i]), then
   raft:   supervised steps on them:   l_t = -log pi_t
   raft++: the same with importance sampling and PPO clipping:  l_t = -min(s_t, clip(s_t, 1-eps, 1+eps))
           with s_t = exp(log pi_t - log pi_old_t); the paper found IS without the clip worse than RAFT.
+          Every trained sample has advantage +1, so only the upper clip acts: l_t = -min(s_t, 1+eps_high).
 Loss = (1/|D|) sum_{seq in D} (1/|a|) sum_t l_t with D the positive samples of the optimizer batch
 (--normalizer selected) or every sample of it (--normalizer batch: the indicator inside a sum over
 the batch); l_t also gets kl_coef * k3 - entropy_coef * H_t, k3 = exp(ref_t - lp_t) - (ref_t - lp_t) - 1
-(paper: 0.001 each). The toy defaults take two optimizer steps per rollout batch: at the first the
+(paper: 0.001 each), on the same tokens as l_t (the positive samples; the logged kl and entropy
+cover every sample). The toy defaults take two optimizer steps per rollout batch: at the first the
 ratio is 1 and RAFT++ has exactly RAFT's gradient; they differ from the second on. Paper vs released
 code: the paper rewards a wrong answer -1, the code 0 (--negative_reward); the positive samples are the same.
 """
@@ -60,7 +62,7 @@ class Args(RunArgs):
     """nucleus sampling threshold"""
     # --- reward ---
     negative_reward: float = -1.0
-    """reward of a wrong answer (a correct one: +1): -1 (paper) or 0 (released code); RAFT only logs it"""
+    """reward of a wrong answer (correct: +1): -1 (paper) or 0 (released code); a positive sample scores above it"""
     # --- optimization ---
     total_steps: int = 200
     """rollout steps (each: sample, then mini_batches x num_iterations optimizer steps)"""
@@ -81,7 +83,7 @@ class Args(RunArgs):
     micro_batch_size: int = 64
     """sequences per forward/backward pass; gradients accumulate over the mini-batch"""
     epsilon: float = 0.2
-    """raft++: clip range below, ratio >= 1 - epsilon"""
+    """raft++: clip range below, ratio >= 1 - epsilon; never active here (advantage +1: only the upper clip acts)"""
     epsilon_high: float = 0.2
     """raft++: clip range above, ratio <= 1 + epsilon_high"""
     normalizer: Literal["selected", "batch"] = "selected"
@@ -210,26 +212,27 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
     grad_norm = 0.0
     for it in range(args.num_iterations):
         for j in range(args.mini_batches):
-            rows = torch.arange(j * per_mini, (j + 1) * per_mini, device=device)
-            # |D| of this optimizer step, over all processes; DDP averages gradients over
-            # processes, so each backpropagates world * its share to get the global mean.
-            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(
-                batch["in_d"][rows], batch["completion_mask"][rows], args.loss_type), device=device), "sum").item()
-            # No positive sample on any process: no step (Adam would still move on its momentum).
-            # The decision is global, so all processes skip together.
-            skip = normalizer == 0
+            mini_rows = torch.arange(j * per_mini, (j + 1) * per_mini, device=device)
+            # |D| of this optimizer step and its tokens that carry loss, summed over all processes
+            local = [loss_normalizer(batch["in_d"][mini_rows], batch["completion_mask"][mini_rows], args.loss_type),
+                     batch["loss_mask"][mini_rows].sum().item()]
+            normalizer, loss_tokens = accelerator.reduce(torch.tensor(local, device=device), "sum").tolist()
+            # No positive sample on any process: no step. A step on a zero gradient would still move the
+            # weights (Adam's momentum, weight decay), and with --normalizer batch |D| is never 0, so the
+            # decision counts the loss tokens. It is global: all processes skip together.
+            skip = loss_tokens == 0
             stats.add(skipped=float(skip) / world)
             if skip and it > 0:
                 continue
-            parts = micro_batches(rows, args.micro_batch_size)
+            parts = micro_batches(mini_rows, args.micro_batch_size)
             for k, idx in enumerate(parts):
                 mb = index_batch(batch, idx)
                 with accumulate(accelerator, model, last=k == len(parts) - 1), torch.set_grad_enabled(not skip):
                     loss, logprobs, sums = micro_batch_loss(model, mb, normalizer, args)
-                    if not skip:
+                    if not skip:  # DDP averages gradients over processes: world * the share gives the sum
                         accelerator.backward(loss * world)
                 stats.add(loss=loss / (args.num_iterations * args.mini_batches), clipped=sums.pop("clipped"))
-                if it == 0:  # metrics of the policy that sampled, on every sampled token
+                if it == 0:  # the first pass: every sampled token once (mini-batch j after j optimizer steps)
                     stats.add(**sums)
                     if j == 0 and "old_logprobs" not in mb:
                         add_logprob_gap(stats, logprobs, mb["sampler_logprobs"], mb["completion_mask"])
@@ -244,7 +247,7 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
     if args.algo == "raft++":  # share of the trained tokens clipped above, over the iterations
         metrics["clip_ratio/high_mean"] = t["clipped"] / max(t["trained"], 1.0)
     if frozen is not None:
-        metrics["kl"] = t["kl"] / tokens  # to the starting model, before this step's update
+        metrics["kl"] = t["kl"] / tokens  # to the starting model, over the first pass (see above)
     return metrics
 
 
@@ -259,6 +262,9 @@ def main():
     if (args.prompts_per_step // world) % args.mini_batches:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must split into {world} processes x "
                          f"--mini_batches {args.mini_batches} whole prompts.")
+    if args.negative_reward >= 1:
+        raise SystemExit(f"--negative_reward {args.negative_reward} must be below 1, a correct answer's reward: "
+                         "positive samples score above it.")
     if any(r["task"] == "poem" for r in train_rows):
         raise SystemExit(f"{args.train_file}: poem rows have no correctness check; RAFT needs a verifiable task.")
     check_code_sandbox(train_rows + test_rows, args.allow_unsandboxed_code)

@@ -205,27 +205,26 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
     grad_norm = 0.0
     for it in range(args.num_iterations):
         for j in range(args.mini_batches):
-            rows = torch.arange(j * per_mini, (j + 1) * per_mini, device=device)
-            # |D| of this optimizer step, over all processes; DDP averages gradients over
-            # processes, so each backpropagates world * its share to get the global mean.
-            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(
-                batch["in_batch"][rows], batch["completion_mask"][rows], args.loss_type), device=device), "sum").item()
+            mini_rows = torch.arange(j * per_mini, (j + 1) * per_mini, device=device)
+            # |D| of this optimizer step, summed over all processes
+            normalizer = accelerator.reduce(torch.tensor(loss_normalizer(batch["in_batch"][mini_rows],
+                batch["completion_mask"][mini_rows], args.loss_type), device=device), "sum").item()
             # Every prompt removed on every process: no step (Adam would still move on its momentum).
             # The decision is global, so all processes skip together.
             skip = normalizer == 0
             stats.add(skipped=float(skip) / world)
             if skip and it > 0:
                 continue
-            parts = micro_batches(rows, args.micro_batch_size)
+            parts = micro_batches(mini_rows, args.micro_batch_size)
             for k, idx in enumerate(parts):
                 mb = index_batch(batch, idx)
                 with accumulate(accelerator, model, last=k == len(parts) - 1), torch.set_grad_enabled(not skip):
                     loss, logprobs, sums = micro_batch_loss(model, mb, normalizer, args)
-                    if not skip:
+                    if not skip:  # DDP averages gradients over processes: world * the share gives the sum
                         accelerator.backward(loss * world)
                 stats.add(loss=loss / (args.num_iterations * args.mini_batches), clip_low=sums.pop("clip_low"),
                           clip_high=sums.pop("clip_high"))
-                if it == 0:  # metrics of the policy that sampled, on every sampled token
+                if it == 0:  # the first pass: every sampled token once (mini-batch j after j optimizer steps)
                     stats.add(**sums)
                     if j == 0 and "old_logprobs" not in mb:
                         add_logprob_gap(stats, logprobs, mb["sampler_logprobs"], mb["completion_mask"])
@@ -239,7 +238,7 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
                "clip_ratio/low_mean": t["clip_low"] / trained,
                "clip_ratio/high_mean": t["clip_high"] / trained, **logprob_gap_metrics(t)}
     if frozen is not None:
-        metrics["kl"] = t["kl"] / tokens  # to the starting model, before this step's update
+        metrics["kl"] = t["kl"] / tokens  # to the starting model, over the first pass (see above)
     return metrics
 
 

@@ -105,6 +105,9 @@ CASES = [
     Case("--num_generations 1 (PRIME)", ["--num_generations", "1"],
          "--num_generations 1: PRIME's leave-one-out baselines average a prompt's other samples, so it needs at "
          "least 2 completions per prompt.", script="prime"),
+    Case("--negative_reward of 1 or more (RAFT)", ["--negative_reward", "1"],
+         "--negative_reward 1.0 must be below 1, a correct answer's reward: positive samples score above it.",
+         script="raft_pp"),
     Case("--prompts_per_step not divisible by the processes", ["--prompts_per_step", "3"],
          "--prompts_per_step 3 cannot be split evenly over 2 processes; make it a multiple of 2."),
     Case("zero or negative sizes", ["--prompts_per_step", "0"], "--prompts_per_step 0: must be at least 1."),

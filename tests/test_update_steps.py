@@ -128,6 +128,22 @@ def test_raft_step_raises_the_positive_sample(acc, toy, rollouts, algo):
     assert sequence_logprobs(model, rollouts)[0] > before[0] + 0.05
 
 
+@pytest.mark.parametrize("normalizer", ["selected", "batch"])
+def test_raft_without_a_positive_sample_leaves_the_weights(acc, toy, rollouts, normalizer):
+    """Both answers wrong: no sample is selected, every optimizer step is skipped and counted, and the weights
+    stay, also with --normalizer batch (|D| = every sample, never 0). AdamW with weight decay: a step on the
+    zero gradient would move them."""
+    model = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1))
+    args = raft_pp.Args(num_generations=2, max_grad_norm=0.0, num_iterations=2, normalizer=normalizer, log_kl=False)
+    rewards = raft_pp.correctness_rewards(torch.tensor([0.0, 0.0]), args.negative_reward)
+    selected = raft_pp.positive_samples(rewards.view(1, 2), args.negative_reward).flatten()
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = raft_pp.update(model, opt, None, raft_pp.training_batch(rollouts, selected, 0, acc.device, args), args, acc)
+    assert metrics["skipped_updates"] == 2 and metrics["loss"] == 0, metrics
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("algo", ["reinforce", "reinforce_rej"])
 def test_reinforce_step_follows_the_reward_sign(acc, toy, rollouts, algo):
     """Rewards +1 (right) and -1 (wrong): the right completion's log-prob rises, the wrong one's falls."""
