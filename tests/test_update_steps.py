@@ -43,10 +43,13 @@ def no_earlier_skips():
     common._NONFINITE["in_a_row"] = 0
 
 
-def policy(acc, toy, lr=0.05):
-    """The toy model under plain SGD (the weights move along the gradient itself), prepared by accelerate."""
+def policy(acc, toy, lr=0.05, adamw_weight_decay=None):
+    """The toy model under plain SGD (the weights move along the gradient itself), or under AdamW with this
+    weight decay, prepared by accelerate."""
     model = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
-    return acc.prepare(model, torch.optim.SGD(model.parameters(), lr=lr))
+    if adamw_weight_decay is None:
+        return acc.prepare(model, torch.optim.SGD(model.parameters(), lr=lr))
+    return acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=adamw_weight_decay))
 
 
 def frozen(toy):
@@ -133,8 +136,7 @@ def test_raft_without_a_positive_sample_leaves_the_weights(acc, toy, rollouts, n
     """Both answers wrong: no sample is selected, every optimizer step is skipped and counted, and the weights
     stay, also with --normalizer batch (|D| = every sample, never 0). AdamW with weight decay: a step on the
     zero gradient would move them."""
-    model = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
-    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1))
+    model, opt = policy(acc, toy, adamw_weight_decay=0.1)
     args = raft_pp.Args(num_generations=2, max_grad_norm=0.0, num_iterations=2, normalizer=normalizer, log_kl=False)
     rewards = raft_pp.correctness_rewards(torch.tensor([0.0, 0.0]), args.negative_reward)
     selected = raft_pp.positive_samples(rewards.view(1, 2), args.negative_reward).flatten()
