@@ -183,10 +183,10 @@ def micro_batch_loss(model, mb: dict, normalizer: float, args):
         token_loss, clipped = raft_token_loss(logprobs), torch.zeros_like(logprobs)
     kl = kl_k3(logprobs, mb["ref_logprobs"]) if "ref_logprobs" in mb else torch.zeros_like(logprobs)
     token_loss = token_loss + args.kl_coef * kl - args.entropy_coef * entropy
-    m, c = mb["loss_mask"], mb["completion_mask"]
-    loss = aggregate_loss(token_loss, m, args.loss_type, normalizer)
-    return loss, logprobs, dict(clipped=(clipped * m).sum(), kl=(kl * c).sum(), entropy=(entropy * c).sum(),
-                                tokens=c.sum())
+    loss_mask, sampled = mb["loss_mask"], mb["completion_mask"]  # metrics cover every sampled token
+    loss = aggregate_loss(token_loss, loss_mask, args.loss_type, normalizer)
+    return loss, logprobs, dict(clipped=(clipped * loss_mask).sum(), kl=(kl * sampled).sum(),
+                                entropy=(entropy * sampled).sum(), tokens=sampled.sum())
 
 
 def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=None) -> dict:

@@ -176,10 +176,10 @@ def micro_batch_loss(model, mb: dict, normalizer: float, args):
     token_loss, low, high = reinforce_token_loss(logprobs, old, mb["rewards"], args.epsilon, args.epsilon_high)
     kl = kl_k3(logprobs, mb["ref_logprobs"]) if "ref_logprobs" in mb else torch.zeros_like(logprobs)
     token_loss = token_loss + args.kl_coef * kl - args.entropy_coef * entropy
-    m, c = mb["loss_mask"], mb["completion_mask"]
-    loss = aggregate_loss(token_loss, m, args.loss_type, normalizer)
-    return loss, logprobs, dict(clip_low=(low * m).sum(), clip_high=(high * m).sum(), kl=(kl * c).sum(),
-                                entropy=(entropy * c).sum(), tokens=c.sum())
+    loss_mask, sampled = mb["loss_mask"], mb["completion_mask"]  # metrics cover every sampled token
+    loss = aggregate_loss(token_loss, loss_mask, args.loss_type, normalizer)
+    return loss, logprobs, dict(clip_low=(low * loss_mask).sum(), clip_high=(high * loss_mask).sum(),
+                                kl=(kl * sampled).sum(), entropy=(entropy * sampled).sum(), tokens=sampled.sum())
 
 
 def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=None) -> dict:
