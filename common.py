@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -997,27 +997,33 @@ def score_completions(rows: list[dict], texts: list[str], timeout: float = 5.0) 
 # ----------------------------------------------------------------------------------------------
 # Every test of every program runs in a sandbox of its own: bubblewrap (`bwrap`) with new user, pid,
 # network, ipc, uts and mount namespaces (no network but a loopback of its own), a read-only view of
-# /usr and the library folders, a fresh size-capped tmpfs /tmp as the only writable place, and the
-# system python (/usr/bin/python3 -I: nothing of the project). A trusted launcher reads the program
-# from an inherited file descriptor, sets the resource limits on itself (CPU time, address space,
-# processes, file size = the output cap, no core files) and only then runs the program. At the wall
-# limit the parent kills the sandbox's pid 1, and the kernel kills everything left inside with it;
-# the call returns once they are gone. A root parent starts the sandbox as user nobody, because the
+# /usr and the library folders, size-capped tmpfs /tmp and /dev/shm as the only writable places (the
+# sandbox's own / and /dev are remounted read-only), and the system python (/usr/bin/python3 -I:
+# nothing of the project). A trusted launcher reads the program from an inherited file descriptor,
+# sets the resource limits on itself (CPU time, address space, processes, open files, file size =
+# the output cap, no core files) and only then runs the program. While it runs, the parent adds up
+# the resident memory of all its processes every 20 ms. At the wall limit, or when that sum passes
+# the memory limit, the parent kills the sandbox's pid 1, and the kernel kills everything left
+# inside with it; the call returns once they are gone. A root parent starts the sandbox as user nobody, because the
 # kernel does not apply the process limit to root. Without bubblewrap the user can accept running
 # the launcher as a bare subprocess (--allow_unsandboxed_code): same limits, a fresh temporary
 # folder, but no isolation from the network or the user's files (README: code task).
 SANDBOX_PYTHON = "/usr/bin/python3"
 _NOBODY = 65534
 _NOT_COMPILED = 98  # the launcher's exit status for a program that does not compile
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_CHILD_PID = re.compile(rb'"child-pid":\s*(\d+)\s*[,}]')
 
 
 @dataclass(frozen=True)
 class CodeLimits:
     time_seconds: float = 5.0  # per test: wall time, and CPU time (RLIMIT_CPU, rounded up)
-    memory_bytes: int = 1 << 30  # RLIMIT_AS of each process
+    program_seconds: float = 20.0  # all tests of one program together; the tests left then are skipped
+    memory_bytes: int = 1 << 30  # resident memory of all processes of a sandbox; also RLIMIT_AS of each
     processes: int = 32  # RLIMIT_NPROC: processes and threads inside one sandbox
+    open_files: int = 64  # RLIMIT_NOFILE of each process
     output_bytes: int = 1 << 20  # RLIMIT_FSIZE: stdout beyond this fails the write; also caps files
-    tmp_bytes: int = 64 << 20  # size of the sandbox's /tmp
+    tmp_bytes: int = 64 << 20  # size of the sandbox's /tmp, and of its /dev/shm
     workers: int = 0  # programs graded in parallel (0: one per CPU core)
 
 
@@ -1063,8 +1069,9 @@ def _bwrap_command(bwrap: str, limits: CodeLimits, info_fd: int) -> list[str]:
             cmd += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             cmd += ["--ro-bind", path, path]
-    return cmd + ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
-                  "--chdir", "/tmp"]
+    size = str(limits.tmp_bytes)
+    return cmd + ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+                  "--size", size, "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp"]
 
 
 def _memfd(name: str, data: bytes = b"") -> int:
@@ -1087,12 +1094,14 @@ def _read_fd(fd: int, limit: int) -> bytes:
 def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLimits,
                 isolated: bool) -> tuple[str, bytes, bytes]:
     """Run one program once: (status, stdout, start of stderr). status: ok (exit 0), exit (another exit
-    status: an exception), not_compiled, timeout (wall or CPU limit), crash (killed by another signal),
-    error (the sandbox itself failed). fn_name: call that function with the JSON list of arguments in
-    stdin (a method of class Solution also does) and write its JSON return value to stdout."""
+    status: an exception), not_compiled, timeout (wall or CPU limit), memory (its processes together
+    held more than memory_bytes), crash (killed by another signal), error (the sandbox did not start).
+    fn_name: call that function with the JSON list of arguments in stdin (a method of class Solution
+    also does) and write its JSON return value to stdout."""
     rlimits = {"RLIMIT_CPU": [math.ceil(limits.time_seconds), math.ceil(limits.time_seconds) + 1],
                "RLIMIT_AS": [limits.memory_bytes] * 2, "RLIMIT_NPROC": [limits.processes] * 2,
-               "RLIMIT_FSIZE": [limits.output_bytes] * 2, "RLIMIT_CORE": [0, 0]}
+               "RLIMIT_NOFILE": [limits.open_files] * 2, "RLIMIT_FSIZE": [limits.output_bytes] * 2,
+               "RLIMIT_CORE": [0, 0]}
     fds = [_memfd("program", program.encode("utf-8", "replace")), _memfd("stdin", stdin), _memfd("stdout"),
            _memfd("stderr")]
     program_fd, stdin_fd, out_fd, err_fd = fds
@@ -1110,6 +1119,7 @@ def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLim
         if root:
             os.chown(workdir, _NOBODY, _NOBODY)
     home = "/tmp" if isolated else workdir
+    deadline = time.monotonic() + limits.time_seconds
     try:
         proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=out_fd, stderr=err_fd, pass_fds=pass_fds,
                                 cwd=workdir or "/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home},
@@ -1123,14 +1133,18 @@ def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLim
         return "error", b"", str(e).encode()
     try:
         sandbox_pid = None
-        if isolated:  # bwrap writes the pid of the sandbox's pid 1 as it starts, then closes the pipe
+        if isolated:  # bwrap writes the pid of the sandbox's pid 1 as it starts (maybe in pieces)
             os.close(info_w)
             fds.remove(info_w)
-            if _readable(info_r, limits.time_seconds):
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    sandbox_pid = json.loads(os.read(info_r, 4096))["child-pid"]
+            info = b""
+            while not (found := _CHILD_PID.search(info)) and _readable(info_r, max(deadline - time.monotonic(), 0)):
+                if not (chunk := os.read(info_r, 4096)):
+                    break
+                info += chunk
+            sandbox_pid = int(found[1]) if found else None
         pidfd = os.pidfd_open(proc.pid)  # readable once it exits; unlike wait(), it does not reap
-        timed_out = not _readable(pidfd, limits.time_seconds)
+        stopped = _watch(pidfd, proc.pid, deadline, limits.memory_bytes)
+        timed_out = stopped is not None
         os.close(pidfd)
         if isolated and sandbox_pid and timed_out:
             # bwrap exits when the sandbox's pid 1 is gone, and that is after every process inside it
@@ -1152,15 +1166,45 @@ def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLim
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     rc = proc.returncode
-    if timed_out:
-        return "timeout", stdout, stderr
-    if isolated and rc == 1 and stderr.startswith(b"bwrap:"):
+    if stopped:
+        return stopped, stdout, stderr
+    if isolated and sandbox_pid is None:  # bwrap failed before it started the sandbox
         return "error", stdout, stderr
     signum = -rc if rc < 0 else rc - 128 if isolated and rc > 128 else 0  # bwrap reports 128 + signal
     if signum in (signal.SIGXCPU, signal.SIGKILL):  # the CPU limit: SIGXCPU, then SIGKILL if caught
         return "timeout", stdout, stderr
     status = "crash" if signum else "ok" if rc == 0 else "not_compiled" if rc == _NOT_COMPILED else "exit"
     return status, stdout, stderr
+
+
+def _watch(pidfd: int, pid: int, deadline: float, memory_bytes: int) -> str | None:
+    """Wait until process pid exits (None), the deadline passes ("timeout"), or the resident memory of pid
+    and all its descendants passes memory_bytes ("memory"; summed every 20 ms, shared pages counted in
+    each process, so the sum errs on the high side)."""
+    while (left := deadline - time.monotonic()) > 0:
+        if _readable(pidfd, min(left, 0.02)):
+            return None
+        if _tree_memory(pid) > memory_bytes:
+            return "memory"
+    return None if _readable(pidfd, 0) else "timeout"
+
+
+def _tree_memory(pid: int) -> int:
+    """Resident bytes of a process and its descendants (/proc/PID/task/TID/children, which also finds
+    processes re-parented to the sandbox's pid 1)."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * _PAGE_SIZE
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += map(int, f.read().split())
+    return total
 
 
 def _readable(fd: int, seconds: float) -> bool:
@@ -1192,15 +1236,37 @@ def _output_lines(text: str) -> list[str]:
 
 
 def output_matches(stdout: bytes, expected, fn_name: str | None) -> bool:
-    """stdin/stdout tests: whitespace-normalized lines equal. Call tests: the JSON return value equals the
+    """stdin/stdout tests: whitespace-normalized lines equal, word by word, where two words that are not
+    both integers may also be close numbers (tokens_match). Call tests: the JSON return value equals the
     expected value, or its single element (datasets often store a return value v as [v])."""
     if fn_name is None:
-        return _output_lines(stdout.decode("utf-8", "replace")) == _output_lines(expected)
+        got, want = _output_lines(stdout.decode("utf-8", "replace")), _output_lines(expected)
+        return got == want or (len(got) == len(want) and all(
+            len(g) == len(w) and all(map(tokens_match, g, w)) for g, w in zip((l.split() for l in got),
+                                                                              (l.split() for l in want))))
     try:
         value = json.loads(stdout)
-    except ValueError:  # nothing written, or not JSON
+        return value == expected or (isinstance(expected, list) and len(expected) == 1 and value == expected[0])
+    except (ValueError, RecursionError):  # nothing written, not JSON, or nested too deep to read
         return False
-    return value == expected or (isinstance(expected, list) and len(expected) == 1 and value == expected[0])
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def tokens_match(got: str, want: str) -> bool:
+    """One output word against the expected one: equal, or both finite numbers, not both integers, with
+    |got - want| <= 1e-8 + 1e-5 |want| (numpy's allclose, as the APPS/TACO checkers accept floats:
+    0.3333333 = 0.333333333, 2.0 = 2). Integers must be equal: 1000000006 is not 1000000007."""
+    if got == want:
+        return True
+    if _INTEGER.fullmatch(got) and _INTEGER.fullmatch(want):
+        return False
+    try:
+        a, b = float(got), float(want)
+    except ValueError:
+        return False
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= 1e-8 + 1e-5 * abs(b)
 
 
 @dataclass
@@ -1222,28 +1288,31 @@ class CodeResult:
 
 
 def run_tests(program: str | None, tests: dict | None, limits: CodeLimits, isolated: bool) -> CodeResult:
-    """A program against its tests, one sandbox per test, in order. After a timeout, or when the program
-    does not compile, its remaining tests are not run ("skipped", failed): the grading time of a batch
-    stays bounded by one time limit per program plus its fast runs."""
+    """A program against its tests, one sandbox per test, in order. After a timeout, when the program
+    does not compile, or when its tests together have taken limits.program_seconds, its remaining tests
+    are not run ("skipped", failed): one program's grading takes at most program_seconds (plus the start
+    and end of its last sandbox)."""
     try:
         cases, fn_name = code_test_cases(tests)
     except (KeyError, TypeError, ValueError):
         return CodeResult(["error"])  # a malformed row, not the model's fault
     if not program or not program.strip():
         return CodeResult(["fail"] * len(cases))
-    outcomes = []
+    outcomes, end = [], time.monotonic() + limits.program_seconds
     for stdin, expected in cases:
-        if outcomes and (outcomes[-1] == "timeout" or outcomes[-1] == "skipped"):
+        left = end - time.monotonic()
+        if left <= 0 or outcomes and outcomes[-1] in ("timeout", "skipped"):
             outcomes.append("skipped")
             continue
-        status, stdout, _ = run_program(program, stdin, fn_name, limits, isolated)
+        run_limits = limits if left >= limits.time_seconds else replace(limits, time_seconds=left)
+        status, stdout, _ = run_program(program, stdin, fn_name, run_limits, isolated)
         if status == "ok":
             outcomes.append("pass" if output_matches(stdout, expected, fn_name) else "fail")
         elif status == "not_compiled":
             outcomes += ["fail"] + ["skipped"] * (len(cases) - len(outcomes) - 1)
             break
         else:
-            outcomes.append("fail" if status == "exit" else status)
+            outcomes.append("fail" if status in ("exit", "memory") else status)
     return CodeResult(outcomes)
 
 
@@ -1296,8 +1365,16 @@ def run_code_tests_many(jobs: list[tuple[str | None, dict | None]], limits: Code
     limits = limits or _code_setup["limits"]
     isolated = _code_isolation() if isolated is None else isolated
     workers = min(len(jobs), limits.workers or os.cpu_count() or 1)
+
+    def grade(job) -> CodeResult:
+        try:
+            return run_tests(job[0], job[1], limits, isolated)
+        except Exception as e:  # whatever one program does, the batch and the run go on (rewards/errors)
+            logging.getLogger(__name__).warning("grading a program failed: %r", e)
+            return CodeResult(["error"])
+
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda job: run_tests(job[0], job[1], limits, isolated), jobs))
+        return list(pool.map(grade, jobs))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,10 +10,13 @@ common.run_code_tests_many through the bubblewrap sandbox, and the same batch as
 
 Part 2, the attack suite (tests/test_code.py runs the same one): programs that connect to a loopback
 listener of this process, read and write a canary file outside their folder, write into /usr,
-fork-bomb, allocate 8 GB, loop forever, print a gigabyte, try to kill the grading process, sleep past
-the wall limit and leave a daemon behind, graded in one batch next to a correct program. An attack is
+fork-bomb, allocate 8 GB, hold 3.6 GB in four child processes (each under the per-process limit),
+fill every writable filesystem with 1 MiB files, loop forever, print a gigabyte, try to kill the
+grading process, sleep past the wall limit and leave a daemon behind, graded in one batch next to a
+correct program. An attack is
 contained when it scores 0 and its own check finds nothing outside (no connection, canary unchanged,
-no file in /usr, no process left). The batch must return within attack_bound(...) seconds.
+no file in /usr, no process left; the memory and filesystem attacks print their expected output only
+when they got what they wanted). The batch must return within attack_bound(...) seconds.
 
 Ends with one line: RESULT key=value ...
 """
@@ -68,6 +71,17 @@ def attack_suite(folder: Path, port: int) -> tuple[list[Attack], Path]:
         Attack("fork_bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
                             f"        os.execv('/bin/sleep', ['sleep', '{bomb}'])", "done"),
         Attack("allocate_8gb", "x = bytearray(8 * 1024 ** 3)\nprint('allocated')", "allocated"),
+        Attack("memory_in_children", "import os, time\nreads = []\nfor _ in range(4):\n    r, w = os.pipe()\n"
+                                     "    if os.fork() == 0:\n        block = b'x' * (900 << 20)\n"
+                                     "        os.write(w, b'k')\n        time.sleep(3)\n        os._exit(0)\n"
+                                     "    reads.append(r)\nif all(os.read(r, 1) == b'k' for r in reads):\n"
+                                     "    print('held')", "held"),
+        Attack("fill_filesystems", "total = 0\nfor folder in ('/', '/dev', '/dev/shm', '/tmp', '/proc'):\n"
+                                   "    for i in range(1024):\n        try:\n"
+                                   "            with open(f'{folder}/fill{i}', 'wb') as f:\n"
+                                   "                f.write(b'x' * (1 << 20))\n        except OSError:\n"
+                                   "            break\n        total += 1\n"
+                                   "print('filled' if total >= 512 else total)", "filled"),
         Attack("infinite_loop", "while True:\n    pass", "done"),
         Attack("print_gigabyte", "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n"
                                  "    sys.stdout.write(chunk)\nprint('done')", "done"),

@@ -59,6 +59,43 @@ def test_output_matching():
     assert not output_matches(b"not json", "x", "f") and output_matches(b'"x"', "x", "f")
 
 
+def test_close_numbers_match_and_integers_must_be_equal():
+    """|got - want| <= 1e-8 + 1e-5 |want| for words that are not both integers (the APPS/TACO checkers)."""
+    assert output_matches(b"0.3333333333\n", "0.333333333333", None)  # difference 3.3e-13
+    assert output_matches(b"2.0\n", "2\n", None) and output_matches(b"1e3\n", "1000", None)
+    assert output_matches(b"YES 100000.9\n", "YES 100000", None)  # 0.9 <= 1e-8 + 1e-5 * 100000 = 1.00000001
+    assert not output_matches(b"100001.1\n", "100000", None)  # 1.1 > 1.00000001
+    assert not output_matches(b"0.33\n", "0.333", None)  # 0.003 > 1e-8 + 3.33e-6
+    assert not output_matches(b"1000000006\n", "1000000007", None)  # integers: equal or wrong
+    assert not output_matches(b"2.0 3\n", "2", None) and not output_matches(b"nan\n", "0", None)
+    assert not output_matches(b"inf\n", "1e308", None) and not output_matches(b"YES\n", "NO", None)
+
+
+def test_a_return_value_nested_too_deep_to_read_fails_without_stopping_the_batch(sandbox):
+    """The program replaces json.dumps, so that the launcher writes 100,000 nested brackets: reading them
+    raises RecursionError in the grading process; the test fails, the batch goes on."""
+    deep = "import json\njson.dumps = lambda v: '[' * 100000 + ']' * 100000\ndef f(x):\n    return x\n"
+    calls = {"fn_name": "f", "inputs": [[1]], "outputs": [1]}
+    scores, errors = score_completions([code_row(calls)] * 2, [fenced(deep), fenced("def f(x):\n    return x\n")])
+    assert [s.correct for s in scores] == [0.0, 1.0] and errors == 0
+
+
+def test_a_programs_tests_share_one_time_budget(sandbox):
+    """8 tests of 0.9 s against a 1.5 s limit per test and 3 s per program: 3 pass, the 4th is cut at the
+    budget (a timeout), the rest are skipped; the whole takes the budget, not 8 x 0.9 s."""
+    slow = "import time\ntime.sleep(0.9)\nprint(1)"
+    start = time.perf_counter()
+    result = run_tests(slow, {"inputs": [""] * 8, "outputs": ["1"] * 8}, CodeLimits(time_seconds=1.5,
+                                                                                    program_seconds=3.0), True)
+    assert result.outcomes == ["pass"] * 3 + ["timeout"] + ["skipped"] * 4
+    assert time.perf_counter() - start < 3.0 + 1.0
+
+
+def test_a_program_that_writes_like_bwrap_is_not_a_sandbox_error(sandbox):
+    fake = "import sys\nsys.stderr.write('bwrap: Can not mount tmpfs')\nsys.exit(1)"
+    assert run_program(fake, b"", None, FAST, True)[0] == "exit"
+
+
 # --- scoring hand-written programs, as completions --------------------------------------------
 SUM_TESTS = {"inputs": ["1 2\n", "10 -3\n", "0 0\n"], "outputs": ["3\n", "7\n", "0\n"]}
 TWO_SUM_TESTS = {"fn_name": "twoSum", "inputs": [[[2, 7, 11, 15], 9], [[3, 2, 4], 6], [[3, 3], 6]],
@@ -152,8 +189,17 @@ def test_attacks_score_zero_and_nothing_escapes(sandbox):
     outcomes = {name: a["outcomes"][0] for name, a in report["attacks"].items()}
     for name in ("fork_bomb", "infinite_loop", "sleep_past_wall"):
         assert outcomes[name] == "timeout", name
-    # bound: ceil(12 programs / 2 workers) x (1.5 s + 0.5 s) + 2 s = 14 s
-    assert report["seconds"] < report["bound"] == 14.0
+    # bound: ceil(14 programs / 2 workers) x (1.5 s + 0.5 s) + 2 s = 16 s
+    assert report["seconds"] < report["bound"] == 16.0
+
+
+def test_the_memory_attack_holds_its_memory_where_the_limit_allows_it(sandbox, tmp_path):
+    """The check of memory_in_children can fail: under an 8 GiB limit its four children hold 3.6 GB."""
+    attack = next(a for a in code_sandbox.attack_suite(tmp_path, 0)[0] if a.name == "memory_in_children")
+    status, stdout, _ = run_program(attack.program, b"", None, CodeLimits(memory_bytes=8 << 30), True)
+    assert (status, stdout) == ("ok", b"held\n")
+    status, stdout, _ = run_program(attack.program, b"", None, FAST, True)
+    assert (status, stdout) == ("memory", b"")
 
 
 def test_output_is_capped_by_the_parent(sandbox):
@@ -171,7 +217,7 @@ def test_without_bubblewrap_the_checks_see_the_escapes():
 
 
 def test_without_bubblewrap_the_resource_limits_still_hold():
-    names = ("allocate_8gb", "infinite_loop", "print_gigabyte", "sleep_past_wall")
+    names = ("allocate_8gb", "memory_in_children", "infinite_loop", "print_gigabyte", "sleep_past_wall")
     report = code_sandbox.run_attacks(FAST, isolated=False, names=names)
     assert all(a["contained"] for a in report["attacks"].values()), report["attacks"]
     assert report["neighbor_passed"] and report["seconds"] < report["bound"]
