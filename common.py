@@ -463,7 +463,6 @@ _E_NOTATION_RE = re.compile(rf"(-?)({_MANTISSA})[eE]([+-]?\d+)")
 _TIMES_TEN_RE = re.compile(rf"(-?)(?:({_MANTISSA})(?:\\times|\\cdot|×|·))?10\^(?:\{{([+-]?\d+)\}}|(\d))")
 _MAX_EXPONENT = 10_000  # 10**10000 is instant; 1e999999999 from a model must not hang the grader
 _REL_TOL = Fraction(1, 10**6)
-_ZERO_TOL = Fraction(1, 10**9)
 
 
 def _strip_outer_braces(s: str) -> str:
@@ -533,10 +532,17 @@ def normalize_answer(s: str) -> str:
 def _scientific_parts(s: str) -> tuple[str, str, int] | None:
     """(sign, mantissa, exponent) of a normalized number in scientific notation, or None."""
     if m := _E_NOTATION_RE.fullmatch(s):
-        return m[1], m[2], int(m[3])
+        return m[1], m[2], _exponent(m[3])
     if m := _TIMES_TEN_RE.fullmatch(s):
-        return m[1], m[2] or "1", int(m[3] or m[4])
+        return m[1], m[2] or "1", _exponent(m[3] or m[4])
     return None
+
+
+def _exponent(digits: str) -> int:
+    """An exponent's value; one of more than 9 digits is past the cap anyway (and int() refuses 4,300)."""
+    if len(digits.lstrip("+-").lstrip("0")) > 9:
+        return -(_MAX_EXPONENT + 1) if digits.startswith("-") else _MAX_EXPONENT + 1
+    return int(digits)
 
 
 def _scientific(s: str) -> Fraction | None:
@@ -567,14 +573,12 @@ def _parse_fraction(s: str) -> Fraction | None:
 
 def _numbers_equal(a: Fraction, b: Fraction) -> bool:
     """Integers exactly (73 != 730, 1000001 != 1000000, 4.5e33 == 45\\times10^{32}); otherwise a
-    relative tolerance of 1e-6, so 2.0000001 == 2 but 0.33 != 1/3 and 4.5e32 != 4.5e33. An absolute
-    tolerance only against zero: 1e-12 and 1e-15 are different answers."""
+    relative tolerance of 1e-6, so 2.0000001 == 2 but 0.33 != 1/3 and 4.5e32 != 4.5e33. Zero only
+    equals zero: 1e-12 and 1e-15 are different answers, and 0 is not 1.6e-19."""
     if a == b:
         return True
-    if a.denominator == 1 and b.denominator == 1:
+    if a.denominator == 1 and b.denominator == 1 or a == 0 or b == 0:
         return False
-    if a == 0 or b == 0:
-        return abs(a - b) <= _ZERO_TOL
     return abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
 
 
@@ -704,30 +708,29 @@ def answers_match_many(pairs: list[tuple[str | None, str]], timeout: float = 5.0
     hang; it waits at most timeout * ceil(n / workers) + _MV_START_TIMEOUT in all, then kills the pool.
     Timeouts and worker errors count as False and as failed.
     """
-    results = [False] * len(pairs)
-    todo = []
+    results, todo, texts, n_failed = [False] * len(pairs), [], {}, 0
     for i, (pred, gold) in enumerate(pairs):
-        fast = _fast_match(pred, gold)
-        if fast is None:
-            todo.append(i)
-        else:
-            results[i] = fast
+        try:  # one answer that breaks the fast path fails alone, not its whole batch
+            fast = _fast_match(pred, gold)
+            if fast is None:
+                texts[i] = (_for_math_verify(gold), _for_math_verify(pred))
+                todo.append(i)
+            else:
+                results[i] = fast
+        except Exception:
+            n_failed += 1
     if not todo:
-        return results, 0
+        return results, n_failed
 
     try:
         pool = _get_pool()
-        jobs = []
-        for i in todo:
-            pred, gold = pairs[i]
-            jobs.append((i, pool.schedule(_mv_verify, (_for_math_verify(gold), _for_math_verify(pred)),
-                                          timeout=timeout)))
+        jobs = [(i, pool.schedule(_mv_verify, texts[i], timeout=timeout)) for i in todo]
     except Exception:  # pool failed to start, or another thread just killed it
-        return results, len(todo)
+        return results, n_failed + len(todo)
 
     # a backstop only: each replaced worker also needs a start-up, hence one start-up allowance
     deadline = time.monotonic() + timeout * math.ceil(len(todo) / _MV_WORKERS) + _MV_START_TIMEOUT
-    n_failed, out_of_time = 0, False
+    out_of_time = False
     for i, job in jobs:
         try:
             results[i] = bool(job.result(max(0.0, deadline - time.monotonic())))

@@ -155,6 +155,10 @@ CASES = [
     ("boxed", r"\boxed{10^{-8}}", "10^{8}", False),
     ("boxed", r"\boxed{10^{8}}", "10^{-8}", False),
     ("boxed", r"\boxed{1e-12}", "1e-15", False),
+    ("boxed", r"\boxed{0}", "1.6e-19", False),  # zero is only zero
+    ("boxed", r"\boxed{0}", r"3.89 \times 10^{-10}", False),
+    ("boxed", r"\boxed{1e-12}", "0", False),
+    ("boxed", r"\boxed{0.0}", "0", True),
     ("boxed", r"\boxed{1e6}", "1000001", False),  # integers stay exact
     ("boxed", r"\boxed{7.2 \times 10^{18} \text{ J}}", "7.2e19", False),
     ("boxed", r"\boxed{73}", "730", False),
@@ -196,6 +200,9 @@ def test_answers_match_many_batches_and_counts():
     assert results == [True, False, True, False, False]
     assert n_failed == 0
     assert answers_match_many([]) == ([], 0)
+    # an exponent of 5,000 digits (int() refuses it) is no answer, and costs the batch nothing
+    assert answers_match_many([("5", "5"), ("1e" + "9" * 5000, "5"), (r"10^{" + "9" * 5000 + "}", "5")]) == (
+        [True, False, False], 0)
 
 
 # ---- robustness -------------------------------------------------------------
