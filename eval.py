@@ -16,6 +16,7 @@ Metric definitions: README "eval.py" and the docstrings of pass_at_k, avg_at_k a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -272,13 +273,27 @@ def to_record(layout: str, obj, lineno: int) -> dict | str:
     return record_problem(obj) or obj
 
 
-def answer_style_of(records: list[dict]) -> str:
-    """The final-answer format most completions of another tool's file use (ties: boxed first)."""
+def answer_style_of(records: list[dict]) -> str | None:
+    """The final-answer format most completions of another tool's file use (ties: boxed first), or None
+    when no completion has one."""
     texts = [c for r in records for c in r["completions"]]
     counts = {"boxed": sum(last_boxed(t) is not None for t in texts),
               "gsm8k": sum("####" in t for t in texts),
               "tag": sum(last_tag(t) is not None for t in texts)}
-    return max(counts, key=counts.get)
+    return max(counts, key=counts.get) if any(counts.values()) else None
+
+
+def read_lines(path: Path, bad: list[str]) -> list[tuple[int, object]]:
+    """(line number, parsed value) of a JSON-lines file, or (index + 1, element) of a file that is one JSON
+    array (lm-evaluation-harness up to 0.4.2 wrote its samples so, also under a .jsonl name)."""
+    with path.open("rb") as f:
+        start = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if start.startswith(b"["):
+        with contextlib.suppress(ValueError):
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            if isinstance(data, list):
+                return list(enumerate(data, 1))
+    return read_jsonl(path, bad, numbered=True)
 
 
 def read_outputs(path: Path, strict: bool) -> list[dict]:
@@ -288,7 +303,7 @@ def read_outputs(path: Path, strict: bool) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; pass an outputs .jsonl (e.g. runs/NAME/eval/step_N.jsonl).")
     bad: list[str] = []
-    lines = read_jsonl(path, bad, numbered=True)
+    lines = read_lines(path, bad)
     first = next((obj for _, obj in lines if isinstance(obj, dict)), None)
     layout = layout_of(first) if first is not None else "eval"
     if layout is None:
@@ -315,11 +330,21 @@ def read_outputs(path: Path, strict: bool) -> list[dict]:
         print(f"{path}: skipped {len(bad)} malformed line(s), scored {len(records)} records", file=sys.stderr)
     if layout != "eval":
         style = answer_style_of(records)
+        source = ANSWER_STYLE_TEXT.get(style)
+        if style is None:  # e.g. "The final answer is $x$": grade the answers the tool extracted itself
+            if not all(r["original_preds"] for r in records):
+                raise SystemExit(f"{path}: no completion has a \\boxed{{}}, '####' or <answer>, and not every "
+                                 "record has the tool's own extracted answers (pred, filtered_resps); eval.py "
+                                 "cannot tell which part of a completion is its answer.")
+            for r in records:
+                r["completions"] = [f"\\boxed{{{pred}}}" for pred in r["original_preds"]]
+            style, source = "boxed", ("the file's own extracted answers (no completion has a \\boxed{}, "
+                                      "'####' or <answer>), each graded as \\boxed{pred}")
         for r in records:
             r["metadata"]["answer_style"] = style
         which = f", filter {filters[0]!r} of {filters}" if layout == "lm_eval" and len(filters) > 1 else ""
         print(f"{path}: {LAYOUTS[layout]}{which}: {len(records)} problems mapped onto eval.py records; "
-              f"answers read from {ANSWER_STYLE_TEXT[style]}")
+              f"answers read from {source}")
     return records
 
 

@@ -478,6 +478,28 @@ def test_lm_eval_samples_are_rescored_with_agreement(tmp_path, capsys):
     assert "id 1 sample 0: gold '8'; file: wrong (pred '8.00'); ours: right (pred '8.00')" in out
 
 
+def test_answers_in_no_known_format_are_read_from_the_files_own_extraction(tmp_path, capsys):
+    """lm-eval's minerva_math writes "Final Answer: The final answer is $x$"; its filtered_resps holds x.
+    The file is one indented JSON array, as lm-eval up to 0.4.2 wrote --log_samples (also as .jsonl)."""
+    docs = [("4.5e33", r"4.5\times 10^{33}", 0.0), ("0.5", r"\frac{1}{2}", 1.0), ("7", "8", 0.0)]
+    samples = [{"doc_id": i, "doc": {"problem": f"p{i}"}, "target": gold, "filter": "none",
+                "resps": [[f"Work.\nFinal Answer: The final answer is ${x}$. I hope it is correct."]],
+                "filtered_resps": [x], "metrics": ["exact_match"], "exact_match": verdict}
+               for i, (gold, x, verdict) in enumerate(docs)]
+    path = tmp_path / "samples_minerva_math.jsonl"
+    path.write_text(json.dumps(samples, indent=2))
+    ev.main([str(path)])
+    out = capsys.readouterr().out
+    assert "3 problems mapped onto eval.py records; answers read from the file's own extracted answers" in out
+    assert [r["correct"] for r in read_jsonl(path.parent / "scored" / path.name)] == [[1.0], [1.0], [0.0]]
+    assert "file accuracy 0.333, ours 0.667, 1 disagreement(s)" in out
+    for sample in samples:  # without the tool's extraction there is nothing to grade: one sentence
+        del sample["filtered_resps"]
+    path.write_text(json.dumps(samples))
+    with pytest.raises(SystemExit, match="no completion has a .*cannot tell which part of a completion is its answer"):
+        ev.main([str(path)])
+
+
 def test_other_layouts_through_the_command_line(tmp_path):
     path = write_lines(tmp_path / "qwen.jsonl", QWEN_LINES)
     out = run_script(["eval.py", str(path), "--show_disagreements", "1"]).stdout
