@@ -23,6 +23,7 @@ Ids name the split: --split, else the split a local file's name holds (gsm8k_tes
 task's default (test for the evaluation benchmarks).
 """
 import argparse
+import codecs
 import itertools
 import json
 import os
@@ -125,7 +126,7 @@ def column_oriented_rows(path):
     """Rows of a pandas column-oriented JSON file ({"column": {"row": value}}), else None."""
     if Path(path).suffix != ".json":
         return None
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         start = f.read(1)
         while start.isspace():
             start = f.read(1)
@@ -157,6 +158,8 @@ def read_file(path, kind):
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
+        if kind in ("json", "csv"):
+            check_utf8(path)
         if (columns := column_oriented_rows(path)) is not None:
             return datasets.Dataset.from_dict(columns)
         return datasets.load_dataset(kind, data_files=[path], split="train")
@@ -169,6 +172,22 @@ def read_file(path, kind):
     finally:
         datasets.enable_progress_bars()
         datasets.logging.set_verbosity(verbosity)
+
+
+def check_utf8(path):
+    """Text files must be UTF-8 (`datasets` would only fail later, while the rows are converted)."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                line += chunk[:max(e.start, 0)].count(b"\n")
+                raise DataError(f"{path}:{line}: not UTF-8 text ({first_line(e)}); save the file as UTF-8") from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
 
 
 def refuse_duplicates(parts, source):
@@ -607,9 +626,16 @@ def resolve_split(args, spec):
     """(split to load, split the ids name, why). --split wins; a hub id gets the task's split (its hub
     copy may call it differently); a local file gets the split its name holds (gsm8k_test.jsonl),
     else the task's default."""
+    path = Path(args.source).expanduser()
+    if args.split and path.exists() and not is_saved_dataset(path):
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in FORMATS) if path.is_dir() else [str(path)]
+        named = set().union(*map(splits_named, files))
+        if named and args.split not in named:  # the ids would call test rows train
+            raise DataError(f"--split {args.split}: the file names of {args.source} name the split(s) "
+                            f"{', '.join(sorted(named))}, not {args.split}; pass --split {min(named)}, or drop --split")
     if args.split:
         return args.split, args.split, "--split"
-    if not Path(args.source).expanduser().exists():
+    if not path.exists():
         return spec.get("hub_split", spec["split"]), spec["split"], f"the {args.task} default"
     split, named = split_of_local(args.source, spec["split"])
     return split, split, "named in the file name" if named else f"the {args.task} default"

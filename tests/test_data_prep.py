@@ -370,7 +370,15 @@ def test_split_named_truthfully(tmp_path):
     copy = tmp_path / "aime_validation.jsonl"
     copy.write_text((FIX / "aime24.jsonl").read_text())
     assert dp.resolve_split(args(str(copy)), spec) == ("validation", "validation", "named in the file name")
-    assert dp.resolve_split(args(str(copy), "dev"), spec) == ("dev", "dev", "--split")
+    assert dp.resolve_split(args(str(copy), "validation"), spec) == ("validation", "validation", "--split")
+    assert dp.resolve_split(args(str(FIX / "aime24.jsonl"), "dev"), spec) == ("dev", "dev", "--split")
+    # --split against the split a file names: the ids would call validation rows dev
+    with pytest.raises(dp.DataError, match=r"--split dev: the file names of .*aime_validation.jsonl name the "
+                                           r"split\(s\) validation, not dev; pass --split validation, or drop --split"):
+        dp.resolve_split(args(str(copy), "dev"), spec)
+    (tmp_path / "aime_test.jsonl").write_text(copy.read_text())  # a folder of two named splits, neither asked
+    with pytest.raises(dp.DataError, match=r"name the split\(s\) test, validation, not train"):
+        dp.resolve_split(args(str(tmp_path), "train"), spec)
     assert all(dp.TASKS[t]["split"] == "test" for t in ("math500", "aime24", "aime", "amc23", "amc", "minerva",
                                                         "olympiadbench"))
 
@@ -459,6 +467,16 @@ def test_cli_split_from_the_file_name_and_unreadable_files(tmp_path):
     assert err[0].startswith(f"error: could not read {broken} (") and err[0].endswith(
         "expected JSON lines, an array of row objects, or column-oriented JSON "
         '({"column": {"row": value}}, as pandas writes it)')
+
+
+def test_text_that_is_not_utf8_is_one_sentence_naming_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"problem": "p1", "answer": "5"}\n{"problem": "caf\xe9", "answer": "5"}\n')
+    with pytest.raises(dp.DataError, match=r"latin1.jsonl:2: not UTF-8 text \(.*\); save the file as UTF-8"):
+        dp.load_rows(str(path), "test")
+    bom = tmp_path / "columns.json"  # a byte-order mark does not hide a column-oriented layout
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"problem": {"0": "p"}, "answer": {"0": "5"}}).encode())
+    assert list(dp.load_rows(str(bom), "test")) == [{"problem": "p", "answer": "5"}]
 
 
 def test_cli_numina_reports_skipped(tmp_path):
