@@ -450,7 +450,7 @@ def extract_answer(text: str, style: str) -> str | None:
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}")
 _TEXT_MAX_NESTING = 8  # deeper is no answer a person writes; a bound keeps each call linear in the text
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![a-zA-Z])")  # not \leftarrow
-_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL_RE = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
 _SLASH_RE = re.compile(r"(-?\d+)/(\d+)")
 _FRAC_RE = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
@@ -515,12 +515,13 @@ def normalize_answer(s: str) -> str:
     s = _LEFT_RIGHT_RE.sub("", s)
     for spacing in ("\\!", "\\,", "\\;", "\\:", "\\ "):
         s = s.replace(spacing, "")
+    listed = re.search(r",\s", s) is not None  # "2, 500" is a list, "2,500" a number
     s = re.sub(r"\s+", "", s)
     s = _strip_outer_braces(s)  # "\boxed{{(2,3)}}"
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     if s.endswith("."):  # "5." at the end of a sentence
         s = s[:-1]
-    if _THOUSANDS_RE.fullmatch(s):  # "1,234,567" but not "1,23" (a list)
+    if not listed and _THOUSANDS_RE.fullmatch(s):  # "1,234,567" but not "1,23" or "0,100" (lists)
         s = s.replace(",", "")
     if m := _PAREN_NUMBER_RE.fullmatch(s):  # "\textbf{(073)}" -> "073"
         s = m[1]

@@ -289,7 +289,7 @@ def read_lines(path: Path, bad: list[str]) -> list[tuple[int, object]]:
     with path.open("rb") as f:
         start = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if start.startswith(b"["):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):  # not one array: JSON lines, or bad lines
             data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, list):
                 return list(enumerate(data, 1))

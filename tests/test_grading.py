@@ -162,6 +162,8 @@ CASES = [
     ("boxed", r"\boxed{1e6}", "1000001", False),  # integers stay exact
     ("boxed", r"\boxed{7.2 \times 10^{18} \text{ J}}", "7.2e19", False),
     ("boxed", r"\boxed{73}", "730", False),
+    ("boxed", r"\boxed{2, 500}", "2500", False),  # a list, not a thousands separator
+    ("boxed", r"\boxed{0,100}", "100", False),
     # e alone is Euler's number or a variable, never an exponent
     ("boxed", r"\boxed{2e}", "2", False),
     ("boxed", r"\boxed{2e}", "2e", True),
