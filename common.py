@@ -320,9 +320,14 @@ def build_prompt(template: str, question: str) -> list[dict]:
 
 def as_answer(x) -> str:
     """Reference answers are strings: 27.0 becomes "27"; lists (OlympiadBench's ["$1$", "$2$"]) are
-    joined after their $...$ delimiters are dropped."""
+    joined after their $...$ delimiters are dropped. ValueError for what is no answer: null, true/false,
+    NaN or infinity, a list of lists."""
     if isinstance(x, (list, tuple)):
+        if any(isinstance(v, (list, tuple)) for v in x):
+            raise ValueError("a list of lists is not an answer")
         return ", ".join(strip_dollars(as_answer(v)) for v in x)
+    if x is None or isinstance(x, bool) or isinstance(x, float) and not math.isfinite(x):
+        raise ValueError(f"{x!r} is not an answer")
     if isinstance(x, float) and x.is_integer():
         return str(int(x))
     return str(x).strip()

@@ -334,7 +334,10 @@ def gold_of(row, where):
         if not isinstance(value, (str, int, float, list, tuple)):
             raise DataError(f"{where} field {key!r} is a {type(value).__name__}, not an answer; "
                             f"point --source at data in the task's layout or fix that row")
-        answer = as_answer(value)
+        try:
+            answer = as_answer(value)
+        except ValueError as e:
+            raise DataError(f"{where} field {key!r}: {e}; fix that row or drop it") from None
         if "####" in answer:
             raise DataError(f"{where} field {key!r} is a worked solution ending in '#### N': "
                             f"that is the gsm8k layout, convert it with the gsm8k task")
@@ -423,7 +426,11 @@ def convert_eurus(rows, template, source, split, task="eurus", ability="all"):
         if kind == "math":
             if question.endswith(instruction):
                 question = question[: -len(instruction)].rstrip()
-            out.append(make_row(task, split, i, template, source, question, as_answer(gold), **info))
+            try:
+                answer = as_answer(gold)
+            except ValueError as e:
+                raise DataError(f"{where} 'reward_model.ground_truth': {e}; fix that row or drop it") from None
+            out.append(make_row(task, split, i, template, source, question, answer, **info))
             continue
         tests = read_tests(gold, f"{where} 'reward_model.ground_truth'")
         row_out = make_row("code", split, i, "code", source, CODE_INSTRUCTION_RE.sub("", question), "",

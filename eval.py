@@ -227,7 +227,11 @@ def from_qwen(r: dict) -> dict | str:
     meta = {k: r[k] for k in ("level", "subfield", "unit", "answer_type") if r.get(k) is not None}
     if r.get("type") is not None:
         meta["subject"] = r["type"]
-    return {"id": str(r["idx"]), "task": "qwen_harness", "answer": as_answer(r["gt"]), "metadata": meta,
+    try:
+        gold = as_answer(r["gt"])
+    except ValueError as e:
+        return f"'gt': {e}"
+    return {"id": str(r["idx"]), "task": "qwen_harness", "answer": gold, "metadata": meta,
             "prompt": [{"role": "user", "content": r["question"]}] if isinstance(r.get("question"), str) else [],
             "completions": code, "original_correct": verdicts,
             "original_preds": [str(x) for x in pred] if isinstance(pred, list) and len(pred) == len(code) else None}
@@ -245,7 +249,10 @@ def from_lm_eval(r: dict, line: int) -> dict | str:
     if isinstance(target, str) and "####" in target:
         gold = gsm8k_gold(target)
     else:
-        gold = (last_boxed(target) if isinstance(target, str) else None) or as_answer(target)
+        try:
+            gold = (last_boxed(target) if isinstance(target, str) else None) or as_answer(target)
+        except ValueError as e:
+            return f"'target': {e}"
     keys = [k for k in (r.get("metrics") or []) if k in r] + [k for k in VERDICT_KEYS if k in r]
     verdict = next((v for v in (as_verdict(r[k]) for k in keys) if v is not None), None)
     doc = r.get("doc") if isinstance(r.get("doc"), dict) else {}
@@ -328,6 +335,12 @@ def read_outputs(path: Path, strict: bool) -> list[dict]:
         raise SystemExit(f"{path}: no valid records to score.")
     if bad:
         print(f"{path}: skipped {len(bad)} malformed line(s), scored {len(records)} records", file=sys.stderr)
+    if layout == "qwen":
+        uneven = sum(isinstance(o, dict) and isinstance(o.get("score"), list) and isinstance(o.get("code"), list)
+                     and len(o["score"]) != len(o["code"]) for _, o in lines)
+        if uneven:
+            print(f"{path}: {uneven} record(s) hold a different number of 'score' verdicts than 'code' "
+                  "completions; their verdicts are left out of the agreement", file=sys.stderr)
     if layout != "eval":
         style = answer_style_of(records)
         source = ANSWER_STYLE_TEXT.get(style)

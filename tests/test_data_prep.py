@@ -383,6 +383,14 @@ def test_split_named_truthfully(tmp_path):
                                                         "olympiadbench"))
 
 
+def test_what_is_no_answer_is_refused():
+    for value, says in ((True, "True is not an answer"), (float("nan"), "nan is not an answer"),
+                        ([[1, 2], [3]], "a list of lists is not an answer")):
+        with pytest.raises(dp.DataError, match=rf"mem row 0 field 'answer': {says}; fix that row or drop it"):
+            dp.convert_math([{"problem": "p", "answer": value}], "qwen_math", "mem", "test")
+    assert common.as_answer(["$1$", 2.0]) == "1, 2" and common.as_answer(-0.5) == "-0.5"
+
+
 def test_benchmark_metadata_and_tolerant_fields():
     rows, _ = convert("olympiadbench", "olympiadbench.jsonl")
     assert rows[2]["metadata"]["unit"] == "m" and "unit" not in rows[0]["metadata"]

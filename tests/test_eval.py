@@ -521,3 +521,12 @@ def test_unknown_layout_is_one_sentence_and_bad_foreign_lines_are_listed(tmp_pat
     ev.main([str(path)])
     err = capsys.readouterr().err
     assert f"{path}:2: missing field(s) ['code']" in err and f"{path}:3: 'code' must be a non-empty list" in err
+    # a null gold is no answer; verdicts that do not pair with the completions are left out, and said so
+    lines = [QWEN_LINES[0], {**QWEN_LINES[1], "gt": None}, {**QWEN_LINES[2], "score": [False]}]
+    path = write_lines(tmp_path / "qwen.jsonl", lines)
+    ev.main([str(path)])
+    captured = capsys.readouterr()
+    assert f"{path}:2: 'gt': None is not an answer" in captured.err
+    assert (f"{path}: 1 record(s) hold a different number of 'score' verdicts than 'code' completions; their "
+            "verdicts are left out of the agreement") in captured.err
+    assert "agreement with the file's own verdicts over 2 samples" in captured.out
