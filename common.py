@@ -1033,7 +1033,7 @@ class CodeLimits:
     open_files: int = 64  # RLIMIT_NOFILE of each process
     output_bytes: int = 1 << 20  # RLIMIT_FSIZE: stdout beyond this fails the write; also caps files
     tmp_bytes: int = 64 << 20  # size of the sandbox's /tmp, and of its /dev/shm
-    workers: int = 0  # programs graded in parallel (0: one per CPU core)
+    workers: int = 0  # programs graded in parallel by each process (0: its share of the usable cores)
 
 
 _LAUNCHER = r"""
@@ -1373,7 +1373,9 @@ def run_code_tests_many(jobs: list[tuple[str | None, dict | None]], limits: Code
         return []
     limits = limits or _code_setup["limits"]
     isolated = _code_isolation() if isolated is None else isolated
-    workers = min(len(jobs), limits.workers or os.cpu_count() or 1)
+    # every training process on a node grades its own rollouts at the same time: split the cores among them
+    share = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    workers = min(len(jobs), limits.workers or max(1, share))
 
     def grade(job) -> CodeResult:
         try:
