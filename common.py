@@ -1013,10 +1013,10 @@ def score_completions(rows: list[dict], texts: list[str], timeout: float = 5.0) 
 # the output cap, no core files) and only then runs the program. While it runs, the parent adds up
 # the resident memory of all its processes every 20 ms. At the wall limit, or when that sum passes
 # the memory limit, the parent kills the sandbox's pid 1, and the kernel kills everything left
-# inside with it; the call returns once they are gone. A root parent starts the sandbox as user nobody, because the
-# kernel does not apply the process limit to root. Without bubblewrap the user can accept running
-# the launcher as a bare subprocess (--allow_unsandboxed_code): same limits, a fresh temporary
-# folder, but no isolation from the network or the user's files (README: code task).
+# inside with it; the call returns once they are gone. A root parent starts the sandbox as user
+# nobody, because the kernel does not apply the process limit to root. Without bubblewrap the user
+# can accept running the launcher as a bare subprocess (--allow_unsandboxed_code): same limits, a
+# fresh temporary folder, but no isolation from the network or the user's files (README: "Code rows").
 SANDBOX_PYTHON = "/usr/bin/python3"
 _NOBODY = 65534
 _NOT_COMPILED = 98  # the launcher's exit status for a program that does not compile
