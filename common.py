@@ -1380,8 +1380,9 @@ def run_code_tests_many(jobs: list[tuple[str | None, dict | None]], limits: Code
     def grade(job) -> CodeResult:
         try:
             return run_tests(job[0], job[1], limits, isolated)
-        except Exception as e:  # whatever one program does, the batch and the run go on (rewards/errors)
-            logging.getLogger(__name__).warning("grading a program failed: %r", e)
+        except Exception as e:  # whatever one program does, the batch and the run go on
+            print(f"warning: grading a program failed ({e!r}); it scores 0 and counts in rewards/errors",
+                  file=sys.stderr, flush=True)
             return CodeResult(["error"])
 
     with ThreadPoolExecutor(workers) as pool:

@@ -96,8 +96,14 @@ def splits_named(file_name):
     return set(re.split(r"[^a-z]+", Path(file_name).stem.lower())) & set(SPLIT_WORDS)
 
 
-def data_files_in(folder, split):
-    files = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix in FORMATS)
+def local_files(path):
+    """The data files of a local path: the file itself, or every data file below a folder."""
+    path = Path(path)
+    return sorted(str(p) for p in path.rglob("*") if p.suffix in FORMATS) if path.is_dir() else [str(path)]
+
+
+def data_files_in(path, split):
+    files = local_files(path)
     # A downloaded hub snapshot keeps splits apart by file name (train-0000.parquet,
     # test.jsonl): if some names mention the split, use only those.
     named = [f for f in files if split in splits_named(f)]
@@ -110,7 +116,7 @@ def split_of_local(source, default):
     path = Path(source).expanduser()
     if is_saved_dataset(path):
         return default, False
-    files = data_files_in(path, default) if path.is_dir() else [str(path)]
+    files = data_files_in(path, default)
     named = [splits_named(f) for f in files]
     if named and all(len(n) == 1 and n == named[0] for n in named):
         return next(iter(named[0])), True
@@ -227,7 +233,7 @@ def load_rows(source, split, config=None):
             ds = ds[split]
         return ds
 
-    files = data_files_in(path, split) if path.is_dir() else [str(path)]
+    files = data_files_in(path, split)
     kinds = {FORMATS.get(Path(f).suffix) for f in files}
     if not files or None in kinds:
         raise DataError(f"{source} is not a {'/'.join(FORMATS)} file or a folder of them; convert it first")
@@ -325,6 +331,14 @@ BENCH_EXTRA = ("id", "idx", "unique_id", "year", "url", "subfield", "unit", "ans
                "is_multiple_answer", "error")
 
 
+def answer_text(value, where):
+    """common.as_answer, with what is no answer (null, true, NaN, a list of lists) as one sentence."""
+    try:
+        return as_answer(value)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}; fix that row or drop it") from None
+
+
 def gold_of(row, where):
     """(gold answer, field it came from) of a problem row; (None, None) when there is none."""
     for key in ANSWER_FIELDS:
@@ -334,10 +348,7 @@ def gold_of(row, where):
         if not isinstance(value, (str, int, float, list, tuple)):
             raise DataError(f"{where} field {key!r} is a {type(value).__name__}, not an answer; "
                             f"point --source at data in the task's layout or fix that row")
-        try:
-            answer = as_answer(value)
-        except ValueError as e:
-            raise DataError(f"{where} field {key!r}: {e}; fix that row or drop it") from None
+        answer = answer_text(value, f"{where} field {key!r}")
         if "####" in answer:
             raise DataError(f"{where} field {key!r} is a worked solution ending in '#### N': "
                             f"that is the gsm8k layout, convert it with the gsm8k task")
@@ -426,10 +437,7 @@ def convert_eurus(rows, template, source, split, task="eurus", ability="all"):
         if kind == "math":
             if question.endswith(instruction):
                 question = question[: -len(instruction)].rstrip()
-            try:
-                answer = as_answer(gold)
-            except ValueError as e:
-                raise DataError(f"{where} 'reward_model.ground_truth': {e}; fix that row or drop it") from None
+            answer = answer_text(gold, f"{where} 'reward_model.ground_truth'")
             out.append(make_row(task, split, i, template, source, question, answer, **info))
             continue
         tests = read_tests(gold, f"{where} 'reward_model.ground_truth'")
@@ -635,11 +643,11 @@ def resolve_split(args, spec):
     else the task's default."""
     path = Path(args.source).expanduser()
     if args.split and path.exists() and not is_saved_dataset(path):
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix in FORMATS) if path.is_dir() else [str(path)]
-        named = set().union(*map(splits_named, files))
+        named = set().union(*map(splits_named, local_files(path)))
         if named and args.split not in named:  # the ids would call test rows train
             raise DataError(f"--split {args.split}: the file names of {args.source} name the split(s) "
-                            f"{', '.join(sorted(named))}, not {args.split}; pass --split {min(named)}, or drop --split")
+                            f"{', '.join(sorted(named))}, not {args.split}; pass --split {min(named)}, "
+                            "or drop --split")
     if args.split:
         return args.split, args.split, "--split"
     if not path.exists():

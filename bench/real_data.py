@@ -134,8 +134,9 @@ def main():
     folder = Path(args.data)
     files = sorted(f for f in folder.glob("*") if f.suffix in data_prep.FORMATS) if folder.is_dir() else []
     if not files:
-        raise SystemExit(f"no benchmark files: {folder} is {'empty' if folder.is_dir() else 'a file' if folder.exists() else 'absent'}; pass "
-                         "--data DIR, a folder of benchmark .jsonl/.json/.parquet/.csv files (nothing was checked)")
+        what = "empty" if folder.is_dir() else "a file" if folder.exists() else "absent"
+        raise SystemExit(f"no benchmark files: {folder} is {what}; pass --data DIR, a folder of benchmark "
+                         ".jsonl/.json/.parquet/.csv files (nothing was checked)")
 
     import datasets  # paid once, outside the conversion timings
 
