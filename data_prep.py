@@ -8,7 +8,7 @@ One JSON object per line:
      "metadata": {"template": "qwen_math", "answer_style": "boxed", "source": "openai/gsm8k", ...}}
 
 If the template prefills the assistant turn (r1), the LAST prompt message is
-{"role": "assistant", "content": common.R1_PREFILL}; render it with continue_final_message=True.
+{"role": "assistant", "content": grading.R1_PREFILL}; render it with continue_final_message=True.
 
 Usage:
     python data_prep.py gsm8k --out data/gsm8k_train.jsonl
@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-# the prompt templates (shared with eval.py), and the one brace-matching extractor, GSM8K reader and
-# code-test reader (shared with the reward code)
-from common import (ANSWER_STYLE, PRIME_SUFFIX, R1_PREFILL, as_answer, build_prompt, code_test_cases, gsm8k_gold,
-                    last_boxed, write_jsonl)
+from common import write_jsonl
+# the prompt templates (shared with eval.py), the one brace-matching extractor and GSM8K reader (shared
+# with the rewards), and the code-test reader of the sandbox
+from grading import ANSWER_STYLE, PRIME_SUFFIX, R1_PREFILL, as_answer, build_prompt, gsm8k_gold, last_boxed
+from sandbox import code_test_cases
 
 # Default hub ids per task. Every one of them can be replaced by a local file or folder
 # with --source (that is how the tests run: there is no hub access there).
@@ -65,7 +66,7 @@ class DataError(ValueError):
     """A problem the user can fix (bad path, wrong layout). The CLI prints it as one line."""
 
 
-# Eurus-2-RL-Data writes PRIME's code instruction (common.CODE_INSTRUCTION) with small variations
+# Eurus-2-RL-Data writes PRIME's code instruction (grading.CODE_INSTRUCTION) with small variations
 # ("```\nat the end." or "``` at the end.")
 CODE_INSTRUCTION_RE = re.compile(r"\s*Write Python code to solve the problem\. Present the code in\s*```python\s*"
                                  r"Your code\s*```\s*at the end\.\s*$")
@@ -332,7 +333,7 @@ BENCH_EXTRA = ("id", "idx", "unique_id", "year", "url", "subfield", "unit", "ans
 
 
 def answer_text(value, where):
-    """common.as_answer, with what is no answer (null, true, NaN, a list of lists) as one sentence."""
+    """grading.as_answer, with what is no answer (null, true, NaN, a list of lists) as one sentence."""
     try:
         return as_answer(value)
     except ValueError as e:

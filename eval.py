@@ -5,8 +5,8 @@
     python eval.py runs/grpo_toy/eval/step_*.jsonl --plot             # one table, accuracy against step
     python eval.py samples_gsm8k_2025-01-01T00-00-00.jsonl             # another tool's outputs: agreement too
 
-The sampler, the answer checker and the outputs format are common.py's (Sampler, evaluate,
-score_completions): the files a training run writes under runs/NAME/eval/ are outputs files of this
+The sampler and the outputs format are common.py's (Sampler, evaluate), the answer checker is
+grading.py's (score_completions): the files a training run writes under runs/NAME/eval/ are outputs files of this
 script. Outputs of the Qwen2.5-Math evaluation harness and lm-evaluation-harness --log_samples files
 are read too, and their own verdicts compared with ours. Re-scoring always recomputes
 preds/correct/format from the completions, so a fix to the grader applies to old runs too.
@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ANSWER_STYLE, CODE_INSTRUCTION, PRIME_SUFFIX, Sampler, as_answer, atomic_write_text, build_prompt,
-                    check_code_sandbox, check_writable, evaluate, fit_context, gsm8k_gold, jsonable, last_boxed,
-                    last_tag, load_tasks, load_tokenizer, normalize_answer, read_jsonl, run_main, score_completions,
-                    score_fields, shutdown_grader, task_metrics, vllm_available, write_jsonl)
+from common import (Sampler, atomic_write_text, check_writable, evaluate, fit_context, jsonable, load_tasks,
+                    load_tokenizer, read_jsonl, run_main, score_fields, task_metrics, vllm_available, write_jsonl)
+from grading import (ANSWER_STYLE, CODE_INSTRUCTION, PRIME_SUFFIX, as_answer, build_prompt, gsm8k_gold, last_boxed,
+                     last_tag, normalize_answer, score_completions, shutdown_grader)
+from sandbox import check_code_sandbox
 
 # ----------------------------------------------------------------------------------------------
 # metrics of one problem (hand-computed tests: tests/test_eval.py)
@@ -60,7 +61,7 @@ def avg_at_k(correct: list[float], k: int) -> float:
 def maj_at_k(preds: list[str | None], correct: list[float], k: int) -> float:
     """maj@k: correctness of the most frequent answer among the first k samples.
 
-    Answers vote by their normalized string (common.normalize_answer: spacing, \\text{}, \\dfrac,
+    Answers vote by their normalized string (grading.normalize_answer: spacing, \\text{}, \\dfrac,
     thousands commas, $...$); samples without an answer abstain; a tie goes to the answer seen
     first. The winner's correctness is that of its first sample, as graded by the one checker.
     0 when no sample has an answer; nan when n < k.
@@ -362,7 +363,7 @@ def read_outputs(path: Path, strict: bool) -> list[dict]:
 
 
 def rescore(records: list[dict]) -> tuple[list[dict], int]:
-    """preds/correct/format recomputed from the completions with common.score_completions."""
+    """preds/correct/format recomputed from the completions with grading.score_completions."""
     rows = [dict(r, answer=str(r["answer"]), metadata=r.get("metadata") or {}) for r in records]
     flat_rows = [r for r in rows for _ in r["completions"]]
     scores, errors = score_completions(flat_rows, [c for r in rows for c in r["completions"]])

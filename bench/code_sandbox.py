@@ -4,7 +4,7 @@
 
 Part 1, programs per second with 2 workers (2 cores): one batch of small programs (a third correct,
 a third wrong, a third raising an exception), each run on 3 stdin/stdout tests, graded by
-common.run_code_tests_many through the bubblewrap sandbox, and the same batch as bare subprocesses
+sandbox.run_code_tests_many through the bubblewrap sandbox, and the same batch as bare subprocesses
 (the --allow_unsandboxed_code path: the same launcher and limits, no namespaces). Median of
 --repeats batches each; the ratio is the cost of isolation.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import CodeLimits, CodeResult, run_code_tests_many, run_tests, sandbox_unavailable  # noqa: E402
+from sandbox import CodeLimits, CodeResult, run_code_tests_many, run_tests, sandbox_unavailable  # noqa: E402
 
 # Sleepers left by the fork bomb, the wall-limit sleeper and the daemon carry these durations in their
 # command lines, so that survivors can be found after the batch.

@@ -1,5 +1,5 @@
 """Hostile text at scale: every property of tests/test_hostile_text.py on 10,000 random examples, and
-an adversarial grading batch of 1,000 completions through common.score_completions.
+an adversarial grading batch of 1,000 completions through grading.score_completions.
 
     python bench/fuzz.py                                     # the full run (about 25 min on 2 cores)
     python bench/fuzz.py --examples 300 --hostile_copies 1 --ordinary_copies 2   # a quick look
@@ -73,28 +73,28 @@ def run_properties(module, examples: int, tokenizer) -> tuple[int, int, int]:
 
 
 def run_batch(module, hostile_copies: int, ordinary_copies: int, timeout: float) -> dict:
-    import common
+    import grading
 
     rows, texts, expected = module.adversarial_batch(hostile_copies, ordinary_copies, shuffle_seed=0)
-    common.answers_match_many([("1", "2\\cdot\\frac{1}{2}")])  # pool start-up is not part of the batch
+    grading.answers_match_many([("1", "2\\cdot\\frac{1}{2}")])  # pool start-up is not part of the batch
     workers_before = module.settled_workers()
     start = time.monotonic()
     with module.time_limit(3600):
-        scores, errors = common.score_completions(rows, texts, timeout=timeout)
+        scores, errors = grading.score_completions(rows, texts, timeout=timeout)
     wall = time.monotonic() - start
     ordinary = [(s.correct, c) for s, c in zip(scores, expected) if c is not None]
     workers_after = module.settled_workers()  # -1: a worker stayed busy
-    common.shutdown_grader()
-    workers = common._MV_WORKERS
+    grading.shutdown_grader()
+    workers = grading._MV_WORKERS
     return dict(batch_n=len(texts), batch_hostile=len(texts) - len(ordinary), batch_wall_s=round(wall, 1),
                 batch_errors=errors, batch_ordinary_wrong=sum(got != want for got, want in ordinary),
                 batch_workers_before=workers_before, batch_workers_after=workers_after,
                 batch_workers_after_shutdown=len(module.grader_workers()),
                 batch_timeouts_floor_s=timeout * math.ceil(errors / workers),
-                batch_bound_s=timeout * math.ceil(len(texts) / workers) + common._MV_START_TIMEOUT,
+                batch_bound_s=timeout * math.ceil(len(texts) / workers) + grading._MV_START_TIMEOUT,
                 batch_wall_vs_timeouts_floor=round(wall / max(timeout * math.ceil(errors / workers), 1e-9), 3),
                 batch_wall_vs_bound=round(wall / (timeout * math.ceil(len(texts) / workers)
-                                                  + common._MV_START_TIMEOUT), 3))
+                                                  + grading._MV_START_TIMEOUT), 3))
 
 
 def main():

@@ -1,5 +1,5 @@
 """Real benchmark files: convert each with data_prep.py, then grade each row's own worked solution
-against the converted gold with the grader that training and eval.py use (common.score_completions).
+against the converted gold with the grader that training and eval.py use (grading.score_completions).
 
     python bench/real_data.py --data DIR      # DIR: a folder of benchmark files (none ship with the repo)
 
@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data_prep  # noqa: E402
-from common import _mv_verify, answers_match_many, last_boxed, load_tasks, score_completions, shutdown_grader  # noqa: E402
+from common import load_tasks  # noqa: E402
+from grading import _mv_verify, answers_match_many, last_boxed, score_completions, shutdown_grader  # noqa: E402
 
 # file name -> data_prep task: the first pattern found in the name (lower case) wins
 TASK_OF_NAME = [("gsm8k", "gsm8k"), ("math500", "math500"), ("math_500", "math500"), ("minerva", "minerva"),

@@ -62,7 +62,8 @@ def trl_worker(model: str, train: str, max_len: int, micro: int, steps: int, out
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from common import load_tasks, render_prompt, score_completions
+    from common import load_tasks, render_prompt
+    from grading import score_completions
 
     tok = AutoTokenizer.from_pretrained(model)
     rows = load_tasks(train)[: PROMPTS * steps]

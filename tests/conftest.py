@@ -56,18 +56,18 @@ def torchrun() -> list[str]:
 
 
 def answers_match(pred: str | None, gold: str, timeout: float = 5.0) -> bool:
-    """One (pred, gold) pair through the grader's entry point, common.answers_match_many."""
-    import common
+    """One (pred, gold) pair through the grader's entry point, grading.answers_match_many."""
+    import grading
 
-    return common.answers_match_many([(pred, gold)], timeout)[0][0]
+    return grading.answers_match_many([(pred, gold)], timeout)[0][0]
 
 
 def parse_number(s: str) -> float | None:
     """The value the grader's fast path reads from a plain number (int, decimal, a/b, \\frac{a}{b},
     4.5e33, 4.5\\times10^{33}, 50\\% -> 50.0) as a finite float, or None."""
-    import common
+    import grading
 
-    value = common._parse_fraction(common.normalize_answer(s))
+    value = grading._parse_fraction(grading.normalize_answer(s))
     if value is None:
         return None
     try:
@@ -113,7 +113,7 @@ def settled_workers(wait: float = 60.0) -> int:
     """The number of grader workers once the pool is full again and each worker is idle (under 0.1
     CPU-second in half a second): pebble replaces a killed worker a moment later, and a replacement
     needs a few seconds to import sympy; a stuck worker never settles (-1)."""
-    import common
+    import grading
 
     deadline = time.monotonic() + wait
     count = -1
@@ -124,6 +124,6 @@ def settled_workers(wait: float = 60.0) -> int:
             time.sleep(0.5)
             idle = all(sum(w.cpu_times()[:2]) - b < 0.1 for w, b in zip(workers, before))
             count = len(workers) if idle else -1
-            if count >= common._MV_WORKERS:
+            if count >= grading._MV_WORKERS:
                 return count
     return count

@@ -36,7 +36,8 @@ def main():
     model, optimizer = acc.prepare(model, optimizer)
     sampler = Sampler("vllm", model_dir, tok, model=unwrap(model), accelerator=acc, max_model_len=256,
                       gpu_memory_utilization=0.2, tensor_parallel_size=tp, dtype="float32", seed=0)
-    assert sampler.executor == "external_launcher", sampler.executor
+    executor = sampler.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+    assert executor == "external_launcher", executor  # one engine per process, in torchrun's process group
     rows = load_tasks(Path(model_dir).parent / "test.jsonl")[:8]
     prompts = encode_prompts(tok, rows[rank::world])  # different prompts on each rank
 

@@ -1,5 +1,5 @@
 """The code task: program extraction, test reading and output matching, hand-written programs scored
-through common.score_completions with hand-computed rewards, and the sandbox against hostile programs."""
+through grading.score_completions with hand-computed rewards, and the sandbox against hostile programs."""
 
 import json
 import os
@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-import common
-from common import (CodeLimits, code_test_cases, extract_answer, format_ok, last_code_block, output_matches,
-                    run_program, run_tests, sandbox_unavailable, score_completions)
+import sandbox
+from grading import extract_answer, format_ok, last_code_block, score_completions
+from sandbox import CodeLimits, code_test_cases, output_matches, run_program, run_tests, sandbox_unavailable
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -22,7 +22,8 @@ FAST = CodeLimits(time_seconds=1.5, workers=2)  # small wall limits keep the att
 
 
 @pytest.fixture(scope="module")
-def sandbox():
+def bwrap():
+    """Tests that need the bubblewrap sandbox itself fail (not skip) where it cannot start."""
     why = sandbox_unavailable()
     assert why is None, f"the code sandbox cannot start here ({why}); CI installs bubblewrap with install.sh as root"
 
@@ -71,7 +72,7 @@ def test_close_numbers_match_and_integers_must_be_equal():
     assert not output_matches(b"inf\n", "1e308", None) and not output_matches(b"YES\n", "NO", None)
 
 
-def test_a_return_value_nested_too_deep_to_read_fails_without_stopping_the_batch(sandbox):
+def test_a_return_value_nested_too_deep_to_read_fails_without_stopping_the_batch(bwrap):
     """The program replaces json.dumps, so that the launcher writes 100,000 nested brackets: reading them
     raises RecursionError in the grading process; the test fails, the batch goes on."""
     deep = "import json\njson.dumps = lambda v: '[' * 100000 + ']' * 100000\ndef f(x):\n    return x\n"
@@ -80,7 +81,7 @@ def test_a_return_value_nested_too_deep_to_read_fails_without_stopping_the_batch
     assert [s.correct for s in scores] == [0.0, 1.0] and errors == 0
 
 
-def test_a_programs_tests_share_one_time_budget(sandbox):
+def test_a_programs_tests_share_one_time_budget(bwrap):
     """8 tests of 0.9 s against a 1.5 s limit per test and 3 s per program: 3 pass, the 4th is cut at the
     budget (a timeout), the rest are skipped; the whole takes the budget, not 8 x 0.9 s."""
     slow = "import time\ntime.sleep(0.9)\nprint(1)"
@@ -91,7 +92,7 @@ def test_a_programs_tests_share_one_time_budget(sandbox):
     assert time.perf_counter() - start < 3.0 + 1.0
 
 
-def test_a_program_that_writes_like_bwrap_is_not_a_sandbox_error(sandbox):
+def test_a_program_that_writes_like_bwrap_is_not_a_sandbox_error(bwrap):
     fake = "import sys\nsys.stderr.write('bwrap: Can not mount tmpfs')\nsys.exit(1)"
     assert run_program(fake, b"", None, FAST, True)[0] == "exit"
 
@@ -132,7 +133,7 @@ COMPLETIONS = [  # (tests, completion, correct, tests passed, format)
 ]
 
 
-def test_hand_written_programs_through_score_completions(sandbox):
+def test_hand_written_programs_through_score_completions(bwrap):
     scores, errors = score_completions([code_row(t) for t, *_ in COMPLETIONS], [c for _, c, *_ in COMPLETIONS])
     assert errors == 0 and not any(s.timed_out for s in scores)
     for s, (_, completion, correct, passed, fmt) in zip(scores, COMPLETIONS):
@@ -141,7 +142,7 @@ def test_hand_written_programs_through_score_completions(sandbox):
     assert scores[0].pred == READ + "print(a + b)\n"  # the program that ran
 
 
-def test_grpo_code_term_is_the_share_of_tests_passed(sandbox):
+def test_grpo_code_term_is_the_share_of_tests_passed(bwrap):
     from grpo_logprob import reward_terms
 
     picked = [COMPLETIONS[i] for i in (0, 3, 2, 8)]
@@ -156,8 +157,8 @@ def test_a_program_that_does_not_compile_runs_once():
     assert run_tests("def f(:", SUM_TESTS, FAST, isolated=False).outcomes == ["fail", "skipped", "skipped"]
 
 
-def test_a_timeout_scores_zero_is_counted_and_ends_the_program(sandbox, monkeypatch):
-    monkeypatch.setitem(common._code_setup, "limits", FAST)
+def test_a_timeout_scores_zero_is_counted_and_ends_the_program(bwrap, monkeypatch):
+    monkeypatch.setitem(sandbox._code_setup, "limits", FAST)
     start = time.perf_counter()
     scores, errors = score_completions([code_row(SUM_TESTS)] * 2,
                                        [fenced("while True:\n    pass\n"), fenced(READ + "print(a + b)\n")])
@@ -167,7 +168,7 @@ def test_a_timeout_scores_zero_is_counted_and_ends_the_program(sandbox, monkeypa
     assert run_tests("while True:\n    pass", SUM_TESTS, FAST, True).outcomes == ["timeout", "skipped", "skipped"]
 
 
-def test_a_program_killed_by_a_signal_is_an_error(sandbox):
+def test_a_program_killed_by_a_signal_is_an_error(bwrap):
     crash = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)"
     assert run_tests(crash, SUM_TESTS, FAST, True).outcomes[0] == "crash"
     scores, errors = score_completions([code_row(SUM_TESTS)], [fenced(crash + "\n")])
@@ -180,7 +181,7 @@ def test_malformed_tests_are_an_error_not_a_score():
 
 
 # --- the sandbox against hostile programs -----------------------------------------------------
-def test_attacks_score_zero_and_nothing_escapes(sandbox):
+def test_attacks_score_zero_and_nothing_escapes(bwrap):
     """Each attack runs next to a correct program in one batch (2 workers, 1.5 s wall limit)."""
     report = code_sandbox.run_attacks(FAST)
     failed = {name: a["outcomes"] for name, a in report["attacks"].items() if not a["contained"]}
@@ -193,7 +194,7 @@ def test_attacks_score_zero_and_nothing_escapes(sandbox):
     assert report["seconds"] < report["bound"] == 16.0
 
 
-def test_the_memory_attack_holds_its_memory_where_the_limit_allows_it(sandbox, tmp_path):
+def test_the_memory_attack_holds_its_memory_where_the_limit_allows_it(bwrap, tmp_path):
     """The check of memory_in_children can fail: under an 8 GiB limit its four children hold 3.6 GB."""
     attack = next(a for a in code_sandbox.attack_suite(tmp_path, 0)[0] if a.name == "memory_in_children")
     status, stdout, _ = run_program(attack.program, b"", None, CodeLimits(memory_bytes=8 << 30), True)
@@ -202,7 +203,7 @@ def test_the_memory_attack_holds_its_memory_where_the_limit_allows_it(sandbox, t
     assert (status, stdout) == ("memory", b"")
 
 
-def test_output_is_capped_by_the_parent(sandbox):
+def test_output_is_capped_by_the_parent(bwrap):
     gigabyte = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)"
     status, stdout, _ = run_program(gigabyte, b"", None, FAST, isolated=True)
     assert status == "exit" and len(stdout) == FAST.output_bytes  # the write beyond the cap fails

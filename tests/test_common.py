@@ -17,8 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import grading
 from common import (Rollout, Sampler, _ChunkedLogprobEntropy, collate, collate_ids, load_tasks, lr_scheduler,
-                    parse_args, prompts_for_step, score_completions, shard, token_logprobs, top_p_filter)
+                    parse_args, prompts_for_step, shard, token_logprobs, top_p_filter)
+from grading import score_completions
 from conftest import REPO
 
 
@@ -199,7 +201,7 @@ def test_a_crashing_scorer_scores_zero_and_is_counted(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("scorer crashed")
 
-    monkeypatch.setattr(common, "countdown_correct", boom)
+    monkeypatch.setattr(grading, "countdown_correct", boom)
     rows = [_row("countdown", "1 + 2", nums=[1, 2], target=3), _row("toy", "7")]
     scores, errors = score_completions(rows, ["</think><answer>1 + 2</answer>", "</think><answer>7</answer>"])
     assert errors == 1 and scores[0].correct == 0.0 and scores[1].correct == 1.0

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import grading  # noqa: E402
 import data_prep as dp  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def check_schema(rows, task, template):
         assert meta["answer_style"] == {"r1": "tag", "qwen_math": "boxed", "prime": "boxed"}[template]
         assert meta["source"]
         if template == "r1":
-            assert r["prompt"][-1] == {"role": "assistant", "content": common.R1_PREFILL}
+            assert r["prompt"][-1] == {"role": "assistant", "content": grading.R1_PREFILL}
         else:
             assert r["prompt"][-1]["role"] == "user"
 
@@ -94,19 +95,19 @@ def eval_expr(text):
 # --- templates ---------------------------------------------------------------------------
 def test_build_prompt_templates():
     q = "What is 1+1?"
-    assert common.build_prompt("qwen_math", q) == [
+    assert grading.build_prompt("qwen_math", q) == [
         {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
         {"role": "user", "content": q}]
-    assert common.build_prompt("prime", q) == [
+    assert grading.build_prompt("prime", q) == [
         {"role": "user", "content": q + "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"}]
-    r1 = common.build_prompt("r1", q)
+    r1 = grading.build_prompt("r1", q)
     assert [m["role"] for m in r1] == ["system", "user", "assistant"]
     assert r1[0]["content"].endswith("<think> reasoning process here </think>\n<answer> answer here </answer>.")
     assert r1[-1]["content"] == "Let me solve this step by step.\n<think>"
-    assert common.build_prompt("code", q) == [{"role": "user", "content": q + "\n\nWrite Python code to solve the problem. "
+    assert grading.build_prompt("code", q) == [{"role": "user", "content": q + "\n\nWrite Python code to solve the problem. "
                                             "Present the code in \n```python\nYour code\n```\nat the end."}]
     with pytest.raises(ValueError, match="unknown template"):
-        common.build_prompt("nope", q)
+        grading.build_prompt("nope", q)
 
 
 def test_last_boxed_nested_braces():
@@ -171,12 +172,12 @@ def test_eurus_math_rows_strip_prime_suffix():
     assert skipped == 0 and len(rows) == 5
     assert [r["answer"] for r in math_rows] == ["2", "12", "4"]
     questions = [r["prompt"][-1]["content"] for r in math_rows]
-    assert questions[0] == "What is the remainder when $2^{10}$ is divided by $7$?" + common.PRIME_SUFFIX
+    assert questions[0] == "What is the remainder when $2^{10}$ is divided by $7$?" + grading.PRIME_SUFFIX
     assert all(q.count("Present the answer in LaTex format") == 1 for q in questions)
-    assert math_rows[2]["prompt"][-1]["content"] == "How many primes are less than $10$?" + common.PRIME_SUFFIX
+    assert math_rows[2]["prompt"][-1]["content"] == "How many primes are less than $10$?" + grading.PRIME_SUFFIX
     # PRIME's own system prompt is dropped; the question is re-templated.
     rows, _ = convert("eurus", "eurus.jsonl")
-    assert rows[0]["prompt"][0]["content"] == common.QWEN_MATH_SYSTEM
+    assert rows[0]["prompt"][0]["content"] == grading.QWEN_MATH_SYSTEM
     assert rows[0]["prompt"][1]["content"] == "What is the remainder when $2^{10}$ is divided by $7$?"
     assert rows[2]["metadata"]["data_source"] == "numina_olympiads"
 
@@ -186,7 +187,7 @@ def check_code_rows(rows, prefix):
     for r in rows:
         assert r["task"] == "code" and r["id"].startswith(prefix + "-") and isinstance(r["answer"], str)
         assert r["metadata"]["template"] == "code" and r["metadata"]["answer_style"] == "code"
-        assert r["prompt"][-1]["role"] == "user" and r["prompt"][-1]["content"].endswith("\n\n" + common.CODE_INSTRUCTION)
+        assert r["prompt"][-1]["role"] == "user" and r["prompt"][-1]["content"].endswith("\n\n" + grading.CODE_INSTRUCTION)
         assert r["prompt"][-1]["content"].count("Write Python code") == 1
 
 
@@ -225,7 +226,7 @@ def test_taco_layout_stdin_and_call_tests():
 
 def test_reference_solutions_pass_their_own_tests():
     """The fixture's reference solutions, graded in the sandbox: every test passes."""
-    from common import run_code_tests_many
+    from sandbox import run_code_tests_many
 
     rows, _ = convert("taco", "taco.jsonl")
     solved = [r for r in rows if r["answer"]]
@@ -388,7 +389,7 @@ def test_what_is_no_answer_is_refused():
                         ([[1, 2], [3]], "a list of lists is not an answer")):
         with pytest.raises(dp.DataError, match=rf"mem row 0 field 'answer': {says}; fix that row or drop it"):
             dp.convert_math([{"problem": "p", "answer": value}], "qwen_math", "mem", "test")
-    assert common.as_answer(["$1$", 2.0]) == "1, 2" and common.as_answer(-0.5) == "-0.5"
+    assert grading.as_answer(["$1$", 2.0]) == "1, 2" and grading.as_answer(-0.5) == "-0.5"
 
 
 def test_benchmark_metadata_and_tolerant_fields():
@@ -539,13 +540,13 @@ def test_toy_task_files_split_and_model(toy):
         for step in row["metadata"]["steps"]:
             value = value + int(step[1:]) if step[0] == "+" else value - int(step[1:])
         assert row["answer"] == str(value) and row["task"] == "toy"
-        assert row["prompt"][-1] == {"role": "assistant", "content": common.R1_PREFILL}
+        assert row["prompt"][-1] == {"role": "assistant", "content": grading.R1_PREFILL}
         assert row["metadata"]["answer_style"] == "tag"
     tok = AutoTokenizer.from_pretrained(toy / "model")
     model = AutoModelForCausalLM.from_pretrained(toy / "model")
     assert model.config.model_type == "qwen2" and model.config.head_dim >= 32
     text = render_prompt(tok, test[0]["prompt"])
-    assert text.endswith("<|im_start|>assistant\n" + common.R1_PREFILL)
+    assert text.endswith("<|im_start|>assistant\n" + grading.R1_PREFILL)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3  # chat markers are single tokens

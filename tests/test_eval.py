@@ -13,7 +13,8 @@ import pytest
 
 import data_prep as dp
 import eval as ev
-from common import build_prompt, read_jsonl, score_completions, write_jsonl
+from common import read_jsonl, write_jsonl
+from grading import build_prompt, score_completions
 from conftest import REPO, run_script
 
 FIXTURES = REPO / "tests" / "fixtures"

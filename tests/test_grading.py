@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-import common
-from common import (_mv_verify, answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok,
-                    gsm8k_gold, last_boxed, last_tag, normalize_answer, shutdown_grader)
+import grading
+from grading import (_mv_verify, answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok,
+                     gsm8k_gold, last_boxed, last_tag, normalize_answer, shutdown_grader)
 from conftest import answers_match, grader_workers, parse_number, time_limit
 
 # ---------------------------------------------------------------------------
@@ -243,20 +243,20 @@ def test_timeouts_in_a_batch_keep_the_other_results():
         results, n_failed = answers_match_many(pairs, timeout=5.0)
     assert results == [False, False, True, True, False] and n_failed == 2
     # the batch's bound: timeout x ceil(4 Math-Verify pairs / workers) + one start-up allowance
-    assert time.monotonic() - start < 5.0 * math.ceil(4 / common._MV_WORKERS) + common._MV_START_TIMEOUT
+    assert time.monotonic() - start < 5.0 * math.ceil(4 / grading._MV_WORKERS) + grading._MV_START_TIMEOUT
 
 
 def test_a_worker_killed_from_outside_is_replaced():
     # e.g. by the out-of-memory killer while idle: the worker pool library then marks its pool
     # broken for good, and every later answer would fail
     assert answers_match(r"2\sqrt{2}", r"\sqrt{8}")
-    pool = common._pool
+    pool = grading._pool
     os.kill(grader_workers()[0].pid, signal.SIGKILL)  # not reaped here: the pool has to notice
     deadline = time.monotonic() + 10
     while pool.active and time.monotonic() < deadline:  # the pool's manager notices within 0.1 s
         time.sleep(0.1)
     assert answers_match(r"2\sqrt{2}", r"\sqrt{8}")
-    assert len(grader_workers()) == common._MV_WORKERS
+    assert len(grader_workers()) == grading._MV_WORKERS
 
 
 def test_huge_exponents_are_decided_at_once(monkeypatch):
@@ -265,7 +265,7 @@ def test_huge_exponents_are_decided_at_once(monkeypatch):
     def no_pool():
         raise AssertionError("a huge exponent reached Math-Verify")
 
-    monkeypatch.setattr(common, "_get_pool", no_pool)
+    monkeypatch.setattr(grading, "_get_pool", no_pool)
     pairs = [("1e999999999", "1"), (r"9 \times 10^{99999999999}", "9"), ("1e-999999999", "0"),
              ("1e999999999", "1e999999999"), ("2e10000", "2e10000")]
     assert answers_match_many(pairs) == ([False, False, False, True, True], 0)

@@ -369,7 +369,8 @@ def test_poem_completion_trains_on_the_poem_rule_and_logprob_rewards(toy, tmp_pa
 def test_code_rows_train_through_the_sandboxed_reward(toy, tmp_path):
     """The toy model's programs fail; the point is the reward path: programs run in the sandbox, and the
     logged rewards are what score_completions gives the logged completions."""
-    from common import load_tasks, score_completions
+    from common import load_tasks
+    from grading import score_completions
 
     data = tmp_path / "code.jsonl"
     run_script(["data_prep.py", "taco", "--source", str(REPO / "tests" / "fixtures" / "taco.jsonl"), "--out", str(data)])

@@ -1,6 +1,6 @@
 """Hostile text: property-based tests (hypothesis) of everything that reads model output or an
 outputs file, each call under a time limit; and a batch of adversarial completions graded through
-common.score_completions, the entry point training uses.
+grading.score_completions, the entry point training uses.
 
 CI runs each property on 200 examples (profile "ci", derandomized: the same examples every run).
 `python bench/fuzz.py` runs the same properties on 10,000 random examples each (profile "fuzz").
@@ -22,10 +22,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import common
+import grading
 import eval as ev
-from common import (Rollout, _fast_match, _parse_fraction, countdown_correct, countdown_value, extract_answer,
-                    format_ok, last_boxed, last_tag, normalize_answer, score_completions)
+from common import Rollout
+from grading import (_fast_match, _parse_fraction, countdown_correct, countdown_value, extract_answer, format_ok,
+                     last_boxed, last_tag, normalize_answer, score_completions)
 from conftest import Hang, answers_match, grader_workers, parse_number, settled_workers, time_limit  # noqa: F401  Hang: bench/fuzz.py
 from grpo_logprob import reasoning_mask, reasoning_token_count
 
@@ -381,20 +382,20 @@ def adversarial_batch(hostile_copies: int = 1, ordinary_copies: int = 1, shuffle
 def test_adversarial_batch_is_graded_in_bounded_time():
     rows, texts, expected = adversarial_batch()
     answers_match("1", "2\\cdot\\frac{1}{2}")  # the pool is up: its start-up is not measured
-    assert settled_workers() == common._MV_WORKERS
+    assert settled_workers() == grading._MV_WORKERS
     start = time.monotonic()
     with time_limit(300):  # the hanging towers must not make the batch hang
         scores, errors = score_completions(rows, texts)
     wall = time.monotonic() - start
-    assert wall < 5.0 * math.ceil(len(texts) / common._MV_WORKERS) + common._MV_START_TIMEOUT  # answers_match_many's bound
+    assert wall < 5.0 * math.ceil(len(texts) / grading._MV_WORKERS) + grading._MV_START_TIMEOUT  # answers_match_many's bound
     # the towers time out and are counted; the other hostile inputs may fail too, and are counted
     assert len(TOWERS) <= errors <= len(HOSTILE), (errors, wall)
     got = [s.correct for s, c in zip(scores, expected) if c is not None]
     assert got == [c for c in expected if c is not None]  # ordinary answers after the towers: right
     # the stuck workers were killed and replaced: as many as before, and none left busy
-    assert settled_workers() == common._MV_WORKERS
+    assert settled_workers() == grading._MV_WORKERS
     assert answers_match("2\\sqrt{2}", "\\sqrt{8}")
-    common.shutdown_grader()
+    grading.shutdown_grader()
     assert grader_workers() == []
 
 

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 import common
+import grading
 from common import read_jsonl
 from conftest import REPO, run_script
 
@@ -113,7 +114,7 @@ def test_a_run_killed_twice_and_interrupted_twice_resumes_to_the_straight_run(to
                     "step(s)).") in stdout.splitlines()
         if signum == signal.SIGKILL:
             continue
-        assert workers >= common._MV_WORKERS, stderr[-3000:]  # Math-Verify's pool was running
+        assert workers >= grading._MV_WORKERS, stderr[-3000:]  # Math-Verify's pool was running
         assert alive(children) == [], alive(children)
         name = signal.Signals(signum).name
         last = stderr.strip().splitlines()[-1]
@@ -164,7 +165,7 @@ def test_an_exception_in_a_reward_leaves_no_child_behind(toy, graded_by_math_ver
     assert proc.returncode == 1 and "RuntimeError: a reward function crashed" in proc.stderr, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("CHILDREN"))
     children = [tuple(map(float, child.split(":"))) for child in line.split()[1:]]  # (pid, creation time)
-    assert len(children) >= common._MV_WORKERS
+    assert len(children) >= grading._MV_WORKERS
     assert [pid for pid, created in children if still_there(int(pid), created)] == []
 
 

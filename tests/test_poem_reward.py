@@ -1,10 +1,10 @@
-"""The poem rule reward (common.poem_components): each component on hand-written poems with
+"""The poem rule reward (grading.poem_components): each component on hand-written poems with
 hand-computed scores, the weighted sum, and poem rows through score_completions and the grpo term."""
 
 import pytest
 import torch
 
-from common import POEM_WEIGHTS, poem_components, score_completions, syllable_count, words_rhyme
+from grading import POEM_WEIGHTS, poem_components, score_completions, syllable_count, words_rhyme
 
 BEGIN = "I wandered through the night\nBeneath the silver moon"
 GOLD = "And found a hidden light\nThat faded all too soon"  # ABAB with the beginning

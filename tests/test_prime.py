@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from common import Rollout, Score, prompts_for_step
+from common import Rollout, prompts_for_step
+from grading import Score
 from common import read_jsonl
 from conftest import REPO, run_script, torchrun
 from prime import (discounted_returns, from_json, implicit_process_rewards, keep_groups, last_token_mask,
