@@ -52,7 +52,14 @@ R1_SYSTEM = (
 R1_PREFILL = "Let me solve this step by step.\n<think>"
 # PRIME's instruction for coding problems; the reward runs the last ```python block against the tests.
 CODE_INSTRUCTION = "Write Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
-ANSWER_STYLE = {"qwen_math": "boxed", "prime": "boxed", "r1": "tag", "code": "code"}  # template -> answer_style
+# GSM8K's own answer line, shown once: a worked example as an earlier turn, then the question. Greedy on
+# 100 GSM8K test problems, SmolLM2-135M-Instruct wrote a final "#### N" line in 0 under qwen_math (it
+# ends with "The answer is N"), 16 with the instruction as a system prompt, 91 after this example.
+GSM8K_EXAMPLE = ("A shop sells pens at 3 dollars each. Tom buys 4 pens and pays with a 20 dollar bill. "
+                 "How much change does he get?",
+                 "4 pens cost 4 * 3 = 12 dollars.\nHis change is 20 - 12 = 8 dollars.\n#### 8")
+ANSWER_STYLE = {"qwen_math": "boxed", "prime": "boxed", "r1": "tag", "code": "code",
+                "gsm8k": "gsm8k"}  # template -> answer_style
 
 
 def build_prompt(template: str, question: str) -> list[dict]:
@@ -66,6 +73,9 @@ def build_prompt(template: str, question: str) -> list[dict]:
                 {"role": "assistant", "content": R1_PREFILL}]
     if template == "code":
         return [{"role": "user", "content": question + "\n\n" + CODE_INSTRUCTION}]
+    if template == "gsm8k":
+        return [{"role": "user", "content": GSM8K_EXAMPLE[0]}, {"role": "assistant", "content": GSM8K_EXAMPLE[1]},
+                {"role": "user", "content": question}]
     raise ValueError(f"unknown template {template!r}; choose one of {sorted(ANSWER_STYLE)}")
 
 
@@ -91,8 +101,8 @@ def strip_dollars(s: str) -> str:
 
 
 def answer_style(row: dict) -> str:
-    """How the answer is written: "tag" (<answer>..</answer>, R1 template), "boxed" (\\boxed{}) or "code"
-    (a fenced Python block)."""
+    """How the answer is written: "tag" (<answer>..</answer>, R1 template), "boxed" (\\boxed{}), "gsm8k" (a
+    final "#### N" line) or "code" (a fenced Python block)."""
     default = "tag" if row["task"] in ("toy", "countdown", "poem") else "code" if row["task"] == "code" else "boxed"
     return row.get("metadata", {}).get("answer_style", default)
 
