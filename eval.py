@@ -529,7 +529,7 @@ def generate(args) -> tuple[list[dict], int]:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     sampler = Sampler(backend, args.model, tokenizer, model=model, max_model_len=args.max_model_len,
-                      gpu_memory_utilization=args.gpu_memory_utilization,
+                      gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
                       tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, seed=args.seed)
     metrics, records = evaluate(sampler, tokenizer, rows, n=args.n, temperature=args.temperature,
                                 max_tokens=args.max_tokens, seed=args.seed, top_p=args.top_p)
@@ -565,7 +565,8 @@ def parse(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model weights")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--max_model_len", type=int, default=0, help="vLLM: prompt + completion tokens (0: model's own)")
-    p.add_argument("--gpu_memory_utilization", type=float, default=0.3, help="vLLM: memory fraction (CPU RAM on CPU)")
+    p.add_argument("--gpu_memory_utilization", type=float, default=0.3, help="vLLM on GPU: memory fraction")
+    p.add_argument("--cpu_kv_cache_gb", type=float, default=1.0, help="vLLM on CPU: KV cache size in GiB")
     p.add_argument("--tensor_parallel_size", type=int, default=1, help="vLLM: tensor parallel size")
     p.add_argument("--by", default="subject,level", help="comma-separated metadata fields to break results down by")
     p.add_argument("--out", help="with --model: the outputs .jsonl (default runs/evals/MODEL__DATASET.jsonl); "
@@ -588,6 +589,8 @@ def parse(argv=None):
         p.error("--n and --max_tokens must be at least 1.")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.limit < 0 or args.max_model_len < 0:
         p.error("--temperature, --limit and --max_model_len must not be negative, and --top_p must be in (0, 1].")
+    if args.cpu_kv_cache_gb <= 0:
+        p.error(f"--cpu_kv_cache_gb {args.cpu_kv_cache_gb}: must be greater than 0.")
     return args
 
 

@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 from common import (POEM_WEIGHTS, Run, RunArgs, StepStats, Timer, accumulate, add_logprob_gap, answer_style,
                     check_code_sandbox, check_run, collate, collate_ids, encode_prompts, gather_floats, index_batch,
-                    is_sharded, logprob_gap_metrics, make_accelerator, make_evaluator, micro_batches, number,
-                    optimizer_step, pad_token_id, parse_args, peak_memory, prompts_for_step, render_prompt, run_main,
-                    score_completions, setup_policy, shard, start_sampler, step_seed, token_logprobs, unwrap)
+                    is_sharded, logprob_gap_metrics, logprob_timer, make_accelerator, make_evaluator, micro_batches,
+                    number, optimizer_step, pad_token_id, parse_args, peak_memory, prompts_for_step, render_prompt,
+                    run_main, score_completions, setup_policy, shard, start_sampler, step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -132,6 +132,17 @@ ANSWER_BLIND_TERMS = ("logprob", "ppl_relative", "ppl_absolute", "ppl_hybrid")  
 # The end of the reasoning in the R1 format. The log-prob reward paper's code wrote it "<\think>", where
 # "\t" is a TAB: it never matched, and almost every completion was masked out (tests/test_grpo.py).
 END_OF_REASONING = "</think>"
+# Per answer style: (where the reasoning ends, the cue the reference answer is scored after, how the task
+# writes that answer). tag: R1's </think> then <answer>; boxed: the final \boxed{ opens; gsm8k: the final
+# "#### N" line (a small instruct model's native format).
+REASONING_END = {"tag": (END_OF_REASONING, END_OF_REASONING + "\n", "<answer>{}</answer>"),
+                 "boxed": ("\\boxed{", "\\boxed{", "{}}}"),
+                 "gsm8k": ("####", "#### ", "{}")}
+
+
+def reasoning_end(style: str) -> tuple[str, str, str]:
+    """REASONING_END of an answer style; code rows take boxed's (a program has no reference answer to score)."""
+    return REASONING_END.get(style, REASONING_END["boxed"])
 
 
 def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = END_OF_REASONING) -> int | None:
@@ -155,13 +166,16 @@ def reasoning_token_count(tokenizer, completion_ids: list[int], marker: str = EN
     return lo
 
 
-def reasoning_mask(tokenizer, rollouts, width: int, marker: str = END_OF_REASONING) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, width] mask of the reasoning tokens (marker included), and a [N] bool: marker found. A
-    completion without the marker gets an all-zero row: no policy gradient (fill_failed sets its reward)."""
+def reasoning_mask(tokenizer, rollouts, width: int, marker: str | list[str] = END_OF_REASONING
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, width] mask of the reasoning tokens (marker included), and a [N] bool: marker found. `marker`:
+    one for all, or one per rollout (its row's answer style: REASONING_END). A completion without the
+    marker gets an all-zero row: no policy gradient (fill_failed sets its reward)."""
+    markers = [marker] * len(rollouts) if isinstance(marker, str) else marker
     mask = torch.zeros(len(rollouts), width)
     found = torch.zeros(len(rollouts), dtype=torch.bool)
-    for i, r in enumerate(rollouts):
-        k = reasoning_token_count(tokenizer, r.completion_ids, marker)
+    for i, (r, m) in enumerate(zip(rollouts, markers)):
+        k = reasoning_token_count(tokenizer, r.completion_ids, m)
         if k is not None:
             mask[i, :k] = 1.0
             found[i] = True
@@ -172,16 +186,14 @@ def scoring_texts(completion: str, answer: str, style: str) -> tuple[str | None,
     """(reasoning, cue, continuation) for scoring the reference answer after a completion's reasoning.
 
     The completion starts inside the reasoning (the prompt prefills "<think>"), so the reasoning is
-    everything before the end-of-reasoning marker. The log-prob reward paper's code searched the
-    completion for "<think>", found nothing, and gave every member of a group the same reward. The
-    reference answer is wrapped as the task writes answers. reasoning is None when the marker is missing.
+    everything before the end-of-reasoning marker (REASONING_END of the style). The log-prob reward
+    paper's code searched the completion for "<think>", found nothing, and gave every member of a group
+    the same reward. The reference answer is wrapped as the task writes answers. reasoning is None when
+    the marker is missing.
     """
-    if style == "tag":
-        marker, cue, continuation = END_OF_REASONING, END_OF_REASONING + "\n", f"<answer>{answer}</answer>"
-    else:  # boxed: the reasoning ends where the final \boxed{ opens
-        marker, cue, continuation = "\\boxed{", "\\boxed{", f"{answer}}}"
+    marker, cue, written = reasoning_end(style)
     end = completion.find(marker)
-    return (None if end < 0 else completion[:end]), cue, continuation
+    return (None if end < 0 else completion[:end]), cue, written.format(answer)
 
 
 def answer_logprob_score(logprobs: torch.Tensor, variant: str) -> float:
@@ -368,15 +380,17 @@ def micro_batch_loss(model, mb: dict, normalizer: float, args):
     return loss, logprobs, sums
 
 
-def training_batch(rollouts, advantages: torch.Tensor, pad_id: int, device, args, reasoning_tokenizer=None) -> dict:
+def training_batch(rollouts, advantages: torch.Tensor, pad_id: int, device, args, reasoning_tokenizer=None,
+                   markers: list[str] | None = None) -> dict:
     """Rollouts -> tensors, with the advantages and the loss mask: every completion token, or only the
-    reasoning's (given the tokenizer that finds the end-of-reasoning marker), minus truncated
-    completions with --mask_truncated_completions."""
+    reasoning's (given the tokenizer that finds the end-of-reasoning markers, one per rollout, default
+    </think>), minus truncated completions with --mask_truncated_completions."""
     batch = collate(rollouts, pad_id, device)
     batch["advantages"] = advantages.to(device)
     mask = batch["completion_mask"].clone()
     if reasoning_tokenizer is not None:  # the reward ignores the written answer: train only the reasoning
-        mask = mask * reasoning_mask(reasoning_tokenizer, rollouts, mask.shape[1])[0].to(device)
+        mask = mask * reasoning_mask(reasoning_tokenizer, rollouts, mask.shape[1],
+                                     markers or END_OF_REASONING)[0].to(device)
     if args.mask_truncated_completions:
         mask = mask * (~batch["truncated"])[:, None]
     batch["loss_mask"] = mask
@@ -399,7 +413,7 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
     world = accelerator.num_processes
     micro = micro_batches(torch.arange(len(batch["advantages"]), device=accelerator.device), args.micro_batch_size)
     stats = StepStats()
-    with torch.no_grad():
+    with torch.no_grad(), logprob_timer("logprobs"):
         # old log-probs from the trainer: the policy moves between its steps on this batch, and the
         # IS correction compares them with the sampler's
         if args.num_iterations > 1 or args.is_correction != "none":
@@ -627,7 +641,8 @@ def main():
         # --- update ---
         with timer("update"):
             batch = training_batch(rollouts, advantages, pad_id, accelerator.device, args,
-                                   tokenizer if reasoning_only else None)
+                                   tokenizer if reasoning_only else None,
+                                   [reasoning_end(answer_style(row))[0] for row in rollout_rows])
             update_metrics = update(model, optimizer, scheduler, batch, args, accelerator, frozen)
         with timer("push"):
             sampler.wake_up()
@@ -650,7 +665,7 @@ def main():
             **update_metrics,
             "learning_rate": scheduler.get_last_lr()[0],
             "num_tokens": lengths.sum().item(),
-            **timer.pop(),
+            **timer.pop(), **logprob_timer.pop(),
             **peak_memory(),
         }
         for name, values in terms.items():

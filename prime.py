@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from common import (Rollout, Run, RunArgs, Score, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox,
                     check_run, collate, encode_prompts, gather_floats, index_batch, load_model, logprob_gap_metrics,
-                    make_accelerator, make_evaluator, micro_batches, optimizer_step, pad_token_id, parse_args,
-                    peak_memory, prompts_for_step, run_main, score_completions, setup_policy, start_sampler, step_seed,
-                    token_logprobs, unwrap)
+                    logprob_timer, make_accelerator, make_evaluator, micro_batches, optimizer_step, pad_token_id,
+                    parse_args, peak_memory, prompts_for_step, run_main, score_completions, setup_policy, start_sampler,
+                    step_seed, token_logprobs, unwrap)
 
 
 @dataclass
@@ -259,7 +259,7 @@ def policy_micro_batch_loss(model, mb: dict, temperature: float, epsilon: float)
 def logprobs_of(model, batch: dict, size: int, temperature: float = 1.0) -> torch.Tensor:
     """Token log-probs [N, C] of the batch's completions under `model`, no gradient, `size` rows at a time."""
     rows = torch.arange(len(batch["completion_mask"]), device=batch["completion_mask"].device)
-    with torch.no_grad():
+    with torch.no_grad(), logprob_timer("logprobs"):
         return torch.cat([token_logprobs(model, index_batch(batch, i), temperature)
                           for i in micro_batches(rows, size)])
 
@@ -434,7 +434,7 @@ def main():
             "filter/batch_groups": size * world,
             "filter/sample_rounds": rounds,
             "buffer/size": global_sum(len(buffer)),
-            **timer.pop(),
+            **timer.pop(), **logprob_timer.pop(),
             **peak_memory(),
         })
         metrics["tokens_per_second"] = metrics.get("num_tokens", 0) / (time.perf_counter() - t_step)

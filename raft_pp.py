@@ -37,9 +37,10 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from common import (Run, RunArgs, StepStats, Timer, accumulate, add_logprob_gap, check_code_sandbox, check_run, collate,
-                    encode_prompts, gather_floats, index_batch, logprob_gap_metrics, make_accelerator, make_evaluator,
-                    micro_batches, optimizer_step, pad_token_id, parse_args, peak_memory, prompts_for_step, run_main,
-                    score_completions, setup_policy, shard, start_sampler, step_seed, token_logprobs, unwrap)
+                    encode_prompts, gather_floats, index_batch, logprob_gap_metrics, logprob_timer, make_accelerator,
+                    make_evaluator, micro_batches, optimizer_step, pad_token_id, parse_args, peak_memory,
+                    prompts_for_step, run_main, score_completions, setup_policy, shard, start_sampler, step_seed,
+                    token_logprobs, unwrap)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def update(model, optimizer, scheduler, batch: dict, args, accelerator, frozen=N
     n = len(batch["completion_mask"])
     everything = micro_batches(torch.arange(n, device=device), args.micro_batch_size)
     stats = StepStats()
-    with torch.no_grad():
+    with torch.no_grad(), logprob_timer("logprobs"):
         if args.algo == "raft++" and args.mini_batches * args.num_iterations > 1:
             # the policy moves within the batch: old log-probs from the trainer, right after sampling
             batch["old_logprobs"] = torch.cat([token_logprobs(model, index_batch(batch, i), args.temperature)
@@ -332,7 +333,7 @@ def main():
             **update_metrics,  # loss, entropy, kl, grad_norm, skipped_updates, clip ratio, log-prob gap
             "learning_rate": scheduler.get_last_lr()[0],
             "num_tokens": lengths.sum().item(),
-            **timer.pop(),
+            **timer.pop(), **logprob_timer.pop(),
             **peak_memory(),
         }
         metrics["tokens_per_second"] = metrics["num_tokens"] / (time.perf_counter() - t_step)
