@@ -17,7 +17,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 # Keep child processes (scripts under test, vLLM) on the CPU threads we have, deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 TINY_TOY = ["--train_size", "1500", "--test_size", "48", "--sft_steps", "150", "--hidden_size", "64",

