@@ -23,12 +23,14 @@ Ends with one line: RESULT key=value ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,9 +38,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / ".bench-deps"))
 from common import read_jsonl  # noqa: E402
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 PROMPTS, GROUP, LR = 16, 8, 5e-5
 
@@ -55,8 +54,10 @@ def ours(model: str, train: str, max_len: int, micro: int, sampler: str, steps: 
     return [m["tokens_per_second"] for m in read_jsonl(out / sampler / "metrics.jsonl") if m["step"] >= 1]
 
 
-def trl_worker(model: str, train: str, max_len: int, micro: int, steps: int, out: str) -> None:
-    """Runs in its own process: TRL GRPOTrainer for `steps` steps; prints per-step tokens/s as JSON."""
+def trl_worker(model: str, train: str, max_len: int, micro: int, steps: int, out: str, prompts: int = PROMPTS,
+               group: int = GROUP, lr: float = LR, format_weight: float = 0.0, gradient_checkpointing: bool = False):
+    """Runs in its own process: TRL GRPOTrainer for `steps` steps, reward correct + format_weight * format;
+    prints per-step tokens/s, then per-step seconds, as JSON lines."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -66,7 +67,7 @@ def trl_worker(model: str, train: str, max_len: int, micro: int, steps: int, out
     from grading import score_completions
 
     tok = AutoTokenizer.from_pretrained(model)
-    rows = load_tasks(train)[: PROMPTS * steps]
+    rows = load_tasks(train)[: prompts * steps]
     # Prompts already rendered with the chat template (the assistant turn prefilled, as ours).
     data = Dataset.from_list([{"prompt": render_prompt(tok, r["prompt"]), "row": json.dumps(r)} for r in rows])
     tokens_per_call: list[int] = []
@@ -74,7 +75,7 @@ def trl_worker(model: str, train: str, max_len: int, micro: int, steps: int, out
     def correctness(prompts, completions, completion_ids, row, **_):
         tokens_per_call.append(sum(len(c) for c in completion_ids))
         scores, _ = score_completions([json.loads(r) for r in row], completions)
-        return [float(s.correct or 0.0) for s in scores]
+        return [float(s.correct or 0.0) + format_weight * s.format for s in scores]
 
     ends: list[float] = []
 
@@ -86,8 +87,9 @@ def trl_worker(model: str, train: str, max_len: int, micro: int, steps: int, out
             ends.append(time.perf_counter())
 
     config = GRPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=micro,
-                        gradient_accumulation_steps=PROMPTS * GROUP // micro, num_generations=GROUP,
-                        max_completion_length=max_len, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+                        gradient_accumulation_steps=prompts * group // micro, num_generations=group,
+                        gradient_checkpointing=gradient_checkpointing,
+                        max_completion_length=max_len, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
                         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo",
                         scale_rewards="group", temperature=1.0, top_p=1.0, num_iterations=1, epsilon=0.2,
                         logging_steps=1, report_to="none", save_strategy="no", shuffle_dataset=False, seed=0,
@@ -98,15 +100,51 @@ def trl_worker(model: str, train: str, max_len: int, micro: int, steps: int, out
     trainer.train()
     rates = [n / (b - a) for n, a, b in zip(tokens_per_call, ends, ends[1:])]
     print("TRL_RATES " + json.dumps(rates))
+    print("TRL_SECONDS " + json.dumps([b - a for a, b in zip(ends, ends[1:])]))
 
 
-def trl(model: str, train: str, max_len: int, micro: int, steps: int, out: Path) -> list[float]:
-    proc = subprocess.run([sys.executable, __file__, "--trl_worker", model, train, str(max_len), str(micro), str(steps),
-                           str(out / "trl")], cwd=REPO, capture_output=True, text=True)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("TRL_RATES ")]
-    if proc.returncode or not line:
-        raise SystemExit(f"TRL run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(line[0].split(" ", 1)[1])
+def trl(model: str, train: str, max_len: int, micro: int, steps: int, out: Path, **spec) -> dict:
+    """TRL's run in a fresh process: {"rates": per-step tokens/s, "seconds": per-step seconds, "peak_rss_gb"}."""
+    cmd = [sys.executable, __file__, "--trl_worker", model, train, str(max_len), str(micro), str(steps), str(out / "trl"),
+           json.dumps(spec)]
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        memory = PeakMemory(proc.pid)
+        stdout, stderr = proc.communicate()
+        peak = memory.stop()
+    found = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in stdout.splitlines() if x.startswith("TRL_")}
+    if proc.returncode or "TRL_RATES" not in found:
+        raise SystemExit(f"TRL run failed:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return {"rates": found["TRL_RATES"], "seconds": found["TRL_SECONDS"], "peak_rss_gb": peak}
+
+
+class PeakMemory:
+    """Peak resident memory of a process and all its descendants together, sampled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self):
+        import psutil
+
+        while not self.done.wait(0.2):
+            total = 0
+            try:
+                for p in [self.root, *self.root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_info().rss
+            except psutil.Error:  # the root process is gone
+                return
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        """The peak so far, in GB (2^30 bytes); ends the sampling."""
+        self.done.set()
+        self.thread.join()
+        return self.peak / 2**30
 
 
 def big_model(folder: Path, toy_model: str) -> str:
@@ -129,11 +167,14 @@ def main():
     p.add_argument("--train_file", default="data/toy/train.jsonl")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per set-up (the first is warm-up)")
     p.add_argument("--skip_big", action="store_true", help="only the toy model")
-    p.add_argument("--trl_worker", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--trl_worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("WANDB_MODE", "disabled")
     if args.trl_worker:
-        model, train, max_len, micro, steps, out = args.trl_worker
-        return trl_worker(model, train, int(max_len), int(micro), int(steps), out)
+        model, train, max_len, micro, steps, out, *spec = args.trl_worker
+        return trl_worker(model, train, int(max_len), int(micro), int(steps), out, **json.loads(spec[0] if spec else "{}"))
 
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +186,7 @@ def main():
             out = tmp / label
             rates = {"ours_vllm": ours(model, args.train_file, max_len, micro, "vllm", args.steps, out),
                      "ours_hf": ours(model, args.train_file, max_len, micro, "hf", args.steps, out),
-                     "trl": trl(model, args.train_file, max_len, micro, args.steps, out)}
+                     "trl": trl(model, args.train_file, max_len, micro, args.steps, out)["rates"]}
             for name, values in rates.items():
                 result[f"{label}_{name}_tok_s"] = round(statistics.median(values[1:] or values), 1)
                 print(f"{label} {name}: per-step tokens/s {[round(v, 1) for v in values]}", flush=True)

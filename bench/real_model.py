@@ -1,0 +1,234 @@
+"""A real pretrained instruct model learns on a real benchmark on this CPU: SmolLM2-135M-Instruct on GSM8K.
+
+    python data_prep.py smollm2                                                     # the model, once
+    python data_prep.py gsm8k --template gsm8k --out data/gsm8k/train.jsonl         # hub openai/gsm8k
+    python data_prep.py gsm8k --template gsm8k --split test --out data/gsm8k/test.jsonl
+    .venv/bin/pip install --target .bench-deps trl==1.16.0 --no-deps                # TRL, this bench only
+    python bench/real_model.py                                                      # ~2 h on 2 CPU cores
+
+Without data/gsm8k/ the bench converts the GSM8K copy at ../shared/data/benchmarks when there is one (and
+says so); otherwise it stops with the commands above.
+
+Runs, each a fresh subprocess of the real script with the README's real-model settings (STEP below):
+  grpo_logprob    grpo_logprob.py with the log-prob reward and reasoning-only loss, --steps steps
+  grpo            grpo_logprob.py with rule rewards (correctness and the #### answer line), --other_steps steps
+  raft++, reinforce_rej, prime: --other_steps steps each
+  trl             TRL 1.16's GRPOTrainer on the same model, prompts, group, completion length, loss, learning
+                  rate and micro-batches (transformers generation, its default without a vLLM server)
+Each of ours evaluates the first test problems greedily (held out: the test split) before its first step and
+after its last: --eval_problems for grpo_logprob, --other_eval_problems for the others. Reported per run: accuracy and format rate with 95% bootstrap intervals over
+problems (eval.py's); the mean log-prob of the reference answer after the model's own reasoning (the greedy
+completion up to its last '####', or all of it and a line break when it has none, then '#### '), under the
+model that wrote it, with its interval; the mean completion length; seconds per step by phase (median over
+the steps after the first: sample, score, logprobs = the no-gradient passes inside the update, update =
+the rest of it, push); the peak resident memory of the run's processes together (sampled every 0.2 s).
+Ends with one line: RESULT key=value ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / ".bench-deps"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from common import read_jsonl  # noqa: E402
+from trl_compare import PeakMemory, trl  # noqa: E402  the TRL worker and the memory watch, shared
+
+SHARED = REPO.parent / "shared" / "data" / "benchmarks"
+# One step of the README's real-model command: prompts x completions per prompt, completion tokens, micro-batch.
+STEP = dict(prompts=8, generations=4, tokens=256, micro=2, lr=2e-5)
+MAIN = "grpo_logprob"  # the run of --steps steps; the others run --other_steps
+RUNS = {  # name: script and its own flags
+    "grpo_logprob": ("grpo_logprob.py", ["--reward", "logprob=1", "--reasoning_only_loss", "on"]),
+    "grpo": ("grpo_logprob.py", ["--reward", "correct=1,format=0.2"]),
+    "raft++": ("raft_pp.py", ["--algo", "raft++"]),
+    "reinforce_rej": ("reinforce_rej.py", ["--algo", "reinforce_rej"]),
+    "prime": ("prime.py", ["--filter_low", "0", "--filter_high", "1"]),  # its [0.2, 0.8] filter keeps nothing at 1%
+}
+PHASES = ("sample", "score", "logprobs", "update", "push")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def native_bf16() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported())
+
+
+def gsm8k_files(data: Path) -> tuple[Path, Path]:
+    train, test = data / "train.jsonl", data / "test.jsonl"
+    if train.is_file() and test.is_file():
+        return train, test
+    if not (SHARED / "gsm8k_train.jsonl").is_file():
+        raise SystemExit(f"{data}: no GSM8K files; write them with `python data_prep.py gsm8k --template gsm8k --out "
+                         f"{train}` and `... --split test --out {test}` (hub openai/gsm8k, or --source FILE).")
+    print(f"converting the local GSM8K copy in {SHARED} into {data}", flush=True)
+    for split, out in (("train", train), ("test", test)):
+        subprocess.run([sys.executable, "data_prep.py", "gsm8k", "--template", "gsm8k", "--source",
+                        str(SHARED / f"gsm8k_{split}.jsonl"), "--out", str(out)], cwd=REPO, check=True)
+    return train, test
+
+
+def run_ours(name: str, args, train: Path, test: Path, work: Path) -> dict:
+    script, flags = RUNS[name]
+    steps = args.steps if name == MAIN else args.other_steps
+    problems = args.eval_problems if name == MAIN else args.other_eval_problems
+    cmd = [sys.executable, script, "--model", args.model, "--train_file", str(train), "--test_file", str(test),
+           "--run_name", name, "--output_dir", str(work), "--sampler", args.sampler, "--dtype", args.dtype,
+           "--total_steps", str(steps), "--prompts_per_step", str(STEP["prompts"]),
+           "--num_generations", str(STEP["generations"]), "--max_completion_length", str(STEP["tokens"]),
+           "--micro_batch_size", str(STEP["micro"]), "--learning_rate", str(STEP["lr"]), "--gradient_checkpointing",
+           "--eval_temperature", "0", "--eval_every", "0", "--eval_limit", str(problems),
+           "--save_every", "0", "--log_rollouts_every", "0", "--vllm_cpu_kv_cache_gb", "0.5", *flags]
+    log = work / f"{name}.log"
+    print(f"{name}: {' '.join(cmd[1:])}", flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+
+        memory = PeakMemory(proc.pid)
+        code = proc.wait()
+        peak = memory.stop()
+    if code:
+        raise SystemExit(f"{name} exited {code}; see {log}")
+    run = work / name
+    metrics = read_jsonl(run / "metrics.jsonl")
+    steps_ = [m for m in metrics if m["step"] >= 1]
+    evals = sorted((run / "eval").glob("step_*.jsonl"))
+    out = {"peak_rss_gb": peak, "steps": len(steps_)}
+    for when, path, model in (("before", evals[0], args.model), ("after", evals[-1], str(run / "final"))):
+        out.update({f"{when}_{k}": v for k, v in eval_figures(read_jsonl(path), model).items()})
+    timed = steps_[1:] or steps_
+    for phase in PHASES:
+        values = [m.get(f"time/{phase}", 0.0) - (m.get("time/logprobs", 0.0) if phase == "update" else 0.0)
+                  for m in timed]
+        out[f"s_{phase}"] = statistics.median(values)
+    out["s_step"] = statistics.median([m["num_tokens"] / m["tokens_per_second"] for m in timed])
+    out["gap_max"] = max(m.get("sampler/logprob_gap_max", 0.0) or 0.0 for m in steps_)
+    out["gap_mean"] = statistics.mean(m.get("sampler/logprob_gap_mean", 0.0) or 0.0 for m in steps_)
+    return out
+
+
+def gold_logprobs(model_dir: str, records: list[dict]) -> list[float]:
+    """Per problem: the summed log-prob of the reference answer after the greedy completion's reasoning."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common import render_prompt
+    from grading import answer_style
+    from grpo_logprob import continuation_logprobs, reasoning_end
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prefixes, answers = [], []
+    for r in records:
+        marker, cue, written = reasoning_end(answer_style(r))
+        text = r["completions"][0]
+        end = text.rfind(marker)
+        reasoning = text[:end] if end >= 0 else text.rstrip() + "\n"
+        prefixes.append(tok(render_prompt(tok, r["prompt"]) + reasoning + cue, add_special_tokens=False)["input_ids"])
+        answers.append(tok(written.format(r["answer"]), add_special_tokens=False)["input_ids"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return [lp.sum().item() for lp in continuation_logprobs(model, prefixes, answers, pad, batch_size=16)]
+
+
+def eval_figures(records: list[dict], model_dir: str) -> dict:
+    """Accuracy, format rate and gold-answer log-prob with 95% bootstrap intervals; mean length."""
+    from eval import bootstrap_ci
+
+    table = np.array([[r["correct"][0], r["format"][0], lp] for r, lp in zip(records, gold_logprobs(model_dir, records))])
+    (acc_lo, acc_hi), (fmt_lo, fmt_hi), (lp_lo, lp_hi) = bootstrap_ci(table)
+    acc, fmt, lp = table.mean(0)
+    return {"acc": acc, "acc_lo": acc_lo, "acc_hi": acc_hi, "format": fmt, "format_lo": fmt_lo, "format_hi": fmt_hi,
+            "gold_logprob": lp, "gold_logprob_lo": lp_lo, "gold_logprob_hi": lp_hi,
+            "length": float(np.mean([r["lengths"][0] for r in records])), "problems": len(records)}
+
+
+def run_trl(args, train: Path, work: Path) -> dict:
+    """TRL's GRPOTrainer on the same step as ours (bench/trl_compare.py's worker), its first step not timed."""
+    result = trl(args.model, str(train), STEP["tokens"], STEP["micro"], args.trl_steps, work,
+                 prompts=STEP["prompts"], group=STEP["generations"], lr=STEP["lr"], format_weight=0.2,
+                 gradient_checkpointing=True)
+    return {"s_step": statistics.median(result["seconds"][1:] or result["seconds"]),
+            "peak_rss_gb": result["peak_rss_gb"], "steps": len(result["seconds"])}
+
+
+def table(results: dict) -> str:
+    head = ("| run | steps | accuracy before -> after | format before -> after | gold log-prob before -> after | "
+            "length | s/step (sample / score / logprobs / update / push) | peak RSS |")
+    lines = [head, "|" + "---|" * 8]
+    for name, r in results.items():
+        if name == "trl":
+            lines.append(f"| TRL GRPOTrainer | {r.get('steps', '')} | | | | | {r['s_step']:.1f} | {r['peak_rss_gb']:.1f} GB |")
+            continue
+
+        def ci(key):
+            return (f"{r[f'before_{key}']:.3f} [{r[f'before_{key}_lo']:.3f}, {r[f'before_{key}_hi']:.3f}] -> "
+                    f"{r[f'after_{key}']:.3f} [{r[f'after_{key}_lo']:.3f}, {r[f'after_{key}_hi']:.3f}]")
+        phases = " / ".join(f"{r[f's_{p}']:.1f}" for p in PHASES)
+        lines.append(f"| {name} | {r['steps']} | {ci('acc')} | {ci('format')} | {ci('gold_logprob')} | "
+                     f"{r['before_length']:.0f} -> {r['after_length']:.0f} | {r['s_step']:.1f} ({phases}) | "
+                     f"{r['peak_rss_gb']:.1f} GB |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="data/smollm2/model")
+    p.add_argument("--data", default="data/gsm8k", help="folder of train.jsonl and test.jsonl (gsm8k template)")
+    p.add_argument("--work", default="runs/real_model", help="run folders (replaced)")
+    p.add_argument("--steps", type=int, default=12, help=f"steps of {MAIN}")
+    p.add_argument("--other_steps", type=int, default=2, help="steps of each other run")
+    p.add_argument("--trl_steps", type=int, default=2, help="TRL steps (the first is not timed)")
+    p.add_argument("--eval_problems", type=int, default=200, help=f"held-out test problems of {MAIN}, greedy")
+    p.add_argument("--other_eval_problems", type=int, default=16, help="those of the other runs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--sampler", default="vllm", choices=["vllm", "hf"])
+    p.add_argument("--runs", default=",".join([*RUNS, "trl"]), help="which runs, comma-separated")
+    args = p.parse_args()
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"--model {args.model}: no model folder; write it with `python data_prep.py smollm2`.")
+    train, test = gsm8k_files(Path(args.data))
+    work = Path(args.work)
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(parents=True)
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, native bf16: {native_bf16()}", flush=True)
+    results = {}
+    for name in args.runs.split(","):
+        results[name] = run_trl(args, train, work) if name == "trl" else run_ours(name, args, train, test, work)
+        print(json.dumps({name: results[name]}), flush=True)
+    print(table(results))
+    flat = {"cpu_native_bf16": int(native_bf16())}
+    for name, r in results.items():
+        for key in ("before_acc", "before_acc_lo", "before_acc_hi", "after_acc", "after_acc_lo", "after_acc_hi",
+                    "before_format", "after_format", "before_format_lo", "after_format_lo", "before_format_hi",
+                    "after_format_hi", "before_gold_logprob", "after_gold_logprob", "before_gold_logprob_lo",
+                    "before_gold_logprob_hi", "after_gold_logprob_lo", "after_gold_logprob_hi", "s_step",
+                    *[f"s_{ph}" for ph in PHASES], "peak_rss_gb", "gap_mean", "gap_max"):
+            if key in r:
+                flat[f"{name.replace('+', 'p')}_{key}"] = round(r[key], 4)
+    if "trl" in results and "grpo" in results:  # the same step: rule rewards
+        flat["grpo_step_vs_trl"] = round(results["trl"]["s_step"] / results["grpo"]["s_step"], 2)
+    print("RESULT " + " ".join(f"{k}={v}" for k, v in flat.items()))
+
+
+if __name__ == "__main__":
+    main()
