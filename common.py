@@ -172,7 +172,7 @@ class RunArgs:
     vllm_gpu_memory_utilization: float = 0.3
     """vLLM on GPU: fraction of GPU memory for weights and KV cache"""
     vllm_cpu_kv_cache_gb: float = 1.0
-    """vLLM on CPU: memory for the KV cache in GiB (1: about 22,000 tokens of SmolLM2-135M in float32; the environment's VLLM_CPU_KVCACHE_SPACE wins)"""
+    """vLLM on CPU: KV cache size in GiB (1: 23,296 tokens of SmolLM2-135M in float32); VLLM_CPU_KVCACHE_SPACE wins"""
     vllm_tensor_parallel_size: int = 1
     """vLLM: processes sharing one tensor-parallel engine (consecutive ranks; must divide the process count)"""
     vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
