@@ -169,6 +169,25 @@ def test_normalize_rewards_hand_numbers():
     assert torch.equal(normalize_rewards(r, "none", "group"), r)
 
 
+def test_normalize_rewards_gives_an_all_equal_float32_group_exactly_zero():
+    """One prompt per process, eight equal log-prob rewards in float32: the float32 mean is one unit in
+    the last place off (1.5e-5), the std 1.6e-5, so (r - mean) / (std + eps) was -0.88 for every member.
+    With --scale_rewards batch such offsets reach the advantages of the other groups."""
+    r = torch.full((1, 8), -110.53689575195312)
+    plain = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
+    assert torch.allclose(plain, torch.full((1, 8), -0.8814), atol=1e-3)  # the number the formula alone gives
+    for how in ("zscore", "minmax"):
+        for scope in ("group", "batch"):
+            out = normalize_rewards(r, how, scope)
+            assert torch.equal(out, torch.zeros(1, 8)) and out.dtype == torch.float32, (how, scope)
+    # next to a group with a spread: its values are the plain formula's, the flat group stays 0
+    two = torch.cat([r, torch.tensor([[1.0, 2.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0]])])
+    z = normalize_rewards(two, "zscore", "group", eps=0.0)
+    # second group: mean 2, unbiased std sqrt(2 / 7) = 0.534522
+    assert torch.equal(z[0], torch.zeros(8))
+    assert torch.allclose(z[1], torch.tensor([-1.870829, 0, 1.870829, 0, 0, 0, 0, 0]), atol=1e-5)
+
+
 def test_fill_failed_gives_the_group_minimum():
     r = torch.tensor([[-3.0, -1.0, 99.0], [7.0, 8.0, 9.0]])
     valid = torch.tensor([[True, True, False], [False, False, False]])
