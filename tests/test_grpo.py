@@ -194,6 +194,33 @@ def test_fill_failed_gives_the_group_minimum():
     assert torch.equal(fill_failed(r, valid), torch.tensor([[-3.0, -1.0, -3.0], [0.0, 0.0, 0.0]]))
 
 
+def test_reward_terms_hand_numbers():
+    """The reward assembly of main(): each term from the scores and the log-probs, the debiased log-prob
+    reward subtracting the no-reasoning score, and a completion without "</think>" filled with its
+    group's lowest valid answer-blind reward (never its own, never 0 when others are valid)."""
+    from grading import Score
+    from grpo_logprob import Args, reward_terms
+
+    scores = [Score(1.0, 1.0, "5", 0.5, poem={"reward": 0.25}), Score(0.0, 0.0, None), Score(None, 1.0, "x")]
+    valid = torch.tensor([True, True, False])
+    with_r = [torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.8])), None]  # sums -1.386294, -0.223144
+    base = [torch.log(torch.tensor([0.25, 0.5]))] * 3  # -2.079442
+    ppl = [torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25])), None]  # PPL 2 and 4
+    weights = dict.fromkeys(["correct", "format", "code", "poem", "logprob", "ppl_absolute", "ppl_relative"], 1.0)
+    terms = reward_terms(weights, scores, valid, with_r, base, ppl, [torch.log(torch.tensor([0.25]))] * 3, Args(), 3)
+    assert terms["correct"].tolist() == [1.0, 0.0, 0.0] and terms["format"].tolist() == [1.0, 0.0, 1.0]
+    assert terms["code"].tolist() == [0.5, 0.0, 0.0] and terms["poem"].tolist() == [0.25, 0.0, 0.0]
+    assert torch.allclose(terms["logprob"], torch.tensor([-1.386294, -0.223144, -1.386294]))
+    # 1/PPL: 0.5, 0.25 and the group's lowest for the third; relative max(0, 1 - PPL/4): 0.5, 0, then 0
+    assert torch.allclose(terms["ppl_absolute"], torch.tensor([0.5, 0.25, 0.25]))
+    assert torch.allclose(terms["ppl_relative"], torch.tensor([0.5, 0.0, 0.0]))
+    debiased = reward_terms({"logprob": 1.0}, scores, valid, with_r, base, ppl, ppl, Args(logprob_debias=True), 3)
+    # minus the no-reasoning score: -1.386294 + 2.079442 = 0.693147, -0.223144 + 2.079442 = 1.856298
+    assert torch.allclose(debiased["logprob"], torch.tensor([0.693147, 1.856298, 0.693147]))
+    mean = reward_terms({"logprob": 1.0}, scores, valid, with_r, base, ppl, ppl, Args(logprob_variant="mean"), 3)
+    assert torch.allclose(mean["logprob"], torch.tensor([-0.693147, -0.223144, -0.693147]))
+
+
 def test_importance_weights_hand_numbers():
     old_sampler = torch.zeros(1, 3)
     old_trainer = torch.log(torch.tensor([[0.5, 1.5, 4.0]]))

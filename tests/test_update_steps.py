@@ -276,3 +276,193 @@ def test_three_non_finite_steps_in_a_row_stop_the_run(acc):
                                "the advantages (metrics.jsonl: train/skipped_nonfinite) or lower the learning rate.")
     assert all(torch.equal(a, b) for a, b in zip(weights(model), start))
     assert stats.reduce(acc)["skipped_nonfinite"] == 2.0  # the third stopped the run before it was counted
+
+
+# --- which tokens carry gradient, and terms that cannot pass by accident ------------------------
+def logprob_grads(monkeypatch, module) -> list[torch.Tensor]:
+    """Spy on `module`'s token_logprobs inside its update(): every log-prob tensor [rows, C] of a micro-batch
+    that the loss is built on keeps its gradient, so a test sees which tokens the loss trained."""
+    seen = []
+    real = module.token_logprobs
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        lp = out[0] if isinstance(out, tuple) else out
+        if lp.requires_grad:
+            lp.retain_grad()
+            seen.append(lp)
+        return out
+
+    monkeypatch.setattr(module, "token_logprobs", spy)
+    return seen
+
+
+def test_reasoning_only_loss_trains_exactly_the_reasoning_tokens(acc, toy, rollouts, monkeypatch):
+    """--reasoning_only_loss: the gradient of the loss reaches every token up to and including "</think>"
+    and no token after it (the written answer); without it, every completion token."""
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    args = grpo_logprob.Args(num_generations=2, max_completion_length=32)
+    for reasoning_only in (True, False):
+        grads = logprob_grads(monkeypatch, grpo_logprob)
+        model, opt = policy(acc, toy)
+        batch = grpo_logprob.training_batch(rollouts, torch.tensor([1.0, -1.0]), 0, acc.device, args,
+                                            tok if reasoning_only else None)
+        grpo_logprob.update(model, opt, None, batch, args, acc)
+        (grad,) = [g.grad for g in grads]
+        for i, r in enumerate(rollouts):
+            k = grpo_logprob.reasoning_token_count(tok, r.completion_ids) if reasoning_only else len(r.completion_ids)
+            assert 0 < k <= len(r.completion_ids)
+            assert torch.all(grad[i, :k] != 0) and torch.all(grad[i, k:] == 0), (reasoning_only, i, k, grad[i])
+        if reasoning_only:  # the answer after the marker exists, and is left out
+            assert all(grpo_logprob.reasoning_token_count(tok, r.completion_ids) < len(r.completion_ids) - 3
+                       for r in rollouts)
+
+
+def test_mask_truncated_completions_leaves_a_cut_completion_without_gradient(acc, toy, rollouts, monkeypatch):
+    cut = [rollouts[0], Rollout(rollouts[1].prompt_ids, rollouts[1].completion_ids, rollouts[1].logprobs,
+                                rollouts[1].text, "length")]
+    for flag in (True, False):
+        grads = logprob_grads(monkeypatch, grpo_logprob)
+        args = grpo_logprob.Args(num_generations=2, max_completion_length=32, mask_truncated_completions=flag)
+        model, opt = policy(acc, toy)
+        grpo_logprob.update(model, opt, None, grpo_logprob.training_batch(cut, torch.tensor([1.0, -1.0]), 0, acc.device,
+                                                                          args), args, acc)
+        (grad,) = [g.grad for g in grads]
+        n0, n1 = len(cut[0].completion_ids), len(cut[1].completion_ids)
+        assert torch.all(grad[0, :n0] != 0)
+        assert torch.all(grad[1, :n1] == 0) if flag else torch.all(grad[1, :n1] != 0), (flag, grad[1])
+
+
+def prm_apart_from_reference(acc, toy, rollouts):
+    """A PRM that differs from the reference: the toy model moved a short way (norm 0.03) up the gradient of
+    log pi(first completion) - log pi(second), so sum_t q_t (q_t = log pi_prm - log pi_ref) is larger on the
+    first than on the second. Its optimizer has learning rate 0: the PRM that scores stays this one."""
+    prm = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
+    batch = collate(rollouts, 0, "cpu")
+    lp = token_logprobs(prm, batch) * batch["completion_mask"]
+    grads = torch.autograd.grad(lp[0].sum() - lp[1].sum(), list(prm.parameters()))
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(prm.parameters(), grads):
+            p.add_(0.03 * g / norm)
+    return acc.prepare(prm, torch.optim.SGD(prm.parameters(), lr=0.0))
+
+
+@pytest.mark.parametrize("baseline", ["paper", "code"])
+def test_prime_process_reward_alone_moves_the_policy_its_way(acc, toy, rollouts, baseline):
+    """Equal outcomes (both right): the outcome advantages are exactly 0, so only the implicit process reward
+    moves the policy. It is non-zero (the PRM is not the reference) and larger on the completion the PRM
+    prefers, and the step raises that completion and lowers the other. Granularity whole (the sum of q_t on the
+    last token): every token of a completion then gets a return of one sign; with per-token rewards a
+    completion's early and late tokens can get returns of either sign."""
+    model, opt = policy(acc, toy)
+    prm, prm_opt = prm_apart_from_reference(acc, toy, rollouts)
+    args = prime.Args(num_generations=2, max_grad_norm=0.0, num_mini_batches=1, process_baseline=baseline,
+                      granularity="whole")
+    batch = collate(rollouts, 0, acc.device)
+    batch["labels"] = torch.tensor([1.0, 1.0])
+    before = sequence_logprobs(model, rollouts)
+    _, seq_rewards = prime.update(model, opt, batch, args, acc, prm, prm_opt, frozen(toy))
+    after = sequence_logprobs(model, rollouts)
+    assert seq_rewards.abs().min() > 0.01 and seq_rewards[0] > seq_rewards[1] + 0.05, seq_rewards  # beta sum_t q_t
+    assert (batch["advantages"][0] > 0).all() and (batch["advantages"][1][batch["completion_mask"][1] > 0] < 0).all()
+    assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.05, (before, after)
+    # the same step with the outcome only (coefficient 0) does not move the policy: nothing else did
+    model, opt = policy(acc, toy)
+    start = weights(model)
+    batch = collate(rollouts, 0, acc.device)
+    batch["labels"] = torch.tensor([1.0, 1.0])
+    prime.update(model, opt, batch, prime.Args(**{**vars(args), "process_reward_coef": 0.0}), acc, prm, prm_opt,
+                 frozen(toy))
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), start))
+
+
+@pytest.mark.parametrize("baseline", ["paper", "code"])
+def test_prime_update_feeds_its_returns_the_process_rewards_of_its_path(acc, toy, rollouts, baseline):
+    """update()'s advantages (no whitening) are the pure functions' returns from the PRM's and the reference's
+    own log-probs: paper beta q_t; code q_t without beta over the batch's largest |return| (beta 0.5 would
+    change the paper's numbers and not the code's)."""
+    model, opt = policy(acc, toy, lr=0.0)
+    prm, prm_opt = prm_apart_from_reference(acc, toy, rollouts)
+    ref = frozen(toy)
+    args = prime.Args(num_generations=2, num_mini_batches=1, process_baseline=baseline, beta=0.5,
+                      whiten_advantages=False, process_reward_coef=2.0)
+    batch = collate(rollouts, 0, acc.device)
+    batch["labels"] = torch.tensor([1.0, 0.0])
+    mask = batch["completion_mask"]
+    with torch.no_grad():
+        q = (token_logprobs(prm, batch) - token_logprobs(ref, batch)) * mask
+    prime.update(model, opt, batch, args, acc, prm, prm_opt, ref)
+    scores = 0.5 * q if baseline == "paper" else q / (prime.peak_return(q, mask) + 1e-6)
+    last = prime.last_token_mask(mask)
+    outcome = prime.discounted_returns(prime.leave_one_out(batch["labels"][:, None] * last, last, 2), mask, 1.0)
+    process = prime.discounted_returns(prime.leave_one_out(scores, mask, 2, baseline), mask, 1.0)
+    assert torch.allclose(batch["advantages"], outcome + 2.0 * process, atol=1e-5)
+    assert process.abs().max() > 0.05  # the process part is there
+    if baseline == "code":
+        assert prime.discounted_returns(scores, mask, 1.0).abs().max() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["raft++", "raft"])
+def test_raft_pp_clips_the_ratio_on_its_second_step(acc, toy, rollouts, monkeypatch, algo):
+    """RAFT++ over two iterations: after the first step some tokens of the positive sample have a ratio
+    s_t = exp(lp - old) above 1 + eps_high; the second step gives them no gradient and the rest -s_t. Plain
+    RAFT keeps the gradient on every token (and ends at other weights)."""
+    grads = logprob_grads(monkeypatch, raft_pp)
+    model, opt = policy(acc, toy, lr=0.05)
+    args = raft_pp.Args(algo=algo, num_generations=2, max_grad_norm=0.0, num_iterations=2, log_kl=False,
+                        epsilon_high=0.05)
+    selected = torch.tensor([True, False])
+    batch = raft_pp.training_batch(rollouts, selected, 0, acc.device, args)
+    metrics = raft_pp.update(model, opt, None, batch, args, acc)
+    first, second = [g for g in grads]
+    n = len(rollouts[0].completion_ids)
+    assert torch.all(first.grad[0, :n] != 0) and torch.all(first.grad[1] == 0)
+    if algo == "raft":
+        assert torch.all(second.grad[0, :n] != 0) and "clip_ratio/high_mean" not in metrics
+        return
+    ratio = torch.exp(second.detach() - batch["old_logprobs"])[0, :n]
+    clipped = ratio > 1 + args.epsilon_high
+    assert 0 < clipped.sum() < n, ratio
+    assert torch.all(second.grad[0, :n][clipped] == 0) and torch.all(second.grad[0, :n][~clipped] != 0)
+    # d/d lp of -(1/|D|)(1/|a|) s_t = -s_t / n where not clipped
+    assert torch.allclose(second.grad[0, :n][~clipped], -ratio[~clipped] / n, atol=1e-6)
+    # the logged share: clipped tokens of the trained ones, over both iterations (the first has none)
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(clipped.sum().item() / (2 * n))
+
+
+def moved_policy(acc, toy, lr):
+    model, opt = policy(acc, toy, lr=lr)
+    with torch.no_grad():  # away from the reference first: a KL term has something to pull back
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model, opt
+
+
+@pytest.mark.parametrize("script", ["raft_pp", "reinforce_rej"])
+def test_kl_and_entropy_terms_of_raft_and_reinforce(acc, toy, rollouts, script):
+    """kl_coef pulls the policy towards the reference and entropy_coef raises the entropy: the same step
+    from the same weights with the term ends closer to the reference (higher entropy) than without it. RAFT
+    applies them to the positive sample's tokens, Reinforce to the kept samples'."""
+    module = {"raft_pp": raft_pp, "reinforce_rej": reinforce_rej}[script]
+    ref = frozen(toy)
+
+    def step(lr, **coefs):
+        model, opt = moved_policy(acc, toy, lr=lr)
+        args = module.Args(num_generations=2, max_grad_norm=0.0, num_iterations=1, **coefs)
+        if script == "raft_pp":
+            batch = raft_pp.training_batch(rollouts, torch.tensor([True, False]), 0, acc.device, args)
+        else:
+            batch = reinforce_rej.training_batch(rollouts, torch.tensor([1.0, -1.0]), torch.ones(2, dtype=torch.bool),
+                                                 0, acc.device)
+        metrics = module.update(model, opt, None, batch, args, acc, ref)
+        return mean_entropy_and_kl(model, ref, rollouts), metrics
+
+    (_, kl_plain), metrics = step(0.002)  # a small step: the k3 gradient grows as exp(ref - lp)
+    (_, kl_pulled), _ = step(0.002, kl_coef=1.0)
+    (entropy_plain, _), _ = step(0.05)
+    (entropy_raised, _), _ = step(0.05, entropy_coef=1.0)
+    assert metrics["kl"] > 0.01  # the moved policy is away from the reference (logged before the step)
+    assert kl_pulled < kl_plain - 0.01, (kl_plain, kl_pulled)
+    assert entropy_raised > entropy_plain + 0.01, (entropy_plain, entropy_raised)
