@@ -363,8 +363,9 @@ def test_grpo_end_to_end_hf(toy, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3"]
 
 
-def test_logprob_reward_end_to_end_trains_only_the_reasoning(toy, tmp_path):
-    """Also the `accelerate launch` entry point."""
+def test_logprob_reward_end_to_end_under_accelerate_launch(toy, tmp_path):
+    """The log-prob reward alone, debiased, z-scored, scored by the initial model, through `accelerate launch`.
+    Which tokens it trains: test_update_steps.py::test_reasoning_only_loss_trains_exactly_the_reasoning_tokens."""
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
     run_script(grpo_cmd(toy, tmp_path, "lp", "--sampler", "hf", "--total_steps", "2", "--reward", "logprob=1",
                         "--logprob_scorer", "initial", "--logprob_debias", "--reward_norm", "zscore"),

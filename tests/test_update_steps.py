@@ -3,6 +3,7 @@ reach each loss with the right sign, the KL term pulls towards the reference, th
 the entropy), the importance-sampling correction weights a real sampler/trainer mismatch as it must, and
 a non-finite loss never reaches the weights."""
 
+import copy
 import math
 
 import pytest
@@ -43,17 +44,27 @@ def no_earlier_skips():
     common._NONFINITE["in_a_row"] = 0
 
 
+_LOADED = {}
+
+
+def toy_model(toy):
+    """A fresh copy of the toy model (loaded from disk once per module)."""
+    if toy not in _LOADED:
+        _LOADED[toy] = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
+    return copy.deepcopy(_LOADED[toy])
+
+
 def policy(acc, toy, lr=0.05, adamw_weight_decay=None):
     """The toy model under plain SGD (the weights move along the gradient itself), or under AdamW with this
     weight decay, prepared by accelerate."""
-    model = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
+    model = toy_model(toy)
     if adamw_weight_decay is None:
         return acc.prepare(model, torch.optim.SGD(model.parameters(), lr=lr))
     return acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=adamw_weight_decay))
 
 
 def frozen(toy):
-    return AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32).eval().requires_grad_(False)
+    return toy_model(toy).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -337,7 +348,7 @@ def prm_apart_from_reference(acc, toy, rollouts):
     """A PRM that differs from the reference: the toy model moved a short way (norm 0.03) up the gradient of
     log pi(first completion) - log pi(second), so sum_t q_t (q_t = log pi_prm - log pi_ref) is larger on the
     first than on the second. Its optimizer has learning rate 0: the PRM that scores stays this one."""
-    prm = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
+    prm = toy_model(toy)
     batch = collate(rollouts, 0, "cpu")
     lp = token_logprobs(prm, batch) * batch["completion_mask"]
     grads = torch.autograd.grad(lp[0].sum() - lp[1].sum(), list(prm.parameters()))
@@ -466,3 +477,180 @@ def test_kl_and_entropy_terms_of_raft_and_reinforce(acc, toy, rollouts, script):
     assert metrics["kl"] > 0.01  # the moved policy is away from the reference (logged before the step)
     assert kl_pulled < kl_plain - 0.01, (kl_plain, kl_pulled)
     assert entropy_raised > entropy_plain + 0.01, (entropy_plain, entropy_raised)
+
+
+# --- each flag of each script changes a tested number ---------------------------------------------
+# Flags that update() reads: {flag: (other value, settings on both sides)}. The same step from the same
+# weights with the other value must end at other weights; SAME lists flags that must not change them.
+UPDATE_FLAGS = {
+    "grpo_logprob": {
+        "temperature": (0.7, {}), "max_completion_length": (64, {"loss_type": "seq-mean-token-sum-norm"}),
+        "max_grad_norm": (0.01, {}), "num_iterations": (1, {}), "epsilon": (0.01, {}), "epsilon_high": (0.01, {}),
+        "loss_type": ("seq-mean-token-mean", {}), "scale_rewards": ("batch", {}), "beta": (0.0, {}),
+        "mask_truncated_completions": (True, {}), "is_correction": ("none", {}), "is_level": ("sequence", {}),
+        "is_cap": (1.5, {}), "is_floor": (0.9, {"is_correction": "mask"}), "reasoning_only_loss": ("on", {}),
+        "micro_batch_size": (1, {}),
+    },
+    "raft_pp": {
+        "algo": ("raft", {}), "temperature": (0.7, {}), "max_grad_norm": (0.01, {}), "mini_batches": (2, {}),
+        "num_iterations": (1, {}), "epsilon_high": (0.01, {}), "normalizer": ("batch", {}),
+        "loss_type": ("token-mean", {}), "kl_coef": (0.0, {}), "entropy_coef": (0.0, {}), "micro_batch_size": (1, {}),
+        "epsilon": (0.5, {}),
+    },
+    "reinforce_rej": {
+        "temperature": (0.7, {}), "max_grad_norm": (0.01, {}), "mini_batches": (2, {}), "num_iterations": (1, {}),
+        "epsilon": (0.01, {}), "epsilon_high": (0.01, {"kl_coef": 0.0, "entropy_coef": 0.0}),
+        "loss_type": ("token-mean", {}), "kl_coef": (0.0, {}), "entropy_coef": (0.0, {}), "micro_batch_size": (1, {}),
+    },
+    "prime": {
+        "temperature": (0.7, {}), "process_reward_coef": (0.0, {}), "beta": (0.5, {}), "granularity": ("whole", {}),
+        "reference": ("old_policy", {}), "prm_update": ("before", {}), "process_baseline": ("code", {}),
+        "gamma": (0.5, {}), "whiten_advantages": (False, {}), "max_grad_norm": (0.01, {}),
+        "num_mini_batches": (1, {}), "epsilon": (0.01, {}), "micro_batch_size": (1, {}),
+    },
+}
+# micro-batches only split the work (gradient accumulation); RAFT++ trains advantage +1 only, so its lower
+# clip never acts (-min(s, clip(s)) = -s below 1 - epsilon)
+SAME = {("grpo_logprob", "micro_batch_size"), ("raft_pp", "micro_batch_size"), ("reinforce_rej", "micro_batch_size"),
+        ("prime", "micro_batch_size"), ("raft_pp", "epsilon")}
+# Flags that main() or the set-up reads: the test that checks their number.
+SETUP = "test_update_steps.py::test_setup_takes_the_optimizer_flags"
+OPTIMIZER = {"learning_rate": SETUP, "lr_schedule": SETUP, "warmup_steps": SETUP, "weight_decay": SETUP}
+GRPO_RUN, RAFT_RUN = "test_grpo.py::test_grpo_end_to_end_hf", "test_raft_pp.py::test_raft_pp_under_accelerate_launch"
+REJ_RUN, PRIME_RUN = ("test_reinforce_rej.py::test_reinforce_under_accelerate_launch_with_vllm",
+                      "test_prime.py::test_prime_end_to_end")
+TOP_P = "test_common.py::test_top_p_filter_keeps_smallest_nucleus"
+LOG_KL = "test_raft_pp.py::test_raft_on_two_processes_resume_equals_straight"
+OTHER_FLAGS = {
+    "grpo_logprob": {
+        **OPTIMIZER, "prompts_per_step": GRPO_RUN, "num_generations": GRPO_RUN, "total_steps": GRPO_RUN,
+        "top_p": TOP_P, "reward": "test_grpo.py::test_parse_reward_weights",
+        "logprob_variant": "test_grpo.py::test_reward_terms_hand_numbers",
+        "logprob_debias": "test_grpo.py::test_reward_terms_hand_numbers",
+        "logprob_scorer": "test_grpo.py::test_logprob_reward_end_to_end_under_accelerate_launch",
+        "reward_norm": "test_grpo.py::test_normalize_rewards_hand_numbers",
+        "reward_norm_scope": "test_grpo.py::test_normalize_rewards_hand_numbers",
+    },
+    "raft_pp": {
+        **OPTIMIZER, "prompts_per_step": RAFT_RUN, "num_generations": RAFT_RUN, "total_steps": RAFT_RUN,
+        "max_completion_length": GRPO_RUN, "top_p": TOP_P, "log_kl": LOG_KL,
+        "negative_reward": "test_raft_pp.py::test_positive_samples_keep_every_tie_and_nothing_from_all_wrong_groups",
+    },
+    "reinforce_rej": {
+        **OPTIMIZER, "prompts_per_step": REJ_RUN, "num_generations": REJ_RUN, "total_steps": REJ_RUN,
+        "max_completion_length": GRPO_RUN, "top_p": TOP_P, "log_kl": LOG_KL,
+        "algo": "test_reinforce_rej.py::test_mixed_prompts_drop_all_correct_and_all_wrong",
+        "negative_reward": "test_reinforce_rej.py::test_zero_one_rewards_give_wrong_answers_no_gradient",
+    },
+    "prime": {
+        "prompts_per_step": PRIME_RUN, "num_generations": PRIME_RUN, "total_steps": PRIME_RUN,
+        "max_completion_length": GRPO_RUN, "filter_low": "test_prime.py::test_filter_keeps_accuracy_in_range",
+        "filter_high": "test_prime.py::test_filter_keeps_accuracy_in_range",
+        "oversample": "test_prime.py::test_prime_on_code_rows",
+        "max_sample_rounds": "test_prime.py::test_prime_on_code_rows",
+        "prm_learning_rate": SETUP, "learning_rate": SETUP, "weight_decay": SETUP,
+    },
+}
+
+
+def own_flags(module) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(module.Args)} - {f.name for f in dataclasses.fields(common.RunArgs)}
+
+
+@pytest.mark.parametrize("name", sorted(UPDATE_FLAGS))
+def test_every_flag_has_a_test_of_its_number(name):
+    """Every flag a script adds to common.RunArgs is either read by update() (UPDATE_FLAGS: the next test
+    steps with and without it) or named with the test that checks its number, and that test exists."""
+    import ast
+    from pathlib import Path
+
+    module = {"grpo_logprob": grpo_logprob, "raft_pp": raft_pp, "reinforce_rej": reinforce_rej, "prime": prime}[name]
+    assert set(UPDATE_FLAGS[name]) | set(OTHER_FLAGS[name]) == own_flags(module)
+    assert not set(UPDATE_FLAGS[name]) & set(OTHER_FLAGS[name])
+    for node in set(OTHER_FLAGS[name].values()):
+        file, test = node.split("::")
+        source = ast.parse((Path(__file__).parent / file).read_text())
+        assert test in {f.name for f in source.body if isinstance(f, ast.FunctionDef)}, node
+
+
+def update_with(name, acc, toy, rollouts, skewed, flags) -> tuple[list[torch.Tensor], dict]:
+    """One update() of `name` on four completions (two groups of two) from weights moved away from the toy
+    model, with every term active (several iterations, KL, entropy, IS correction, a truncated completion, a
+    PRM apart from the reference), and `flags` on top. Returns the weights it ends at and the metrics."""
+    torch.manual_seed(0)
+    model, opt = moved_policy(acc, toy, lr=0.05)
+    ref = frozen(toy)
+    if name == "grpo_logprob":
+        args = grpo_logprob.Args(**{"num_generations": 2, "max_completion_length": 32, "num_iterations": 2,
+                                    "beta": 0.1, "is_correction": "truncate", "max_grad_norm": 0.0,
+                                    "reasoning_only_loss": "off", **flags})
+        advantages, _ = grpo_logprob.batch_advantages(torch.tensor([1.0, 0.0, 0.6, 0.2]), args, acc)
+        tok = AutoTokenizer.from_pretrained(toy / "model") if args.reasoning_only_loss == "on" else None
+        batch = grpo_logprob.training_batch(skewed, advantages, 0, acc.device, args, tok)
+        metrics = grpo_logprob.update(model, opt, None, batch, args, acc, ref)
+    elif name == "raft_pp":
+        args = raft_pp.Args(**{"num_generations": 2, "num_iterations": 2, "max_grad_norm": 0.0, "kl_coef": 0.1,
+                               "entropy_coef": 0.1, "log_kl": False, **flags})
+        batch = raft_pp.training_batch(skewed, torch.tensor([True, False, True, True]), 0, acc.device, args)
+        metrics = raft_pp.update(model, opt, None, batch, args, acc, ref)
+    elif name == "reinforce_rej":
+        args = reinforce_rej.Args(**{"num_generations": 2, "num_iterations": 2, "max_grad_norm": 0.0, "kl_coef": 0.1,
+                                     "entropy_coef": 0.1, **flags})
+        rewards, kept = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.ones(4, dtype=torch.bool)
+        batch = reinforce_rej.training_batch(skewed, rewards, kept, 0, acc.device)
+        metrics = reinforce_rej.update(model, opt, None, batch, args, acc, ref)
+    else:
+        args = prime.Args(**{"num_generations": 2, "num_mini_batches": 2, "max_grad_norm": 0.0, **flags})
+        prm, _ = prm_apart_from_reference(acc, toy, rollouts)
+        prm, prm_opt = acc.prepare(prm, torch.optim.SGD(prm.parameters(), lr=0.05))
+        batch = collate(skewed, 0, acc.device)
+        batch["labels"] = torch.tensor([1.0, 0.0, 1.0, 1.0])
+        metrics, _ = prime.update(model, opt, batch, args, acc, prm, prm_opt,
+                                  ref if args.reference == "frozen" else None)
+    return weights(model), metrics
+
+
+_BASE_STEPS = {}  # (script, settings) -> the weights of the step without the flag, shared by the flags
+
+
+@pytest.mark.parametrize("name,flag", [(n, f) for n in UPDATE_FLAGS for f in UPDATE_FLAGS[n]])
+def test_each_update_flag_changes_the_step(acc, toy, rollouts, name, flag):
+    """The same step with the flag's other value ends at other weights (or, for SAME, at the same ones)."""
+    value, both = UPDATE_FLAGS[name][flag]
+    model, _ = moved_policy(acc, toy, lr=0.05)
+    four = [*rollouts, rollouts[0], Rollout(rollouts[1].prompt_ids, rollouts[1].completion_ids, rollouts[1].logprobs,
+                                            rollouts[1].text, "length")]
+    skewed, _ = mismatched(model, four, [0.25, 0.7, 1.0, 1.8])
+    key = (name, tuple(sorted(both.items())))
+    if key not in _BASE_STEPS:
+        _BASE_STEPS[key] = update_with(name, acc, toy, rollouts, skewed, both)[0]
+    base = _BASE_STEPS[key]
+    other, _ = update_with(name, acc, toy, rollouts, skewed, {**both, flag: value})
+    gap = max((a - b).abs().max().item() for a, b in zip(base, other))
+    if (name, flag) in SAME:
+        assert gap < 1e-6, (flag, gap)
+    else:
+        assert gap > 1e-6, (flag, gap)
+
+
+def test_setup_takes_the_optimizer_flags(acc, toy):
+    """--learning_rate, --weight_decay, --lr_schedule and --warmup_steps reach the optimizer and its schedule
+    (common.setup_policy); prime.py's PRM gets --prm_learning_rate."""
+    args = grpo_logprob.Args(model=str(toy / "model"), learning_rate=0.25, weight_decay=0.125, lr_schedule="cosine",
+                             warmup_steps=2)
+    _, optimizer, scheduler, _ = common.setup_policy(args, acc, 6, needs_frozen=False)
+    group = optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.125 and scheduler.get_last_lr()[0] == 0.0  # warmup from 0
+    lrs = []
+    for _ in range(6):
+        optimizer.step(), scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    # warmup 0.125, 0.25; then the cosine over 4 steps: 0.25 * [c1, 0.5, c3, 0]
+    c1, c3 = (2 + math.sqrt(2)) / 4, (2 - math.sqrt(2)) / 4
+    assert lrs == pytest.approx([0.125, 0.25, 0.25 * c1, 0.125, 0.25 * c3, 0.0], abs=1e-12)
+    import inspect
+
+    source = inspect.getsource(prime.main)  # the PRM's optimizer is built in main()
+    assert "AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=args.weight_decay)" in source
