@@ -119,9 +119,13 @@ def parse_reward_weights(spec: str, known: tuple[str, ...]) -> dict[str, float]:
     weights = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
-        if name not in known or not value:
-            raise SystemExit(f"--reward {spec!r}: each term is name=weight with name in {list(known)}.")
-        weights[name] = float(value)
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            weights[name] = math.nan
+        if name not in known or not math.isfinite(weights[name]):
+            raise SystemExit(f"--reward {spec!r}: each term is name=weight with name in {list(known)} and a number "
+                             "as weight.")
     return weights
 
 

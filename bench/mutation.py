@@ -61,9 +61,15 @@ SCOPE = {
                 "_scientific", "_parse_fraction", "_numbers_equal", "_fast_match", "countdown_value",
                 "countdown_correct", "format_ok", "score_completions"],
 }
-TEST_FILES = ["tests/test_grpo.py", "tests/test_prime.py", "tests/test_raft_pp.py", "tests/test_reinforce_rej.py",
-              "tests/test_update_steps.py", "tests/test_common.py", "tests/test_grading.py", "tests/test_mutants.py",
-              "tests/test_flags.py"]
+# The tests of each module (mutmut then runs, for each mutant, those of them that call its function).
+TEST_FILES = {
+    "grpo_logprob": ["tests/test_grpo.py", "tests/test_update_steps.py"],
+    "raft_pp": ["tests/test_raft_pp.py", "tests/test_update_steps.py"],
+    "reinforce_rej": ["tests/test_reinforce_rej.py", "tests/test_update_steps.py"],
+    "prime": ["tests/test_prime.py", "tests/test_update_steps.py"],
+    "common": ["tests/test_common.py", "tests/test_update_steps.py", "tests/test_mutants.py"],
+    "grading": ["tests/test_grading.py", "tests/test_common.py", "tests/test_mutants.py"],
+}
 # a test that names one of these runs something out of process, or measures time or the grader's worker pool
 OUT_OF_PROCESS = {"run_script", "subprocess", "torchrun", "Popen", "vllm", "settled_workers", "grader_workers",
                   "time_limit", "Hang", "sleep"}
@@ -129,10 +135,10 @@ def build_toy(workdir: Path) -> Path:
     return toy
 
 
-def in_process_tests(root: Path) -> list[str]:
-    """The test functions of TEST_FILES that run everything in this process (see OUT_OF_PROCESS)."""
+def in_process_tests(root: Path, modules: list[str]) -> list[str]:
+    """The test functions of the modules' TEST_FILES that run everything in this process (see OUT_OF_PROCESS)."""
     selected = []
-    for name in TEST_FILES:
+    for name in sorted({f for m in modules for f in TEST_FILES[m]}):
         path = root / name
         if not path.exists():
             continue
@@ -183,7 +189,7 @@ def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int) -> d
     """mutmut over SCOPE's functions of `modules`; returns {mutant name: exit code} (1 or 3: killed)."""
     root = workdir / "mutmut"
     copy_repo(root)
-    tests = in_process_tests(root)
+    tests = in_process_tests(root, modules)
     (root / "pyproject.toml").write_text(
         "[tool.mutmut]\n"
         f"source_paths = {json.dumps(list(MODULES))}\n"
@@ -194,8 +200,10 @@ def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int) -> d
         'process_isolation = "forkserver"\n'  # torch is not fork-safe once its thread pool runs
         "use_git_change_detection = false\n")
     patterns = mutmut_names(modules)
-    subprocess.run([PYTHON, "-m", "mutmut", "run", "--max-children", str(children), *patterns], cwd=root, env=env,
-                   stdout=subprocess.DEVNULL)
+    run = subprocess.run([PYTHON, "-m", "mutmut", "run", "--max-children", str(children), *patterns], cwd=root,
+                         env=env, capture_output=True, text=True)
+    if run.returncode != 0:  # e.g. a selected test fails on the unmutated code
+        raise SystemExit(f"mutmut run failed (exit code {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     codes = {}
     for meta in (root / "mutants").glob("*.py.meta"):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():

@@ -137,8 +137,10 @@ def test_micro_batches_sum_to_the_batch_loss(loss_type):
 
 def test_parse_reward_weights():
     assert parse_reward_weights("correct=1,format=0.1", ("correct", "format")) == {"correct": 1.0, "format": 0.1}
-    with pytest.raises(SystemExit, match="name=weight"):
-        parse_reward_weights("corect=1", ("correct", "format"))
+    assert parse_reward_weights(" correct=-2 ,, format=1e-1", ("correct", "format")) == {"correct": -2.0, "format": 0.1}
+    for spec in ("corect=1", "correct", "correct=", "correct=x", "correct=1=2", "correct=nan", "correct=inf"):
+        with pytest.raises(SystemExit, match=r"each term is name=weight with name in \['correct', 'format'\] and a "):
+            parse_reward_weights(spec, ("correct", "format"))
 
 
 # --- log-prob and perplexity rewards ----------------------------------------------------------
@@ -167,6 +169,17 @@ def test_normalize_rewards_hand_numbers():
     z = normalize_rewards(r, "zscore", "group", eps=0.0)
     assert torch.allclose(z[0], torch.tensor([-1.0, 0.0, 1.0])) and torch.all(z[1] == 0)  # std of [1,2,3] is 1
     assert torch.equal(normalize_rewards(r, "none", "group"), r)
+
+
+def test_normalize_rewards_eps_hand_numbers():
+    # default eps 1e-6: [1, 2, 3] (std 1) -> (r - 2) / 1.000001
+    z = normalize_rewards(torch.tensor([[1.0, 2.0, 3.0]]), "zscore", "group")
+    assert torch.allclose(z, torch.tensor([[-1.0, 0.0, 1.0]]) / 1.000001, atol=1e-7)
+    # a spread of the order of eps: [0, 2e-6] has std sqrt(2) 1e-6, so +-1e-6 / (2.414214e-6) = +-0.414214
+    z = normalize_rewards(torch.tensor([[0.0, 2e-6]]), "zscore", "group")
+    assert torch.allclose(z, torch.tensor([[-0.414214, 0.414214]]), atol=1e-5)
+    # minmax divides by the span, at least eps: [0, 1e-7] -> [0, 0.1]
+    assert torch.allclose(normalize_rewards(torch.tensor([[0.0, 1e-7]]), "minmax", "group"), torch.tensor([[0.0, 0.1]]))
 
 
 def test_normalize_rewards_gives_an_all_equal_float32_group_exactly_zero():
