@@ -5,6 +5,7 @@ some test catches. A surviving mutant is code that no test pins down.
     python bench/mutation.py                          # every module of SCOPE (hours on 2 cores)
     python bench/mutation.py --module prime --module grpo_logprob
     python bench/mutation.py --written_only           # only the written mutants (minutes)
+    python bench/mutation.py --module prime --again   # the last run's survivors against today's tests
 
 Two kinds of mutants, each run against the repository's own tests in a copy under --workdir:
   written  defects a tool does not make (a mask reversed, two arguments swapped, a branch dropped), each a
@@ -111,7 +112,19 @@ WRITTEN = [
 ]
 
 # Survivors judged equivalent or harmless, by (function, the mutated line as mutmut shows it): the reason.
-EQUIVALENT: dict[tuple[str, str], str] = {}
+EQUIVALENT: dict[tuple[str, str], str] = {
+    ("grpo_logprob.parse_reward_weights", 'name, _, value = part.rpartition("=")'):
+        "a term with one '=' splits alike; one with two is refused in the same sentence either way",
+    ("grpo_logprob.normalize_rewards", "std = r.std(dims, keepdim=True).nan_to_num(None)  # a single sample has no spread"):
+        "the std is NaN only for a single reward, which the max == min test sets to 0 whatever the std",
+    ("grpo_logprob.normalize_rewards", "std = r.std(dims, keepdim=True).nan_to_num(1.0)  # a single sample has no spread"):
+        "the std is NaN only for a single reward, which the max == min test sets to 0 whatever the std",
+    ("grpo_logprob.reward_terms", "v = answer_logprob_score(lp, args.logprob_variant) if lp is not None else 1.0"):
+        "the placeholder of a completion without the marker is replaced by fill_failed (the group's lowest)",
+    ("grpo_logprob.reward_terms",
+     "terms[name] = torch.tensor([perplexity_rewards(lp, base)[name] if lp is not None else 1.0"):
+        "the placeholder of a completion without the marker is replaced by fill_failed (the group's lowest)",
+}
 
 
 def copy_repo(dest: Path) -> None:
@@ -185,10 +198,30 @@ def mutmut_names(modules: list[str]) -> list[str]:
     return patterns
 
 
-def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int) -> dict[str, int | None]:
-    """mutmut over SCOPE's functions of `modules`; returns {mutant name: exit code} (1 or 3: killed)."""
+def mutmut_codes(root: Path, patterns: list[str]) -> dict[str, int | None]:
+    """{mutant name: mutmut's exit code} of the mutants matching patterns (1 or 3: killed; None: not run)."""
+    codes = {}
+    for meta in (root / "mutants").glob("*.py.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if any(fnmatch.fnmatch(name, p) for p in patterns):
+                codes[name] = code
+    return codes
+
+
+def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int, again: bool) -> dict[str, int | None]:
+    """mutmut over SCOPE's functions of `modules`; returns {mutant name: exit code}. again: keep the last run's
+    results in workdir and test only the mutants it did not kill (or that changed since), with today's tests."""
     root = workdir / "mutmut"
-    copy_repo(root)
+    patterns = mutmut_names(modules)
+    if again and (root / "mutants").exists():
+        for p in REPO.glob("*.py"):
+            shutil.copy2(p, root / p.name)
+        shutil.copytree(REPO / "tests", root / "tests", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        names = [n for n, c in mutmut_codes(root, patterns).items() if c not in (1, 3)]
+    else:
+        copy_repo(root)
+        names = patterns
     tests = in_process_tests(root, modules)
     (root / "pyproject.toml").write_text(
         "[tool.mutmut]\n"
@@ -199,17 +232,11 @@ def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int) -> d
         'do_not_mutate_patterns = ["raise ValueError\\\\(f\\"unknown "]\n'
         'process_isolation = "forkserver"\n'  # torch is not fork-safe once its thread pool runs
         "use_git_change_detection = false\n")
-    patterns = mutmut_names(modules)
-    run = subprocess.run([PYTHON, "-m", "mutmut", "run", "--max-children", str(children), *patterns], cwd=root,
+    run = subprocess.run([PYTHON, "-m", "mutmut", "run", "--max-children", str(children), *names], cwd=root,
                          env=env, capture_output=True, text=True)
     if run.returncode != 0:  # e.g. a selected test fails on the unmutated code
         raise SystemExit(f"mutmut run failed (exit code {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-    codes = {}
-    for meta in (root / "mutants").glob("*.py.meta"):
-        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if any(fnmatch.fnmatch(name, p) for p in patterns):
-                codes[name] = code
-    return codes
+    return mutmut_codes(root, patterns)
 
 
 def mutant_diff(root: Path, name: str, env: dict) -> list[str]:
@@ -228,6 +255,10 @@ def main():
     parser.add_argument("--written_only", action="store_true", help="only the written mutants")
     parser.add_argument("--workdir", default=str(REPO / ".mutation"), help="copies, the toy model and mutmut's state")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
+    parser.add_argument("--report", action="store_true",
+                        help="only report the results in --workdir so far (a run stopped early: not_run counts the rest)")
+    parser.add_argument("--again", action="store_true",
+                        help="keep the last run's results; test only the mutants it did not kill, with today's tests")
     args = parser.parse_args()
     try:
         import mutmut  # noqa: F401
@@ -238,8 +269,14 @@ def main():
     t0 = time.time()
     env = {**os.environ, "TOY_DIR": str(build_toy(workdir)), "PYTHONDONTWRITEBYTECODE": "1"}
 
-    written = run_written(workdir, env)
-    codes = {} if args.written_only else run_mutmut(workdir, env, args.module or sorted(SCOPE), args.children)
+    modules = args.module or sorted(SCOPE)
+    if args.report:
+        written, codes = [], mutmut_codes(workdir / "mutmut", mutmut_names(modules))
+    else:
+        written = run_written(workdir, env)
+        codes = {} if args.written_only else run_mutmut(workdir, env, modules, args.children, args.again)
+    not_run = {n for n, c in codes.items() if c is None}
+    codes = {n: c for n, c in codes.items() if c is not None}
 
     killed = {n for n, c in codes.items() if c in (1, 3)}
     timeouts = {n for n, c in codes.items() if c in (-24, 24, 36, 152, 255)}  # the tests never finished: caught
@@ -259,11 +296,12 @@ def main():
                 print(f"      {line}")
     w_killed = sum(k for _, k in written)
     m_killed = len(killed) + len(timeouts)
-    print(f"\n{len(codes)} mutmut mutants of {sum(len(SCOPE[m]) for m in args.module or SCOPE)} functions, "
+    print(f"\n{len(codes)} mutmut mutants of {sum(len(SCOPE[m]) for m in modules)} functions tested, "
           f"{len(timeouts)} of them timed out (counted as killed); {time.time() - t0:.0f} s")
     print(f"RESULT killed={w_killed + m_killed} total={len(written) + len(codes)} written_killed={w_killed} "
           f"written_total={len(written)} mutmut_killed={m_killed} mutmut_total={len(codes)} "
-          f"equivalent={len(equivalent)} survived={len(meaningful)} minutes={(time.time() - t0) / 60:.1f}")
+          f"equivalent={len(equivalent)} survived={len(meaningful)} not_run={len(not_run)} "
+          f"minutes={(time.time() - t0) / 60:.1f}")
 
 
 if __name__ == "__main__":

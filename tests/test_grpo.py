@@ -232,6 +232,10 @@ def test_reward_terms_hand_numbers():
     assert torch.allclose(debiased["logprob"], torch.tensor([0.693147, 1.856298, 0.693147]))
     mean = reward_terms({"logprob": 1.0}, scores, valid, with_r, base, ppl, ppl, Args(logprob_variant="mean"), 3)
     assert torch.allclose(mean["logprob"], torch.tensor([-0.693147, -0.223144, -0.693147]))
+    # two groups of two: each missing marker takes its own group's lowest valid reward
+    two = reward_terms({"logprob": 1.0}, scores + scores[:1], torch.tensor([True, False, False, True]),
+                       [with_r[0], None, None, with_r[1]], base + base[:1], ppl, ppl, Args(), 2)
+    assert torch.allclose(two["logprob"], torch.tensor([-1.386294, -1.386294, -0.223144, -0.223144]))
 
 
 def test_importance_weights_hand_numbers():
