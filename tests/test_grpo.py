@@ -477,3 +477,19 @@ def test_resume_logs_the_same_metrics(toy, tmp_path):
     assert [m["step"] for m in resumed] == [0, 1, 2, 3, 4]
     assert straight == resumed
     assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
+
+
+def test_reasoning_mask_takes_its_marker(toy):
+    """reasoning_mask passes its marker on: with "=7" the reasoning ends at the token holding "7"."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    text = "\n3+4=7\n7-2=5\n</think>\n<answer>5</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    rollout = Rollout([1], ids, [0.0] * len(ids), text, "stop")
+    for marker in ("=7", "=5", END_OF_REASONING):
+        mask, found = reasoning_mask(tok, [rollout], len(ids), marker)
+        k = reasoning_token_count(tok, ids, marker)
+        assert found.item() and mask.sum().item() == k and marker in tok.decode(ids[:k])
+        assert marker not in tok.decode(ids[:k - 1])
+    assert reasoning_mask(tok, [rollout], len(ids), "=8")[1].tolist() == [False]
