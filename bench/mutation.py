@@ -6,6 +6,8 @@ some test catches. A surviving mutant is code that no test pins down.
     python bench/mutation.py --module prime --module grpo_logprob
     python bench/mutation.py --written_only           # only the written mutants (minutes)
     python bench/mutation.py --module prime --again   # the last run's survivors against today's tests
+    python bench/mutation.py --module prime --rest    # go on with the mutants a stopped run did not reach
+    python bench/mutation.py --report                 # the results so far, without running anything
 
 Two kinds of mutants, each run against the repository's own tests in a copy under --workdir:
   written  defects a tool does not make (a mask reversed, two arguments swapped, a branch dropped), each a
@@ -208,17 +210,21 @@ def mutmut_codes(root: Path, patterns: list[str]) -> dict[str, int | None]:
     return codes
 
 
-def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int, again: bool) -> dict[str, int | None]:
-    """mutmut over SCOPE's functions of `modules`; returns {mutant name: exit code}. again: keep the last run's
-    results in workdir and test only the mutants it did not kill (or that changed since), with today's tests."""
+def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int, keep: str | None) -> dict[str, int | None]:
+    """mutmut over SCOPE's functions of `modules`; returns {mutant name: exit code}. keep ("again" or "rest"):
+    keep the last run's results in workdir and test, with today's code and tests, only its survivors ("again")
+    or only the mutants it did not reach ("rest": a run stopped early goes on)."""
     root = workdir / "mutmut"
     patterns = mutmut_names(modules)
-    if again and (root / "mutants").exists():
+    if keep and (root / "mutants").exists():
         for p in REPO.glob("*.py"):
             shutil.copy2(p, root / p.name)
         shutil.copytree(REPO / "tests", root / "tests", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
-        names = [n for n, c in mutmut_codes(root, patterns).items() if c not in (1, 3)]
+        codes = mutmut_codes(root, patterns)
+        names = [n for n, c in codes.items() if (c is None if keep == "rest" else c not in (1, 3, None))]
+        if not names:
+            return codes
     else:
         copy_repo(root)
         names = patterns
@@ -258,7 +264,9 @@ def main():
     parser.add_argument("--report", action="store_true",
                         help="only report the results in --workdir so far (a run stopped early: not_run counts the rest)")
     parser.add_argument("--again", action="store_true",
-                        help="keep the last run's results; test only the mutants it did not kill, with today's tests")
+                        help="keep the last run's results; test only its survivors, with today's code and tests")
+    parser.add_argument("--rest", action="store_true",
+                        help="keep the last run's results; test only the mutants it did not reach (a run stopped early)")
     args = parser.parse_args()
     try:
         import mutmut  # noqa: F401
@@ -273,8 +281,9 @@ def main():
     if args.report:
         written, codes = [], mutmut_codes(workdir / "mutmut", mutmut_names(modules))
     else:
-        written = run_written(workdir, env)
-        codes = {} if args.written_only else run_mutmut(workdir, env, modules, args.children, args.again)
+        keep = "again" if args.again else "rest" if args.rest else None
+        written = [] if keep else run_written(workdir, env)  # a run that goes on leaves out the written mutants
+        codes = {} if args.written_only else run_mutmut(workdir, env, modules, args.children, keep)
     not_run = {n for n, c in codes.items() if c is None}
     codes = {n: c for n, c in codes.items() if c is not None}
 

@@ -492,4 +492,5 @@ def test_reasoning_mask_takes_its_marker(toy):
         k = reasoning_token_count(tok, ids, marker)
         assert found.item() and mask.sum().item() == k and marker in tok.decode(ids[:k])
         assert marker not in tok.decode(ids[:k - 1])
-    assert reasoning_mask(tok, [rollout], len(ids), "=8")[1].tolist() == [False]
+    mask, found = reasoning_mask(tok, [rollout], len(ids), "=8")
+    assert found.dtype == torch.bool and found.tolist() == [False] and mask.sum().item() == 0  # bool: it indexes
