@@ -127,3 +127,9 @@ def settled_workers(wait: float = 60.0) -> int:
             if count >= grading._MV_WORKERS:
                 return count
     return count
+
+
+if os.environ.get("TOY_DIR"):  # a toy task and model built once with TINY_TOY (bench/mutation.py): reuse it
+    @pytest.fixture(scope="session")
+    def toy() -> Path:  # noqa: F811
+        return Path(os.environ["TOY_DIR"])
