@@ -1,7 +1,7 @@
 """Run a repo script as its own `__main__` does (`common.run_main(main)`), with hooks that only tests use,
 chosen by flags before the script's name:
 
-    python tests/harness.py [--pause POINT] [--hanging_programs] [--same_samples] SCRIPT.py ARGS...
+    python tests/harness.py [--pause POINT] [--patient_grading] [--hanging_programs] [--same_samples] SCRIPT.py ARGS...
 
 --pause POINT      stop at a known point of the run, print the line `PAUSED POINT` and wait there until a
                    signal ends the process (the test sends it after reading the line), so that no test
@@ -11,6 +11,9 @@ chosen by flags before the script's name:
                                     folder, which is not renamed yet
                      after_grading  the first batch of answers went to Math-Verify: its worker processes run
                      in_sandbox     while a batch of programs runs in its sandboxes (with --hanging_programs)
+--patient_grading  Math-Verify's pool may take an hour to start and each answer an hour to grade: on a busy
+                   machine the real limits (60 s, 5 s) can cut a pair short, which changes its reward, so a run
+                   compared with another would differ by the machine's load
 --hanging_programs every completion of a code row is a program that sleeps for an hour, graded with limits
                    of an hour: its sandbox runs until the run is stopped
 --same_samples     each prompt is sampled alone, with a seed made of the call's seed and the prompt's tokens,
@@ -34,6 +37,7 @@ import grading  # noqa: E402
 import sandbox  # noqa: E402
 
 POINTS = ("after_step", "in_checkpoint", "after_grading", "in_sandbox")
+HOUR = 3600.0
 HANGING_PROGRAM = "```python\nimport time\ntime.sleep(3600)\n```"
 
 
@@ -90,9 +94,14 @@ def install(args, module) -> None:
     elif args.pause == "after_grading":
         grading.answers_match_many = once("after_grading", call)(grading.answers_match_many)
 
+    if args.patient_grading:
+        real_match = grading.answers_match_many  # with the after_grading pause, if any
+        grading._MV_START_TIMEOUT = HOUR
+        grading.answers_match_many = lambda pairs, timeout=5.0: real_match(pairs, HOUR)
+
     if args.hanging_programs:
         real_score, real_tests = grading.score_completions, grading.run_code_tests_many
-        hour = sandbox.CodeLimits(time_seconds=3600, program_seconds=3600)
+        hour = sandbox.CodeLimits(time_seconds=HOUR, program_seconds=HOUR)
 
         def score(rows, texts, *a, **k):
             texts = [HANGING_PROGRAM if row["task"] == "code" else t for row, t in zip(rows, texts)]
@@ -124,6 +133,7 @@ def install(args, module) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pause", choices=POINTS)
+    parser.add_argument("--patient_grading", action="store_true")
     parser.add_argument("--hanging_programs", action="store_true")
     parser.add_argument("--same_samples", action="store_true")
     parser.add_argument("script")
