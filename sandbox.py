@@ -404,5 +404,10 @@ def run_code_tests_many(jobs: list[tuple[str | None, dict | None]], limits: Code
                   file=sys.stderr, flush=True)
             return CodeResult(["error"])
 
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         return list(pool.map(grade, jobs))
+    finally:
+        # not `with`: on an interrupt (common.run_main) it would wait for the programs still running,
+        # up to program_seconds, before the handler could kill their sandboxes
+        pool.shutdown(wait=False, cancel_futures=True)
