@@ -3,18 +3,16 @@
 Each run gets a sandbox of its own: bubblewrap (`bwrap`) with new user, pid, network, ipc, uts, cgroup and
 mount namespaces (a loopback of its own, no network), a read-only view of /usr and the library folders,
 size-capped tmpfs /tmp and /dev/shm as the only writable places, and the system python (-I: nothing of the
-project). Its pid 1 is a trusted launcher (bwrap --as-pid-1, _LAUNCHER), which reports the kernel's wait
-status of the program where the program cannot reach it: exit code 137 is an exit, not a kill. The
-launcher reaps the orphans inside, bwrap the launcher, the parent bwrap: no zombie is left, also under a
-trainer that is pid 1 or a subreaper. At the wall limit or past the memory limit the parent kills pid 1,
-and with it everything inside. Memory held by any means counts against memory_bytes, by the guards the
-machine allows (sandbox_protection() names them; scripts print it once at start): a cgroup of its own
-(_cgroup_parents), to which the kernel charges every page (shared memory, memfds, tmpfs, socket buffers)
-and in which it kills past the limit; a seccomp filter (bwrap --seccomp, _REFUSED_CALLS) and bwrap
---disable-userns; without a cgroup, a watch of the resident memory and tmpfs every 20 ms. A root parent
-starts the sandbox as user nobody: the kernel does not apply the process limit to root. Without bubblewrap
-the user can accept running the launcher as a bare subprocess (--allow_unsandboxed_code): the same limits
-and cgroup, a fresh temporary folder, no isolation from the network or the user's files.
+project). Its pid 1 is a trusted launcher (bwrap --as-pid-1, _LAUNCHER) whose report of the program's
+status the program cannot forge (exit code 137 is an exit, not a kill), and which reaps every orphan, as
+bwrap reaps it and the parent bwrap: no zombie is left, also under a trainer that is pid 1 or a subreaper.
+At the wall limit or past the memory limit the parent kills pid 1, and with it everything inside. Memory
+held by any means counts against memory_bytes, by the guards the machine allows (sandbox_protection()):
+a cgroup of its own (_cgroup_parents), charged every page, where the kernel kills past the limit; a
+seccomp filter (_REFUSED_CALLS) and bwrap --disable-userns; without a cgroup, resident memory and tmpfs
+summed every 20 ms. A root parent starts the sandbox as user nobody: the kernel does not apply the process
+limit to root. Without bubblewrap the user can accept running the launcher as a bare subprocess
+(--allow_unsandboxed_code): the same limits and cgroup, a fresh temporary folder, and no isolation.
 
 Standard library only: a security review reads this file alone. Nothing else in the repository starts a
 model-written program (tests/test_layout.py checks it); grading.py calls run_code_tests_many.
@@ -46,6 +44,7 @@ SANDBOX_PYTHON = "/usr/bin/python3"
 _NOBODY = 65534
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CHILD_PID = re.compile(rb'"child-pid":\s*(\d+)\s*[,}]')
+_PID_NS = os.stat("/proc/self/ns/pid").st_ino  # in cgroup names: only this namespace's pids can be checked
 
 
 @dataclass(frozen=True)
@@ -62,9 +61,9 @@ class CodeLimits:
 
 
 # The sandbox's pid 1: reads the program from an inherited descriptor, waits until the parent has put it
-# into the sandbox's cgroup, sets the resource limits, forks the program and reports its wait status (exit
-# code, or signal and CPU time) on a descriptor the program cannot reach: it is not dumpable (no /proc/1/fd,
-# no ptrace) and, as pid 1, gets no signal the program sends.
+# into the sandbox's cgroup, sets the limits, forks the program and reports what the kernel's wait status
+# of it says (timeout: SIGXCPU or SIGKILL with the CPU time used up) on a descriptor the program cannot
+# reach: it is not dumpable (no /proc/1/fd, no ptrace), and pid 1 gets no signal the program sends.
 _LAUNCHER = r"""
 import contextlib, ctypes, json, os, resource, signal, sys
 config = json.loads(sys.argv[1])
@@ -130,11 +129,10 @@ else:
     os._exit(0)
 """
 
-# What the seccomp filter refuses (EPERM): memory that no process maps (SysV shared memory and message
-# queues, memfds, socket buffers of 4 MiB each: the sandbox has no network anyway), a session of its own
-# (a CPU share of its own: autogroups), new namespaces and mounts (a tmpfs of its own), and kernel
-# interfaces a program has no use for. clone() with a namespace flag too; clone3 reports ENOSYS, so that
-# the C library falls back to clone(), whose flags a filter can read.
+# What the seccomp filter refuses (EPERM): memory no process maps (SysV shared memory and message queues,
+# memfds, socket buffers of 4 MiB each; there is no network anyway), a session of its own (a CPU share of its
+# own: autogroups), new namespaces and mounts (a tmpfs of its own), kernel interfaces a program has no use
+# for, clone() with a namespace flag; clone3 gets ENOSYS, so that libc falls back to clone(), which it reads.
 _REFUSED_CALLS = ("shmget shmat msgget memfd_create memfd_secret socket socketpair setsid unshare setns mount "
                   "umount2 pivot_root chroot open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr "
                   "io_uring_setup userfaultfd bpf perf_event_open add_key request_key keyctl ptrace "
@@ -149,11 +147,11 @@ _guards_lock = threading.Lock()
 
 
 def _active_guards(limits: CodeLimits, isolated: bool) -> tuple:
-    """(cgroup parents or None, seccomp program or None, --disable-userns) for one run, of what the machine
-    allows (found once per process; the probe drops what a sandbox cannot start with)."""
+    """(cgroup parents, seccomp program, --disable-userns) of one run, as far as the machine allows them."""
     with _guards_lock:
         if not _guards:
             _guards.update(cgroup=_cgroup_parents(), seccomp=_seccomp_program(), userns=True)
+            _Cgroup.remove_stale(_guards["cgroup"][1] if _guards["cgroup"] else [])
     filtering = isolated and limits.guard in ("auto", "seccomp")
     return (_guards["cgroup"] if limits.guard in ("auto", "cgroup") else None,
             _guards["seccomp"] if filtering else None, filtering and _guards["userns"])
@@ -162,13 +160,11 @@ def _active_guards(limits: CodeLimits, isolated: bool) -> tuple:
 def sandbox_protection(limits: CodeLimits | None = None) -> str:
     """One line: the isolation and the memory guards of a sandboxed run on this machine."""
     cgroup, seccomp, userns = _active_guards(limits or _code_setup["limits"], True)
-    parts = ["bubblewrap"]
-    if cgroup:
-        names = ("memory", "pids", "cpu")[:len(cgroup[1])] if cgroup[0] == "v1" else ("memory", "pids")
-        parts.append(f"cgroup {cgroup[0]} ({', '.join(names)})")
-    parts += ["seccomp (no SysV shared memory, memfd, sockets, namespaces, mounts)"] * bool(seccomp)
-    parts += ["no nested user namespaces"] * userns + ["resident memory and /tmp summed every 20 ms"] * (not cgroup)
-    return " + ".join(parts)
+    names = ", ".join(("memory", "pids", "cpu")[:len(cgroup[1]) if cgroup[0] == "v1" else 2]) if cgroup else ""
+    parts = ["bubblewrap", cgroup and f"cgroup {cgroup[0]} ({names})", userns and "no nested user namespaces",
+             seccomp and "seccomp (no SysV shared memory, memfd, sockets, namespaces, mounts)",
+             not cgroup and "resident memory and /tmp summed every 20 ms"]
+    return " + ".join(part for part in parts if part)
 
 
 def _seccomp_program() -> bytes | None:
@@ -252,9 +248,7 @@ class _Cgroup:
     def __init__(self, kind: str, parents: list[str]):
         self.v2, self.owner = kind == "v2", os.getpid()
         atexit.register(self.remove)
-        self.dirs = [os.path.join(parent, f"code-sandbox-{self.owner}-{next(self.count)}") for parent in parents]
-        for folder in self.dirs:
-            os.makedirs(folder, exist_ok=True)
+        self.dirs = [f"{parent}/code-sandbox-{_PID_NS}-{self.owner}-{next(self.count)}" for parent in parents]
         self.pids = self.dirs[0 if self.v2 else 1]
         self.events = self.dirs[0] + ("/memory.events" if self.v2 else "/memory.oom_control")
 
@@ -263,6 +257,8 @@ class _Cgroup:
         with cls.lock:
             cgroup = cls.pool.pop() if cls.pool else None
         cgroup = cgroup or cls(*parents)
+        for folder in cgroup.dirs:  # (again: nobody else may have removed it)
+            os.makedirs(folder, exist_ok=True)
         memory = Path(cgroup.dirs[0])
         swap = memory / ("memory.swap.max" if cgroup.v2 else "memory.memsw.limit_in_bytes")
         if swap.exists() and not cgroup.v2:
@@ -298,6 +294,16 @@ class _Cgroup:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.001)
 
+    @staticmethod
+    def remove_stale(parents: list[str]) -> None:
+        """Remove the cgroups of this pid namespace's processes that are gone (killed before their exit)."""
+        for parent in parents:
+            for name in os.listdir(parent):
+                m = re.fullmatch(rf"code-sandbox-{_PID_NS}-(\d+)-\d+", name)
+                if m and not os.path.exists(f"/proc/{m[1]}"):
+                    with contextlib.suppress(OSError):  # not empty: in use
+                        os.rmdir(f"{parent}/{name}")
+
     def remove(self) -> None:
         for folder in self.dirs if self.owner == os.getpid() else ():  # not in a forked child
             with contextlib.suppress(OSError):
@@ -323,9 +329,8 @@ def _bwrap_command(bwrap: str, limits: CodeLimits, info_fd: int, seccomp_fd: int
 
 def _memfd(name: str, data: bytes = b"") -> int:
     fd = os.memfd_create(name)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    with open(fd, "wb", closefd=False) as f:
+        f.write(data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
@@ -340,16 +345,17 @@ def _read_fd(fd: int, limit: int) -> bytes:
 
 def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLimits,
                 isolated: bool) -> tuple[str, bytes, bytes]:
-    """Run one program once: (status, stdout, start of stderr). status, from the launcher's wait status of
-    the program and the parent's own limits: ok (exit 0), exit (another exit code), not_compiled, timeout
-    (wall or CPU limit), memory (past memory_bytes), crash (another signal), error (no sandbox started).
-    fn_name: call that function (or method of class Solution) with the JSON list of arguments in stdin
-    and write its JSON return value to stdout."""
+    """Run one program once: (status, stdout, start of stderr). status (the launcher's or the parent's, never
+    an exit code): ok, exit (another exit code), not_compiled, timeout (wall or CPU limit), memory, crash
+    (another signal), error (no sandbox started). fn_name: call that function (or method of class Solution)
+    with the JSON list of arguments in stdin and write its JSON return value to stdout."""
+    cgroup_parents, seccomp, disable_userns = _active_guards(limits, isolated)
     cpu_limit = math.ceil(limits.time_seconds)
     rlimits = {"RLIMIT_CPU": [cpu_limit, cpu_limit + 1], "RLIMIT_AS": [limits.memory_bytes] * 2,
-               "RLIMIT_NPROC": [limits.processes] * 2, "RLIMIT_NOFILE": [limits.open_files] * 2,
-               "RLIMIT_FSIZE": [limits.output_bytes] * 2, "RLIMIT_CORE": [0, 0]}
-    cgroup_parents, seccomp, disable_userns = _active_guards(limits, isolated)
+               "RLIMIT_NOFILE": [limits.open_files] * 2, "RLIMIT_FSIZE": [limits.output_bytes] * 2,
+               "RLIMIT_CORE": [0, 0]}
+    if isolated or not cgroup_parents:  # bare, it would count every process of nobody; pids.max counts this run's
+        rlimits["RLIMIT_NPROC"] = [limits.processes] * 2
     fds = [_memfd("program", program.encode("utf-8", "replace")), _memfd("stdin", stdin), _memfd("stdout"),
            _memfd("stderr"), _memfd("status"), *os.pipe()]
     program_fd, stdin_fd, out_fd, err_fd, status_fd, go_r, go_w = fds
@@ -443,16 +449,14 @@ def _watch(pidfd: int, deadline: float, limits: CodeLimits, cgroup: _Cgroup | No
     while (left := deadline - time.monotonic()) > 0:
         if _readable(pidfd, min(left, 0.02)):
             return None
-        if cgroup and cgroup.oom_kills() > oom_before:
-            return "memory"
-        if tree and _tree_memory(tree) + _tmpfs_bytes(sandbox_pid, limits.tmp_bytes) > limits.memory_bytes:
+        if (cgroup and cgroup.oom_kills() > oom_before or tree and  # the tree and tmpfs: without a cgroup
+                _tree_memory(tree) + _tmpfs_bytes(sandbox_pid, limits.tmp_bytes) > limits.memory_bytes):
             return "memory"
     return None if _readable(pidfd, 0) else "timeout"
 
 
 def _tree_memory(pid: int) -> int:
-    """Resident bytes of a process and its descendants (/proc/PID/task/TID/children, which also finds
-    processes re-parented to the sandbox's pid 1)."""
+    """Resident bytes of a process and its descendants (/proc/PID/task/TID/children: also the orphans)."""
     total, todo, seen = 0, [pid], set()
     while todo:
         p = todo.pop()
@@ -469,14 +473,12 @@ def _tree_memory(pid: int) -> int:
 
 
 def _tmpfs_bytes(sandbox_pid: int | None, size: int) -> int:
-    """Bytes held in the sandbox's /tmp and /dev/shm, seen through its pid 1's root (once that is the
-    sandbox's: a file system of their size)."""
+    """Bytes in the sandbox's /tmp and /dev/shm, seen through its pid 1's root (once that is the sandbox's)."""
     total = 0
     for folder in ("tmp", "dev/shm") if sandbox_pid else ():
         with contextlib.suppress(OSError):
             usage = os.statvfs(f"/proc/{sandbox_pid}/root/{folder}")
-            if usage.f_blocks * usage.f_frsize == size:
-                total += (usage.f_blocks - usage.f_bfree) * usage.f_frsize
+            total += (usage.f_blocks - usage.f_bfree) * usage.f_frsize if usage.f_blocks * usage.f_frsize == size else 0
     return total
 
 
@@ -505,8 +507,7 @@ def code_test_cases(tests: dict) -> tuple[list[tuple[bytes, object]], str | None
 
 
 def blank_output_tests(tests: dict) -> list[int]:
-    """The stdin/stdout tests (by index) whose expected output is blank: any program that prints nothing
-    would pass them."""
+    """Stdin/stdout tests (indices) that expect a blank output, which any program printing nothing passes."""
     cases, fn_name = code_test_cases(tests)
     return [k for k, (_, want) in enumerate(cases) if fn_name is None and not want.strip()]
 
@@ -553,8 +554,7 @@ def tokens_match(got: str, want: str) -> bool:
 
 
 def numbers_match(got: int | float, want: int | float) -> bool:
-    """An expected integer exactly; any other expected number within 1e-8 + 1e-5 |want| (numpy's allclose,
-    as the APPS/TACO checkers have it)."""
+    """An expected integer exactly; any other expected number within 1e-8 + 1e-5 |want| (APPS/TACO's allclose)."""
     if isinstance(want, int):
         return got == want
     try:

@@ -25,14 +25,15 @@ An attack is contained when it scores 0 and its own check finds nothing outside 
 unchanged, no file in /usr, no process left); a forged status must be graded a plain failure (not a
 timeout, not a crash); a row with a blank expected output is an error, not a score.
 
-Part 3, memory held outside the resident-memory watch, each program alone through sandbox.run_program
-(it prints how many MiB it holds as it goes): four children of 900 MB each, SysV shared memory filled
-and detached, memfds kept open by 24 processes, a tmpfs mounted in a nested user namespace, unix socket
-buffers of 24 processes (the kernel does not charge them to a v1 memory cgroup). Contained: it never
-printed "held", and the most it reported holding is within 25% above memory_bytes; the host's shared
-memory (/proc/meminfo Shmem) is back to its level after the part. Part 4: a program busy in 28
-processes next to a program that measures the CPU share it gets. Part 5: zombies and orphans left
-under a grading process that is a subreaper (as when it is pid 1 of its container).
+Part 3, memory held outside the resident-memory watch, in one batch per guard setting (all, the cgroup
+alone, seccomp alone, none): four children of 384 MB each, SysV shared memory filled and detached,
+memfds kept open by 28 processes, a tmpfs mounted in a nested user namespace, unix socket buffers of 24
+processes (4 MiB a socket, as net.core.wmem_max allows here). Each attack has a test per target (256 to
+1536 MiB) that it passes when it holds that much; contained: it held no target above 1.25 x
+memory_bytes. The host's shared memory (/proc/meminfo Shmem) before and after is printed (other jobs
+move it too). Part 4: the CPU share a busy program gets next to a program busy in 28 processes, with and
+without the guards. Part 5: zombies and orphans left under a grading process that is a subreaper (as when
+it is pid 1 of its container).
 
 Ends with one line: RESULT key=value ...
 """
@@ -43,7 +44,6 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -53,14 +53,14 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sandbox import (CodeLimits, CodeResult, run_code_tests_many, run_program, run_tests,  # noqa: E402
-                     sandbox_protection, sandbox_unavailable)
+from sandbox import (CodeLimits, CodeResult, run_code_tests_many, run_tests, sandbox_protection,  # noqa: E402
+                     sandbox_unavailable)
 
 # Sleepers left by the fork bomb, the wall-limit sleeper and the daemon carry these durations in their
 # command lines, so that survivors can be found after the batch.
@@ -241,46 +241,45 @@ def run_attacks(limits: CodeLimits, isolated: bool = True, names: tuple[str, ...
 # ----------------------------------------------------------------------------------------------
 # memory held outside the resident-memory watch
 # ----------------------------------------------------------------------------------------------
-# Each attack forks `workers` processes that each take `chunks` pieces of memory of one kind with
-# hold(), keep them, and report every MiB they hold through a pipe; the parent prints the running total
-# every 64 MiB, then "held" when every piece is taken. Everything stays within each process's own
-# limits (address space, open files, file size), so only a guard that counts the sandbox as a whole
-# stops it.
-MEMORY_TEMPLATE = """import os, sys, time
+# Each attack reads a target (MiB) and forks `workers` processes that each take pieces of `mib` MiB of one
+# kind with hold() and keep them, reporting each through a pipe; the parent prints "held" 2 s after the
+# pieces add up to the target. Everything stays within each process's own limits (address space, open files,
+# file size), so only a guard that counts the sandbox as a whole stops it. A test per target: the largest
+# target that passes is what the sandbox let it hold.
+MEMORY_TEMPLATE = """import os, time
 {setup}
 def hold():
 {hold}
+target = int(input())
 r, w = os.pipe()
 for _ in range({workers}):
     if os.fork() == 0:
         kept = []
-        for _ in range({chunks}):
+        for _ in range(-(-target // ({workers} * {mib}))):
             kept.append(hold())
             os.write(w, b"m" * {mib})
         time.sleep(3600)  # holding, until the sandbox ends
 os.close(w)
 total = 0
-while total < {workers} * {chunks} * {mib} and (data := os.read(r, 4096)):  # ends when every worker failed
+while total < target and (data := os.read(r, 4096)):  # ends early when every worker failed
     total += len(data)
-    if total // 64 != (total - len(data)) // 64:
-        print("holding", total, flush=True)
-if total >= {workers} * {chunks} * {mib}:
-    print("held", flush=True)
+if total >= target:
+    time.sleep(2)  # held for a while: a watch that samples every 20 ms sees it, also on a busy machine
+    print("held")
 """
 
 MEMORY_ATTACKS = {
-    "memory_in_children": dict(workers=4, chunks=5, mib=60, setup="",
-                               hold="    return b'x' * (60 << 20)"),
-    "sysv_shared_memory": dict(workers=1, chunks=24, mib=64, setup=(
+    "memory_in_children": dict(workers=4, mib=64, setup="", hold="    return b'x' * (64 << 20)"),
+    "sysv_shared_memory": dict(workers=1, mib=64, setup=(
         "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         "libc.shmat.restype = ctypes.c_void_p\nlibc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]"),
         hold="    segment = libc.shmget(0, 64 << 20, 0o1600)\n    if segment < 0:\n"
              "        raise OSError(ctypes.get_errno(), 'shmget')\n    address = libc.shmat(segment, None, 0)\n"
              "    ctypes.memset(address, 1, 64 << 20)\n    libc.shmdt(ctypes.c_void_p(address))"),
-    "memfd_in_24_processes": dict(workers=24, chunks=56, mib=1, setup="",
+    "memfd_in_28_processes": dict(workers=28, mib=1, setup="",
                                   hold="    fd = os.memfd_create('x')\n    os.write(fd, b'x' * (1 << 20))\n"
                                        "    return fd"),
-    "tmpfs_in_nested_namespace": dict(workers=1, chunks=1500, mib=1, setup=(
+    "tmpfs_in_nested_namespace": dict(workers=1, mib=1, setup=(
         "import ctypes, itertools\nlibc = ctypes.CDLL(None, use_errno=True)\nuid, gid = os.getuid(), os.getgid()\n"
         "if libc.unshare(0x10000000 | 0x00020000):  # a user and a mount namespace of its own\n"
         "    raise OSError(ctypes.get_errno(), 'unshare')\n"
@@ -290,12 +289,13 @@ MEMORY_ATTACKS = {
         "if libc.mount(b'none', b'/tmp/big', b'tmpfs', 0, b'size=4g'):\n"
         "    raise OSError(ctypes.get_errno(), 'mount')\ncount = itertools.count()"),
         hold="    with open(f'/tmp/big/{next(count)}', 'wb') as f:\n        f.write(b'x' * (1 << 20))"),
-    "socket_buffers_24_processes": dict(workers=24, chunks=28, mib=4, setup="import socket", hold=(
+    "socket_buffers_24_processes": dict(workers=24, mib=4, setup="import socket", hold=(
         "    a, b = socket.socketpair()\n    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)\n"
         "    a.setblocking(False)\n    sent = 0\n    while sent < 4 << 20:\n        try:\n"
         "            sent += a.send(b'x' * 65536)\n        except BlockingIOError:\n"
         "            raise OSError('buffer full') from None\n    return a, b")),
 }
+TARGETS = (256, 512, 768, 1024, 1280, 1536)  # MiB
 
 
 def memory_attack_program(name: str) -> str:
@@ -307,42 +307,44 @@ def host_shmem_mib() -> int:
         return next(int(line.split()[1]) // 1024 for line in f if line.startswith("Shmem:"))
 
 
-def run_memory_attacks(limits: CodeLimits, isolated: bool = True, names: tuple[str, ...] | None = None) -> dict:
-    """Each memory attack alone (limits.workers at a time); per attack: status, the most it reported
-    holding (MiB), whether it was contained. Also the host's Shmem before and after (MiB)."""
+def run_memory_attacks(limits: CodeLimits, isolated: bool = True, names: tuple[str, ...] | None = None,
+                       targets: tuple[int, ...] = TARGETS) -> dict:
+    """The memory attacks in one batch, each with a test per target (MiB, expected output "held"); per
+    attack: the outcomes, the largest target it held, contained (it held no target above 1.25 x
+    memory_bytes). Also the host's Shmem (MiB) before and after, which other jobs on the machine move too."""
     names = names or tuple(MEMORY_ATTACKS)
+    tests = {"inputs": [f"{t}\n" for t in targets], "outputs": ["held"] * len(targets)}
     shmem_before = host_shmem_mib()
-
-    def one(name):
-        status, stdout, stderr = run_program(memory_attack_program(name), b"", None, limits, isolated)
-        held = max([int(m) for m in re.findall(rb"holding (\d+)", stdout)], default=0)
-        limit_mib = limits.memory_bytes >> 20
-        return name, dict(status=status, held_mib=held, limit_mib=limit_mib, why=stderr.decode(errors="replace")
-                          .strip().splitlines()[-1:], contained=b"held\n" not in stdout and held <= 1.25 * limit_mib)
-
-    with ThreadPoolExecutor(limits.workers or 2) as pool:
-        report = dict(pool.map(one, names))
+    results = run_code_tests_many([(memory_attack_program(name), tests) for name in names], limits, isolated)
+    report = {}
+    for name, result in zip(names, results):
+        held = max([t for t, outcome in zip(targets, result.outcomes) if outcome == "pass"], default=0)
+        report[name] = dict(outcomes=result.outcomes, held_mib=held,
+                            contained=held <= 1.25 * (limits.memory_bytes >> 20))
     return dict(attacks=report, shmem_before_mib=shmem_before, shmem_after_mib=host_shmem_mib())
 
 
 # ----------------------------------------------------------------------------------------------
 # the CPU share of a neighbor, and zombies under a subreaper
 # ----------------------------------------------------------------------------------------------
-HOG = ("import os\nfor _ in range(28):\n    if os.fork() == 0:\n        try:\n            os.setsid()  # a session of its own is "
-       "a CPU share of its own (autogroups)\n        except OSError:\n            pass\n        while True:\n            pass\nos.wait()")
-COUNTER = ("import time\ntime.sleep({wait})\nstart, cpu = time.monotonic(), time.process_time()\n"
-           "while time.monotonic() - start < {seconds}:\n    pass\n"
-           "print(round((time.process_time() - cpu) / (time.monotonic() - start), 3))")
+HOG = ("import os\nfor _ in range(28):\n    if os.fork() == 0:\n        try:\n"
+       "            os.setsid()  # a session of its own is a CPU share of its own (autogroups)\n"
+       "        except OSError:\n            pass\n        while True:\n            pass\nos.wait()")
+# passes when it gets at least the share of a core its input names, over 2 s
+COUNTER = ("import time\nshare = float(input())\nstart, cpu = time.monotonic(), time.process_time()\n"
+           "while time.monotonic() - start < 2:\n    pass\n"
+           "print('fair' if time.process_time() - cpu >= share * (time.monotonic() - start) else 'starved')")
+SHARES = (0.05, 0.1, 0.2, 0.3)
 
 
-def neighbor_cpu_share(limits: CodeLimits, wait: float = 1.0, seconds: float = 2.0) -> float:
-    """The CPU share (of one core) a busy program gets while another sandbox runs 28 busy processes."""
-    hog_limits = replace(limits, time_seconds=wait + seconds + 3)
-    with ThreadPoolExecutor(2) as pool:
-        hog = pool.submit(run_program, HOG, b"", None, hog_limits, True)
-        status, stdout, _ = run_program(COUNTER.format(wait=wait, seconds=seconds), b"", None, hog_limits, True)
-        hog.result()
-    return float(stdout) if status == "ok" else 0.0
+def neighbor_cpu_share(limits: CodeLimits) -> float:
+    """The largest CPU share (of one core) in SHARES that a busy program gets in each of 2 s windows
+    while another sandbox runs 28 busy processes (both graded in one batch, 2 workers)."""
+    hog_limits = replace(limits, time_seconds=3 * len(SHARES) + 6.0, program_seconds=60.0, workers=2)
+    jobs = [(HOG, {"inputs": [""], "outputs": ["done"]}),
+            (COUNTER, {"inputs": [f"{s}\n" for s in SHARES], "outputs": ["fair"] * len(SHARES)})]
+    counter = run_code_tests_many(jobs, hog_limits, True)[1]
+    return max([s for s, outcome in zip(SHARES, counter.outcomes) if outcome == "pass"], default=0.0)
 
 
 ZOMBIE_CHECK = r"""
@@ -351,7 +353,8 @@ sys.path.insert(0, sys.argv[1])
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans below come to this process
 from sandbox import CodeLimits, run_code_tests_many
 programs = ["print(1)", "import os\nif os.fork() == 0:\n    os.setsid()\n    os.execv('/bin/sleep', ['sleep', '30'])",
-            "import os\nfor _ in range(8):\n    os.fork()\nos.execv('/bin/sleep', ['sleep', '30'])", "import os\nos._exit(3)"]
+            "import os\nfor _ in range(8):\n    os.fork()\nos.execv('/bin/sleep', ['sleep', '30'])",
+            "import os\nos._exit(3)"]
 n, guard = int(sys.argv[2]), sys.argv[3]
 jobs = [(programs[i % len(programs)], {"inputs": [""], "outputs": ["1"]}) for i in range(n)]
 results = run_code_tests_many(jobs, CodeLimits(time_seconds=float(sys.argv[4]), workers=2, guard=guard), True)
@@ -405,7 +408,8 @@ def cpu_name() -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--programs", type=int, default=48, help="programs per batch (3 tests each)")
-    parser.add_argument("--repeats", type=int, default=3, help="batches per mode, round-robin; the median rate is reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="batches per mode, round-robin; the median rate is reported")
     parser.add_argument("--attack_time", type=float, default=1.5, help="wall limit per run in the attack suite")
     args = parser.parse_args()
     why = sandbox_unavailable()
@@ -434,7 +438,8 @@ def main():
     print(f"  sandbox with guards  {rate['sandbox']:7.1f} programs/s")
     print(f"  sandbox, no guards   {rate['unguarded']:7.1f} programs/s")
     print(f"  bare subprocess      {rate['bare']:7.1f} programs/s")
-    print(f"  isolation costs {isolation:.2f}x, the memory guards {guards:.2f}x, both {rate['bare'] / rate['sandbox']:.2f}x")
+    print(f"  isolation costs {isolation:.2f}x, the memory guards {guards:.2f}x, "
+          f"both {rate['bare'] / rate['sandbox']:.2f}x")
 
     attack_limits = CodeLimits(time_seconds=args.attack_time, workers=2)
     report = run_attacks(attack_limits)
@@ -448,19 +453,20 @@ def main():
           f"listener connections: {report['listener_connections']}")
 
     memory = {}
-    print(f"part 3: memory attacks under a {attack_limits.memory_bytes >> 20} MiB limit, wall limit 10 s")
+    print(f"part 3: memory attacks under a {attack_limits.memory_bytes >> 20} MiB limit, targets {TARGETS} MiB")
     for guard in ("auto", "cgroup", "seccomp", "none"):
-        memory[guard] = run_memory_attacks(replace(attack_limits, time_seconds=10.0, guard=guard))
+        memory_limits = replace(attack_limits, time_seconds=10.0, program_seconds=120.0, guard=guard)
+        memory[guard] = run_memory_attacks(memory_limits)
         print(f"  guards: {guard} (host Shmem {memory[guard]['shmem_before_mib']} -> "
               f"{memory[guard]['shmem_after_mib']} MiB)")
         for name, a in memory[guard]["attacks"].items():
-            print(f"    {name:<28} {'contained' if a['contained'] else 'ESCAPED':<10} {a['status']:<8} "
-                  f"held at most {a['held_mib']} MiB {a['why']}")
+            print(f"    {name:<28} {'contained' if a['contained'] else 'ESCAPED':<10} held {a['held_mib']:>4} MiB "
+                  f"{a['outcomes']}")
     memory_contained = sum(a["contained"] for a in memory["auto"]["attacks"].values())
 
     shares = {guard: neighbor_cpu_share(replace(attack_limits, guard=guard)) for guard in ("auto", "none")}
-    print(f"part 4: CPU share of a busy program next to 28 busy processes: {shares['auto']:.2f} of a core with "
-          f"the guards, {shares['none']:.2f} without")
+    print(f"part 4: CPU share of a busy program next to 28 busy processes: at least {shares['auto']:.2f} of a core "
+          f"with the guards, {shares['none']:.2f} without")
     zombies = processes_left_under_subreaper(60)
     print(f"part 5: 60 programs under a subreaper: {zombies['zombies']} zombies, {zombies['children']} children left")
     print(f"RESULT sandbox_programs_per_s={rate['sandbox']:.1f} unguarded_programs_per_s={rate['unguarded']:.1f} "

@@ -6,12 +6,14 @@ program must finish, its wall limit (3 s) is more than 10 times what it takes (a
 0.1-0.25 s on 2 loaded cores); the only upper bounds on wall time are bounds a limit that did not act
 would miss by minutes."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +102,8 @@ def test_call_test_return_values_match_as_numbers():
 
 def test_a_test_that_expects_blank_output_is_an_error_not_a_free_pass():
     tests = {"inputs": ["1\n", "2\n"], "outputs": ["1\n", " \n"]}
-    assert blank_output_tests(tests) == [1] and blank_output_tests({"fn_name": "f", "inputs": [1], "outputs": [""]}) == []
+    assert blank_output_tests(tests) == [1]
+    assert blank_output_tests({"fn_name": "f", "inputs": [1], "outputs": [""]}) == []  # a call test returns ""
     assert run_tests("pass", tests, FAST, isolated=False).outcomes == ["error"]
     scores, errors = score_completions([code_row(tests)], [fenced("print(input())\n")])
     assert scores[0].correct == 0.0 and errors == 1
@@ -259,32 +262,32 @@ def test_attacks_score_zero_and_nothing_escapes(bwrap):
 
 @pytest.mark.parametrize("guard", ["auto", "cgroup", "seccomp"])
 def test_memory_held_outside_processes_counts_against_the_limit(bwrap, guard):
-    """Shared memory, memfds, a tmpfs of its own and socket buffers: each guard alone stops every attack
-    within 25% of the limit (the cgroup: at it; seccomp: the calls are refused), and the host's shared
-    memory is back where it was."""
-    report = code_sandbox.run_memory_attacks(replace(FAST, time_seconds=10.0, guard=guard))
-    protection = sandbox.sandbox_protection(replace(FAST, guard=guard))
+    """Shared memory, memfds, a tmpfs of its own, socket buffers, children: each guard alone keeps every
+    attack from holding 1.5 GiB under a 1 GiB limit (the cgroup stops it at the limit; seccomp refuses
+    the calls; without a cgroup the children's resident memory is summed)."""
+    limits = replace(FAST, time_seconds=30.0, guard=guard)
+    protection = sandbox.sandbox_protection(limits)
     assert ("cgroup v" in protection) == (guard != "seccomp") and ("seccomp" in protection) == (guard != "cgroup")
-    failed = {name: a for name, a in report["attacks"].items() if not a["contained"]}
-    assert not failed, failed
-    assert report["shmem_after_mib"] - report["shmem_before_mib"] < 256
+    report = code_sandbox.run_memory_attacks(limits, targets=(1536,))
+    assert all(a["outcomes"] == ["fail"] for a in report["attacks"].values()), report
 
 
 def test_without_guards_the_memory_attacks_hold_their_memory(bwrap):
-    """The memory checks can fail: with no guard, these attacks hold 1.3-1.5 GiB under a 1 GiB limit."""
-    names = ("sysv_shared_memory", "memfd_in_24_processes", "tmpfs_in_nested_namespace")
-    report = code_sandbox.run_memory_attacks(replace(FAST, time_seconds=60.0, guard="none"), names=names)
-    assert all(not a["contained"] and a["held_mib"] > 1024 for a in report["attacks"].values()), report
-    assert report["shmem_after_mib"] - report["shmem_before_mib"] < 256  # freed with the sandbox
+    """The memory checks can fail: with no guard, these attacks hold 1.5 GiB under a 1 GiB limit."""
+    names = ("sysv_shared_memory", "memfd_in_28_processes", "tmpfs_in_nested_namespace")
+    report = code_sandbox.run_memory_attacks(replace(FAST, time_seconds=120.0, guard="none"), names=names,
+                                             targets=(1536,))
+    assert all(a["outcomes"] == ["pass"] and not a["contained"] for a in report["attacks"].values()), report
 
 
 def test_the_memory_attack_holds_its_memory_where_the_limit_allows_it(bwrap):
-    """The check of memory_in_children can fail: under an 8 GiB limit its four children hold 1.2 GB."""
+    """The check of memory_in_children can fail: under an 8 GiB limit its four children hold 1.5 GiB."""
     program = code_sandbox.memory_attack_program("memory_in_children")
-    status, stdout, _ = run_program(program, b"", None, CodeLimits(memory_bytes=8 << 30, time_seconds=120), True)
-    assert status == "ok" and stdout.endswith(b"\nheld\n")
-    status, stdout, _ = run_program(program, b"", None, replace(FAST, time_seconds=60), True)
-    assert status == "memory" and b"held" not in stdout.replace(b"holding", b"")
+    assert run_program(program, b"1536\n", None, CodeLimits(memory_bytes=8 << 30, time_seconds=120), True)[:2] == (
+        "ok", b"held\n")
+    for guard in ("auto", "seccomp"):  # the cgroup, or the watch of the resident memory
+        assert run_program(program, b"1536\n", None, replace(FAST, time_seconds=60, guard=guard), True)[:2] == (
+            "memory", b"")
 
 
 def test_without_a_cgroup_what_tmp_holds_counts(bwrap):
@@ -300,7 +303,8 @@ def test_the_seccomp_filter_refuses_what_it_names_and_threads_still_run(bwrap):
     """Each refused call fails with EPERM under the filter and works without it (so the check can fail);
     threads start (glibc's clone3 gets ENOSYS and falls back to clone)."""
     probe = ("import ctypes, os, socket, threading\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-             "def errno(call):\n    try:\n        result = call()\n        return 0 if result is None or result >= 0 else ctypes.get_errno()\n"
+             "def errno(call):\n    try:\n        result = call()\n"
+             "        return 0 if result is None or result >= 0 else ctypes.get_errno()\n"
              "    except OSError as e:\n        return e.errno\n"
              "calls = {'shmget': lambda: libc.shmget(0, 4096, 0o1600), 'memfd': lambda: os.memfd_create('x'),\n"
              "         'socketpair': lambda: socket.socketpair()[0].fileno(), 'setsid': os.setsid,\n"
@@ -318,6 +322,44 @@ def test_no_zombie_and_no_orphan_under_a_subreaper(bwrap):
     leave: after 40 programs (plain ones, daemons, fork trees, exit codes) none is left, not even a zombie."""
     left = code_sandbox.processes_left_under_subreaper(40, time_seconds=1.0)
     assert len(left["outcomes"]) == 40 and left["zombies"] == 0 and left["children"] == 0, left
+
+
+@pytest.mark.parametrize("layout", ["v2", "v1"])
+def test_where_sandbox_cgroups_go(tmp_path, monkeypatch, layout):
+    """On a fake cgroup tree (this machine has no cgroup v2 controllers): v2 takes the nearest cgroup at or
+    above this process's that hands memory and pids to its children; v1 this process's own cgroups, found
+    under a mount of a part of the hierarchy (as in a container). The limits land in their files."""
+    root, scope = tmp_path / "cgroup", "user.slice/user-0.slice/session-1.scope"
+    if layout == "v2":
+        mountinfo, own = f"30 25 0:26 / {root} rw,nosuid - cgroup2 cgroup2 rw\n", f"0::/{scope}\n"
+        for folder, enabled in ((root, "cpu memory pids"), (root / "user.slice", "memory pids"),
+                                (root / "user.slice/user-0.slice", "cpu"), (root / scope, "")):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "cgroup.subtree_control").write_text(enabled)
+        expected = ("v2", [str(root / "user.slice")])
+    else:
+        mountinfo = "".join(f"3{i} 25 0:3{i} /docker/abc {root}/{name} rw - cgroup cgroup rw,{name}\n"
+                            for i, name in enumerate(("memory", "pids", "cpu,cpuacct")))
+        own = "5:memory:/docker/abc/job\n4:pids:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+        for name in ("memory/job", "pids", "cpu,cpuacct"):
+            (root / name).mkdir(parents=True)
+        expected = ("v1", [str(root / "memory/job"), str(root / "pids"), str(root / "cpu,cpuacct")])
+    fake = {"/proc/self/mountinfo": mountinfo, "/proc/self/cgroup": own}
+    real_open = open
+    monkeypatch.setattr(sandbox, "open", lambda path, *a, **k: io.StringIO(fake[path]) if path in fake
+                        else real_open(path, *a, **k), raising=False)
+    assert sandbox._cgroup_parents() == expected
+    gone, alive = (Path(expected[1][0], f"code-sandbox-{sandbox._PID_NS}-{pid}-0") for pid in (9999999, os.getpid()))
+    gone.mkdir(), alive.mkdir()
+    sandbox._Cgroup.remove_stale(expected[1])  # those of processes killed before they could remove theirs
+    assert not gone.exists() and alive.exists()
+    monkeypatch.setattr(sandbox._Cgroup, "pool", [])  # not one of the real ones
+    cgroup = sandbox._Cgroup.take(expected, replace(FAST, memory_bytes=123 << 20, processes=7))
+    memory = Path(cgroup.dirs[0])
+    limits = {f.name: f.read_text() for f in [*memory.iterdir(), Path(cgroup.pids, "pids.max")] if f.is_file()}
+    assert limits == ({"memory.max": str(123 << 20), "pids.max": "7"} if layout == "v2"
+                      else {"memory.limit_in_bytes": str(123 << 20), "pids.max": "7"})
+    cgroup.remove()
 
 
 def test_a_sandbox_that_cannot_start_with_a_guard_runs_without_it(monkeypatch):
@@ -342,9 +384,13 @@ def test_without_bubblewrap_the_checks_see_the_escapes():
     report = code_sandbox.run_attacks(FAST, isolated=False, names=("network", "read_canary", "write_canary"))
     assert not any(a["contained"] for a in report["attacks"].values()), report["attacks"]
     assert report["listener_connections"] == 1
-    marked = subprocess.Popen(["sleep", code_sandbox.MARKERS[2]])
+    marked, marker = subprocess.Popen(["sleep", code_sandbox.MARKERS[2]]), code_sandbox.MARKERS[2]
     try:
-        assert code_sandbox.survivors()[code_sandbox.MARKERS[2]] == [marked.pid]
+        for _ in range(1200):  # until it has exec'd sleep (at most a minute)
+            if code_sandbox.survivors()[marker] == [marked.pid]:
+                break
+            time.sleep(0.05)
+        assert code_sandbox.survivors()[marker] == [marked.pid]
     finally:
         marked.kill()
         marked.wait()
@@ -356,8 +402,9 @@ def test_without_bubblewrap_the_resource_limits_still_hold():
     report = code_sandbox.run_attacks(FAST, isolated=False, names=names)
     assert all(a["contained"] for a in report["attacks"].values()), report["attacks"]
     assert report["neighbor_passed"] and report["survivors"] == 0 and report["seconds"] < report["bound"]
-    memory = code_sandbox.run_memory_attacks(replace(FAST, time_seconds=60), False, names=("memory_in_children",))
-    assert memory["attacks"]["memory_in_children"]["contained"], memory
+    memory = code_sandbox.run_memory_attacks(replace(FAST, time_seconds=60), False, names=("memory_in_children",),
+                                             targets=(1536,))
+    assert memory["attacks"]["memory_in_children"]["outcomes"] == ["fail"], memory
 
 
 def test_scripts_refuse_code_rows_without_the_sandbox_unless_allowed(tmp_path):

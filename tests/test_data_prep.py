@@ -565,8 +565,8 @@ def test_toy_solution_slips_carry_through():
 def test_a_code_row_whose_test_expects_blank_output_is_refused(tmp_path, task):
     """Any program that prints nothing would pass such a test: the row is refused in one sentence naming it."""
     tests = json.dumps({"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", "  \n"]})
-    row = ({"question": "Add.", "input_output": tests} if task == "taco" else
-           {"ability": "code", "prompt": [{"role": "user", "content": "Add."}], "reward_model": {"ground_truth": tests}})
+    eurus = {"ability": "code", "prompt": [{"role": "user", "content": "Add."}], "reward_model": {"ground_truth": tests}}
+    row = {"question": "Add.", "input_output": tests} if task == "taco" else eurus
     path = tmp_path / f"{task}.jsonl"
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(dp.DataError, match=r"row 0: test 1 expects a blank output, which any program that prints "
