@@ -395,7 +395,8 @@ def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLim
         release()
         return "error", b"", str(e).encode()
     try:
-        launcher_pid = proc.pid
+        launcher_pid, pidfd = proc.pid, os.pidfd_open(proc.pid)  # readable once it exits; it does not reap
+        fds.append(pidfd)
         if isolated:  # bwrap writes the pid of the sandbox's pid 1 as it starts (maybe in pieces)
             os.close(info_w)
             fds.remove(info_w)
@@ -409,11 +410,10 @@ def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLim
         try:
             if cgroup and launcher:
                 cgroup.enter(launcher_pid)
-            stopped = None if launcher else "error"  # bwrap failed before it started the sandbox
+            stopped = None if launcher else "timeout" if time.monotonic() >= deadline else "error"  # busy / failed
             os.write(go_w, b"g")
         except OSError:  # the cgroup cannot take it: the program does not run unguarded
             stopped = "error"
-        fds.append(pidfd := os.pidfd_open(proc.pid))  # readable once it exits; unlike wait(), it does not reap
         stopped = stopped or _watch(pidfd, deadline, limits, cgroup, oom_before,
                                     None if cgroup else proc.pid, launcher_pid if isolated else None)
         if stopped and isolated and launcher:  # pid 1's death kills every process inside; bwrap reaps it

@@ -2,12 +2,12 @@
 
     python bench/code_sandbox.py [--programs 48] [--repeats 3]
 
-Part 1, programs per second with 2 workers (2 cores): one batch of small programs (a third correct,
+Part 1, programs per second and CPU time per program with 2 workers (2 cores): one batch of small programs (a third correct,
 a third wrong, a third raising an exception), each run on 3 stdin/stdout tests, graded through
 sandbox.run_tests in three modes, round-robin --repeats times (median): the bubblewrap sandbox with
 its memory guards (what training uses), the sandbox without them, and bare subprocesses (the
 --allow_unsandboxed_code path: the same launcher and limits, no namespaces). isolation_cost = bare /
-sandbox without guards; guard_cost = sandbox without / with guards.
+sandbox without guards; guard_cost = sandbox without / with guards (and the same in CPU time).
 
 Part 2, the attack suite (tests/test_code.py runs the same one), graded in one batch next to a correct
 program, the way a training step grades rewards (run_code_tests_many):
@@ -316,12 +316,16 @@ def run_memory_attacks(limits: CodeLimits, isolated: bool = True, names: tuple[s
     tests = {"inputs": [f"{t}\n" for t in targets], "outputs": ["held"] * len(targets)}
     shmem_before = host_shmem_mib()
     results = run_code_tests_many([(memory_attack_program(name), tests) for name in names], limits, isolated)
+    start = time.monotonic()  # a sandbox's SysV memory goes with its ipc namespace, which a kernel worker frees
+    while host_shmem_mib() > shmem_before + 64 and time.monotonic() - start < 30:
+        time.sleep(0.1)
     report = {}
     for name, result in zip(names, results):
         held = max([t for t, outcome in zip(targets, result.outcomes) if outcome == "pass"], default=0)
         report[name] = dict(outcomes=result.outcomes, held_mib=held,
                             contained=held <= 1.25 * (limits.memory_bytes >> 20))
-    return dict(attacks=report, shmem_before_mib=shmem_before, shmem_after_mib=host_shmem_mib())
+    return dict(attacks=report, shmem_before_mib=shmem_before, shmem_after_mib=host_shmem_mib(),
+                shmem_back_s=round(time.monotonic() - start, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,11 +397,13 @@ def benign_batch(n: int) -> list[tuple[str, dict]]:
     return [(programs[i % 3], tests) for i in range(n)]
 
 
-def grading_rate(jobs, limits: CodeLimits, isolated: bool) -> tuple[float, list[CodeResult]]:
-    start = time.perf_counter()
+def grading_rate(jobs, limits: CodeLimits, isolated: bool) -> tuple[float, float, list[CodeResult]]:
+    """Programs per second, and CPU seconds per program: this process's and its reaped children's (bwrap,
+    the launcher, the programs), which other jobs on a shared machine move far less than wall time."""
+    start, cpu = time.perf_counter(), sum(os.times()[:4])
     with ThreadPoolExecutor(limits.workers) as pool:
         results = list(pool.map(lambda job: run_tests(job[0], job[1], limits, isolated), jobs))
-    return len(jobs) / (time.perf_counter() - start), results
+    return len(jobs) / (time.perf_counter() - start), (sum(os.times()[:4]) - cpu) / len(jobs), results
 
 
 def cpu_name() -> str:
@@ -410,7 +416,7 @@ def main():
     parser.add_argument("--programs", type=int, default=48, help="programs per batch (3 tests each)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="batches per mode, round-robin; the median rate is reported")
-    parser.add_argument("--attack_time", type=float, default=1.5, help="wall limit per run in the attack suite")
+    parser.add_argument("--attack_time", type=float, default=3.0, help="wall limit per run in the attack suite")
     args = parser.parse_args()
     why = sandbox_unavailable()
     if why is not None:
@@ -424,22 +430,25 @@ def main():
     jobs = benign_batch(args.programs)
     for mode_limits, isolated in modes.values():  # warm the page cache
         run_tests(*jobs[0], mode_limits, isolated)
-    rates = {mode: [] for mode in modes}
-    outcomes = {}
+    rates, cpus, outcomes = {mode: [] for mode in modes}, {mode: [] for mode in modes}, {}
     for _ in range(args.repeats):
         for mode, (mode_limits, isolated) in modes.items():
-            rate, results = grading_rate(jobs, mode_limits, isolated)
+            rate, cpu, results = grading_rate(jobs, mode_limits, isolated)
             rates[mode].append(rate)
+            cpus[mode].append(cpu)
             outcomes[mode] = [r.outcomes for r in results]
-    assert len({str(o) for o in outcomes.values()}) == 1, "the modes graded differently"
+    differ = sum(len({str(o[i]) for o in outcomes.values()}) > 1 for i in range(len(jobs)))  # timeouts when busy
     rate = {mode: statistics.median(r) for mode, r in rates.items()}
+    cpu = {mode: statistics.median(c) for mode, c in cpus.items()}
     isolation, guards = rate["bare"] / rate["unguarded"], rate["unguarded"] / rate["sandbox"]
-    print(f"part 1: {args.programs} programs x 3 tests, 2 workers, median of {args.repeats} (round-robin)")
-    print(f"  sandbox with guards  {rate['sandbox']:7.1f} programs/s")
-    print(f"  sandbox, no guards   {rate['unguarded']:7.1f} programs/s")
-    print(f"  bare subprocess      {rate['bare']:7.1f} programs/s")
-    print(f"  isolation costs {isolation:.2f}x, the memory guards {guards:.2f}x, "
-          f"both {rate['bare'] / rate['sandbox']:.2f}x")
+    isolation_cpu, guards_cpu = cpu["unguarded"] / cpu["bare"], cpu["sandbox"] / cpu["unguarded"]
+    print(f"part 1: {args.programs} programs x 3 tests, 2 workers, median of {args.repeats} (round-robin); "
+          f"programs graded differently in the last round: {differ}")
+    for mode, label in (("sandbox", "sandbox with guards"), ("unguarded", "sandbox, no guards"),
+                        ("bare", "bare subprocess")):
+        print(f"  {label:<20} {rate[mode]:7.1f} programs/s  {1000 * cpu[mode]:6.0f} CPU ms/program")
+    print(f"  isolation costs {isolation:.2f}x in time ({isolation_cpu:.2f}x in CPU), the memory guards {guards:.2f}x "
+          f"({guards_cpu:.2f}x)")
 
     attack_limits = CodeLimits(time_seconds=args.attack_time, workers=2)
     report = run_attacks(attack_limits)
@@ -455,10 +464,10 @@ def main():
     memory = {}
     print(f"part 3: memory attacks under a {attack_limits.memory_bytes >> 20} MiB limit, targets {TARGETS} MiB")
     for guard in ("auto", "cgroup", "seccomp", "none"):
-        memory_limits = replace(attack_limits, time_seconds=10.0, program_seconds=120.0, guard=guard)
+        memory_limits = replace(attack_limits, time_seconds=60.0, program_seconds=600.0, guard=guard)
         memory[guard] = run_memory_attacks(memory_limits)
         print(f"  guards: {guard} (host Shmem {memory[guard]['shmem_before_mib']} -> "
-              f"{memory[guard]['shmem_after_mib']} MiB)")
+              f"{memory[guard]['shmem_after_mib']} MiB {memory[guard]['shmem_back_s']} s after the batch)")
         for name, a in memory[guard]["attacks"].items():
             print(f"    {name:<28} {'contained' if a['contained'] else 'ESCAPED':<10} held {a['held_mib']:>4} MiB "
                   f"{a['outcomes']}")
@@ -471,10 +480,11 @@ def main():
     print(f"part 5: 60 programs under a subreaper: {zombies['zombies']} zombies, {zombies['children']} children left")
     print(f"RESULT sandbox_programs_per_s={rate['sandbox']:.1f} unguarded_programs_per_s={rate['unguarded']:.1f} "
           f"bare_programs_per_s={rate['bare']:.1f} isolation_cost={isolation:.2f} guard_cost={guards:.2f} "
+          f"isolation_cpu_cost={isolation_cpu:.2f} guard_cpu_cost={guards_cpu:.2f} "
           f"attacks_contained={contained}/{total} memory_attacks_contained={memory_contained}/{len(MEMORY_ATTACKS)} "
           f"attack_batch_s={report['seconds']:.1f} attack_bound_s={report['bound']:.1f} "
           f"neighbor_cpu_share={shares['auto']:.2f} neighbor_cpu_share_unguarded={shares['none']:.2f} "
-          f"zombies={zombies['zombies']} children_left={zombies['children']}")
+          f"zombies={zombies['zombies']} children_left={zombies['children']} graded_differently={differ}")
 
 
 if __name__ == "__main__":
