@@ -1,10 +1,10 @@
 """The code task: program extraction, test reading and output matching, hand-written programs scored
 through grading.score_completions with hand-computed rewards, and the sandbox against hostile programs.
 
-No test here depends on the machine's speed: budgets are checked on a fake clock, and where a real
-program must finish, its wall limit (3 s) is more than 10 times what it takes (a sandboxed "print" takes
-0.1-0.25 s on 2 loaded cores); the only upper bounds on wall time are bounds a limit that did not act
-would miss by minutes."""
+No test here depends on the machine's speed: budgets are checked on a fake clock; a real program that
+must finish gets 60 s (LONG), one that must time out 1-2 s, and a batch where both meet 15 s (MIXED); a
+sandboxed "print" takes 0.1-0.25 s on 2 idle cores, 3-5 s on 2 cores shared with 16 busy processes.
+The only upper bounds on wall time are bounds a limit that did not act would miss by minutes."""
 
 import io
 import json
@@ -27,7 +27,14 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 import code_sandbox  # noqa: E402  the attack suite, shared with the benchmark
 
-FAST = CodeLimits(time_seconds=3.0, workers=2)  # every run that must finish takes under 0.3 s here
+LONG = CodeLimits(time_seconds=60.0, program_seconds=300.0, workers=2)  # for runs that must finish
+MIXED = replace(LONG, time_seconds=15.0)  # a batch where a program times out and its neighbor must pass
+
+
+@pytest.fixture(autouse=True)
+def long_limits(monkeypatch):
+    """score_completions grades with the scripts' limits: here LONG, unless a test sets others."""
+    monkeypatch.setitem(sandbox._code_setup, "limits", LONG)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +111,7 @@ def test_a_test_that_expects_blank_output_is_an_error_not_a_free_pass():
     tests = {"inputs": ["1\n", "2\n"], "outputs": ["1\n", " \n"]}
     assert blank_output_tests(tests) == [1]
     assert blank_output_tests({"fn_name": "f", "inputs": [1], "outputs": [""]}) == []  # a call test returns ""
-    assert run_tests("pass", tests, FAST, isolated=False).outcomes == ["error"]
+    assert run_tests("pass", tests, LONG, isolated=False).outcomes == ["error"]
     scores, errors = score_completions([code_row(tests)], [fenced("print(input())\n")])
     assert scores[0].correct == 0.0 and errors == 1
 
@@ -147,7 +154,7 @@ def test_the_program_budget_cuts_a_real_run(bwrap):
 
 def test_a_program_that_writes_like_bwrap_is_not_a_sandbox_error(bwrap):
     fake = "import sys\nsys.stderr.write('bwrap: Can not mount tmpfs')\nsys.exit(1)"
-    assert run_program(fake, b"", None, FAST, True)[0] == "exit"
+    assert run_program(fake, b"", None, LONG, True)[0] == "exit"
 
 
 # --- scoring hand-written programs, as completions --------------------------------------------
@@ -207,21 +214,21 @@ def test_grpo_code_term_is_the_share_of_tests_passed(bwrap):
 
 
 def test_a_program_that_does_not_compile_runs_once():
-    assert run_tests("def f(:", SUM_TESTS, FAST, isolated=False).outcomes == ["fail", "skipped", "skipped"]
+    assert run_tests("def f(:", SUM_TESTS, LONG, isolated=False).outcomes == ["fail", "skipped", "skipped"]
 
 
-def test_a_timeout_scores_zero_is_counted_and_ends_the_program(bwrap, monkeypatch):
-    monkeypatch.setitem(sandbox._code_setup, "limits", FAST)
+def test_a_timeout_scores_zero_is_counted(bwrap, monkeypatch):
+    """(That a timeout ends the program's tests: test_the_program_budget_cuts_a_real_run.)"""
+    monkeypatch.setitem(sandbox._code_setup, "limits", MIXED)
     scores, errors = score_completions([code_row(SUM_TESTS)] * 2,
                                        [fenced("while True:\n    pass\n"), fenced(READ + "print(a + b)\n")])
     assert [s.timed_out for s in scores] == [True, False] and [s.correct for s in scores] == [0.0, 1.0]
     assert scores[0].tests_passed == 0.0 and errors == 0
-    assert run_tests("while True:\n    pass", SUM_TESTS, FAST, True).outcomes == ["timeout", "skipped", "skipped"]
 
 
 def test_a_program_killed_by_a_signal_is_an_error(bwrap):
     crash = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)"
-    assert run_tests(crash, SUM_TESTS, FAST, True).outcomes[0] == "crash"
+    assert run_tests(crash, SUM_TESTS, LONG, True).outcomes[0] == "crash"
     scores, errors = score_completions([code_row(SUM_TESTS)], [fenced(crash + "\n")])
     assert scores[0].correct == 0.0 and errors == 1
 
@@ -230,13 +237,13 @@ def test_a_program_killed_by_a_signal_is_an_error(bwrap):
 def test_a_program_cannot_forge_its_status(bwrap, isolated):
     """Exit codes 137 and 139 (what a shell reports for SIGKILL and SIGSEGV) are exits; a SIGXCPU the
     program sends itself is a crash, not the CPU limit; the real limits are timeouts."""
-    runs = {"import os\nos._exit(137)": "exit", "import os\nos._exit(139)": "exit",
-            "import os\nos._exit(98)": "exit", "import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)": "crash",
-            "while True:\n    pass": "timeout",  # the wall limit (the CPU limit is not below it)
-            "import threading\ndef spin():\n    while True:\n        pass\n"  # 4 threads: the CPU limit first
-            "for _ in range(4):\n    threading.Thread(target=spin).start()": "timeout"}
-    limits = replace(FAST, time_seconds=2.0)
-    assert {p: run_program(p, b"", None, limits, isolated)[0] for p in runs} == runs
+    exits = {"import os\nos._exit(137)": "exit", "import os\nos._exit(139)": "exit",
+             "import os\nos._exit(98)": "exit", "import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)": "crash"}
+    assert {p: run_program(p, b"", None, LONG, isolated)[0] for p in exits} == exits
+    limits = replace(LONG, time_seconds=2.0)  # the wall limit, or the CPU limit that 4 busy threads reach first
+    spin = "import threading\ndef spin():\n    while True:\n        pass\n"
+    for busy in ("while True:\n    pass", spin + "for _ in range(4):\n    threading.Thread(target=spin).start()"):
+        assert run_program(busy, b"", None, limits, isolated)[0] == "timeout"
     scores, errors = score_completions([code_row(SUM_TESTS)] * 2, [fenced("import os\nos._exit(137)\n"),
                                                                     fenced("import os\nos._exit(139)\n")])
     assert [s.timed_out for s in scores] == [False, False] and errors == 0
@@ -249,8 +256,8 @@ def test_malformed_tests_are_an_error_not_a_score():
 
 # --- the sandbox against hostile programs -----------------------------------------------------
 def test_attacks_score_zero_and_nothing_escapes(bwrap):
-    """Each attack runs next to a correct program in one batch (2 workers, 3 s wall limit)."""
-    report = code_sandbox.run_attacks(FAST)
+    """Each attack runs next to a correct program in one batch (2 workers, 15 s wall limit)."""
+    report = code_sandbox.run_attacks(MIXED)
     failed = {name: a["outcomes"] for name, a in report["attacks"].items() if not a["contained"]}
     assert not failed, f"escaped, scored or mislabeled: {failed}"
     assert report["listener_connections"] == 0 and report["survivors"] == 0 and report["neighbor_passed"]
@@ -265,7 +272,7 @@ def test_memory_held_outside_processes_counts_against_the_limit(bwrap, guard):
     """Shared memory, memfds, a tmpfs of its own, socket buffers, children: each guard alone keeps every
     attack from holding 1.5 GiB under a 1 GiB limit (the cgroup stops it at the limit; seccomp refuses
     the calls; without a cgroup the children's resident memory is summed)."""
-    limits = replace(FAST, time_seconds=30.0, guard=guard)
+    limits = replace(LONG, guard=guard)
     protection = sandbox.sandbox_protection(limits)
     assert ("cgroup v" in protection) == (guard != "seccomp") and ("seccomp" in protection) == (guard != "cgroup")
     report = code_sandbox.run_memory_attacks(limits, targets=(1536,))
@@ -275,7 +282,7 @@ def test_memory_held_outside_processes_counts_against_the_limit(bwrap, guard):
 def test_without_guards_the_memory_attacks_hold_their_memory(bwrap):
     """The memory checks can fail: with no guard, these attacks hold 1.5 GiB under a 1 GiB limit."""
     names = ("sysv_shared_memory", "memfd_in_28_processes", "tmpfs_in_nested_namespace")
-    report = code_sandbox.run_memory_attacks(replace(FAST, time_seconds=120.0, guard="none"), names=names,
+    report = code_sandbox.run_memory_attacks(replace(LONG, time_seconds=120.0, guard="none"), names=names,
                                              targets=(1536,))
     assert all(a["outcomes"] == ["pass"] and not a["contained"] for a in report["attacks"].values()), report
 
@@ -286,7 +293,7 @@ def test_the_memory_attack_holds_its_memory_where_the_limit_allows_it(bwrap):
     assert run_program(program, b"1536\n", None, CodeLimits(memory_bytes=8 << 30, time_seconds=120), True)[:2] == (
         "ok", b"held\n")
     for guard in ("auto", "seccomp"):  # the cgroup, or the watch of the resident memory
-        assert run_program(program, b"1536\n", None, replace(FAST, time_seconds=60, guard=guard), True)[:2] == (
+        assert run_program(program, b"1536\n", None, replace(LONG, guard=guard), True)[:2] == (
             "memory", b"")
 
 
@@ -295,7 +302,7 @@ def test_without_a_cgroup_what_tmp_holds_counts(bwrap):
     fill = ("import time\nfor folder in ('/tmp', '/dev/shm'):\n    for i in range(60):\n"
             "        with open(f'{folder}/{i}', 'wb') as f:\n            f.write(b'x' * (1 << 20))\n"
             "print('held', flush=True)\ntime.sleep(30)")
-    limits = replace(FAST, memory_bytes=100 << 20, time_seconds=60, guard="seccomp")
+    limits = replace(LONG, memory_bytes=100 << 20, guard="seccomp")
     assert run_program(fill, b"", None, limits, True)[:2] == ("memory", b"")
 
 
@@ -311,9 +318,9 @@ def test_the_seccomp_filter_refuses_what_it_names_and_threads_still_run(bwrap):
              "         'unshare': lambda: libc.unshare(0x10020000), 'msgget': lambda: libc.msgget(0, 0o1600)}\n"
              "thread = threading.Thread(target=print, args=('thread',))\nthread.start()\nthread.join()\n"
              "print(*(f'{name}={errno(call)}' for name, call in calls.items()))")
-    guarded = run_program(probe, b"", None, replace(FAST, guard="seccomp"), True)
+    guarded = run_program(probe, b"", None, replace(LONG, guard="seccomp"), True)
     assert guarded[:2] == ("ok", b"thread\nshmget=1 memfd=1 socketpair=1 setsid=1 unshare=1 msgget=1\n"), guarded
-    bare = run_program(probe, b"", None, replace(FAST, guard="none"), True)
+    bare = run_program(probe, b"", None, replace(LONG, guard="none"), True)
     assert bare[:2] == ("ok", b"thread\nshmget=0 memfd=0 socketpair=0 setsid=0 unshare=0 msgget=0\n"), bare
 
 
@@ -354,7 +361,7 @@ def test_where_sandbox_cgroups_go(tmp_path, monkeypatch, layout):
     sandbox._Cgroup.remove_stale(expected[1])  # those of processes killed before they could remove theirs
     assert not gone.exists() and alive.exists()
     monkeypatch.setattr(sandbox._Cgroup, "pool", [])  # not one of the real ones
-    cgroup = sandbox._Cgroup.take(expected, replace(FAST, memory_bytes=123 << 20, processes=7))
+    cgroup = sandbox._Cgroup.take(expected, replace(LONG, memory_bytes=123 << 20, processes=7))
     memory = Path(cgroup.dirs[0])
     limits = {f.name: f.read_text() for f in [*memory.iterdir(), Path(cgroup.pids, "pids.max")] if f.is_file()}
     assert limits == ({"memory.max": str(123 << 20), "pids.max": "7"} if layout == "v2"
@@ -364,7 +371,7 @@ def test_where_sandbox_cgroups_go(tmp_path, monkeypatch, layout):
 
 def test_a_sandbox_that_cannot_start_with_a_guard_runs_without_it(monkeypatch):
     """A seccomp program bwrap cannot load: the probe drops that guard and keeps the others."""
-    sandbox._active_guards(FAST, True)
+    sandbox._active_guards(LONG, True)
     for name, guard in sandbox._guards.items():
         monkeypatch.setitem(sandbox._guards, name, guard)
     monkeypatch.setitem(sandbox._guards, "seccomp", b"not a BPF program")
@@ -374,14 +381,14 @@ def test_a_sandbox_that_cannot_start_with_a_guard_runs_without_it(monkeypatch):
 
 def test_output_is_capped_by_the_parent(bwrap):
     gigabyte = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)"
-    status, stdout, _ = run_program(gigabyte, b"", None, FAST, isolated=True)
-    assert status == "exit" and len(stdout) == FAST.output_bytes  # the write beyond the cap fails
+    status, stdout, _ = run_program(gigabyte, b"", None, LONG, isolated=True)
+    assert status == "exit" and len(stdout) == LONG.output_bytes  # the write beyond the cap fails
 
 
 def test_without_bubblewrap_the_checks_see_the_escapes():
     """The attack checks can fail: as bare subprocesses, these attacks reach the listener and the canary
     file (readable and writable by anyone); a process carrying a marker is found."""
-    report = code_sandbox.run_attacks(FAST, isolated=False, names=("network", "read_canary", "write_canary"))
+    report = code_sandbox.run_attacks(LONG, isolated=False, names=("network", "read_canary", "write_canary"))
     assert not any(a["contained"] for a in report["attacks"].values()), report["attacks"]
     assert report["listener_connections"] == 1
     marked, marker = subprocess.Popen(["sleep", code_sandbox.MARKERS[2]]), code_sandbox.MARKERS[2]
@@ -399,11 +406,10 @@ def test_without_bubblewrap_the_checks_see_the_escapes():
 def test_without_bubblewrap_the_resource_limits_still_hold():
     """Bare runs keep the limits, the cgroup, and stop what a program leaves behind (the daemon)."""
     names = ("allocate_8gb", "infinite_loop", "print_gigabyte", "sleep_past_wall", "daemon", "exit_137")
-    report = code_sandbox.run_attacks(FAST, isolated=False, names=names)
+    report = code_sandbox.run_attacks(MIXED, isolated=False, names=names)
     assert all(a["contained"] for a in report["attacks"].values()), report["attacks"]
     assert report["neighbor_passed"] and report["survivors"] == 0 and report["seconds"] < report["bound"]
-    memory = code_sandbox.run_memory_attacks(replace(FAST, time_seconds=60), False, names=("memory_in_children",),
-                                             targets=(1536,))
+    memory = code_sandbox.run_memory_attacks(LONG, False, names=("memory_in_children",), targets=(1536,))
     assert memory["attacks"]["memory_in_children"]["outcomes"] == ["fail"], memory
 
 
