@@ -3,7 +3,7 @@ through grading.score_completions with hand-computed rewards, and the sandbox ag
 
 No test here depends on the machine's speed: budgets are checked on a fake clock; a real program that
 must finish gets 60 s (LONG), one that must time out 1-2 s, and a batch where both meet 15 s (MIXED); a
-sandboxed "print" takes 0.1-0.25 s on 2 idle cores, 3-5 s on 2 cores shared with 16 busy processes.
+sandboxed "print" takes 0.1-0.25 s on 2 idle cores, over 3 s on 2 cores shared with 16 busy processes.
 The only upper bounds on wall time are bounds a limit that did not act would miss by minutes."""
 
 import io
