@@ -50,7 +50,7 @@ from common import write_jsonl
 # the prompt templates (shared with eval.py), the one brace-matching extractor and GSM8K reader (shared
 # with the rewards), and the code-test reader of the sandbox
 from grading import ANSWER_STYLE, PRIME_SUFFIX, R1_PREFILL, as_answer, build_prompt, gsm8k_gold, last_boxed
-from sandbox import code_test_cases
+from sandbox import blank_output_tests, code_test_cases
 
 # Default hub ids per task. Every one of them can be replaced by a local file or folder
 # with --source (that is how the tests run: there is no hub access there).
@@ -452,6 +452,7 @@ def convert_eurus(rows, template, source, split, task="eurus", ability="all"):
             out.append(make_row(task, split, i, template, source, question, answer, **info))
             continue
         tests = read_tests(gold, f"{where} 'reward_model.ground_truth'")
+        refuse_blank_outputs(tests, where)
         row_out = make_row("code", split, i, "code", source, CODE_INSTRUCTION_RE.sub("", question), "",
                            tests=tests, **info)
         row_out["id"] = f"{task}-{split}-{i:05d}"
@@ -468,6 +469,13 @@ def read_tests(value, where):
         raise DataError(f"{where} does not hold tests: {first_line(e)}; expected JSON with equally long "
                         "lists 'inputs' and 'outputs' (and 'fn_name' for call tests)") from None
     return {k: tests[k] for k in ("inputs", "outputs", "fn_name") if tests.get(k) is not None}
+
+
+def refuse_blank_outputs(tests, where):
+    """A stdin/stdout test that expects a blank output is passed by any program that prints nothing."""
+    if blank := blank_output_tests(tests):
+        raise DataError(f"{where}: test {blank[0]} expects a blank output, which any program that prints nothing "
+                        "passes; give the test its expected output or remove the row")
 
 
 def code_question(question, starter_code):
@@ -491,6 +499,7 @@ def convert_apps(rows, template, source, split, task="apps"):
         except DataError:
             skipped += 1
             continue
+        refuse_blank_outputs(tests, where)
         try:
             solutions = json.loads(row.get("solutions") or "[]")
         except ValueError:

@@ -119,9 +119,13 @@ def parse_reward_weights(spec: str, known: tuple[str, ...]) -> dict[str, float]:
     weights = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
-        if name not in known or not value:
-            raise SystemExit(f"--reward {spec!r}: each term is name=weight with name in {list(known)}.")
-        weights[name] = float(value)
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            weights[name] = math.nan
+        if name not in known or not math.isfinite(weights[name]):
+            raise SystemExit(f"--reward {spec!r}: each term is name=weight with name in {list(known)} and a number "
+                             "as weight.")
     return weights
 
 
@@ -240,21 +244,24 @@ def fill_failed(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def normalize_rewards(rewards: torch.Tensor, how: str, scope: str, eps: float = 1e-6) -> torch.Tensor:
     """Rescale one reward term [G, n] before the terms are weighted and summed.
 
-    zscore: (r - mean) / (std + eps);  minmax: (r - min) / (max - min); both 0 where all are equal.
+    zscore: (r - mean) / (std + eps);  minmax: (r - min) / (max - min); both exactly 0 where all are
+    equal (max == min, the test group_advantages uses): a float32 mean of eight equal log-prob rewards
+    of -110.537 is off by one unit in the last place, and std + eps then made that -0.88 for each.
     scope: over each group (the prompt's samples) or over the whole batch.
     """
     if how == "none":
         return rewards
     dims = {"group": (1,), "batch": (0, 1)}[scope]
+    r = rewards.double()
+    low, high = r.amin(dims, keepdim=True), r.amax(dims, keepdim=True)
     if how == "zscore":
-        std = rewards.std(dims, keepdim=True).nan_to_num(0.0)  # a single sample has no spread
-        centered = rewards - rewards.mean(dims, keepdim=True)
-        return torch.where(std > 0, centered / (std + eps), torch.zeros_like(rewards))
-    if how == "minmax":
-        low, high = rewards.amin(dims, keepdim=True), rewards.amax(dims, keepdim=True)
-        span = high - low
-        return torch.where(span > 0, (rewards - low) / span.clamp(min=eps), torch.zeros_like(rewards))
-    raise ValueError(f"unknown reward normalization {how!r}")
+        std = r.std(dims, keepdim=True).nan_to_num(0.0)  # a single sample has no spread
+        scaled = (r - r.mean(dims, keepdim=True)) / (std + eps)
+    elif how == "minmax":
+        scaled = (r - low) / (high - low).clamp(min=eps)
+    else:
+        raise ValueError(f"unknown reward normalization {how!r}")
+    return torch.where(high == low, 0.0, scaled).to(rewards.dtype)
 
 
 def importance_weights(old_trainer, old_sampler, mask, mode: str, level: str, cap: float, floor: float):

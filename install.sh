@@ -31,21 +31,22 @@ case "$mode" in
     ;;
   *) echo "install.sh: unknown mode '$mode'; use cpu, gpu or hf." >&2; exit 2 ;;
 esac
-# The code task's sandbox (README, "Code task and sandbox"): bubblewrap, and the system python it runs
-# programs with; g++ for DeepSpeed on CPU. Debian packages, so root only.
+# The code task's sandbox (README, "Code rows"): bubblewrap, the system python it runs programs with,
+# and libseccomp for its seccomp filter; g++ for DeepSpeed on CPU. Debian packages, so root only.
 missing=""
 command -v bwrap >/dev/null 2>&1 || missing="bubblewrap"
 [ -x /usr/bin/python3 ] || missing="$missing python3"
+[ -n "$(/sbin/ldconfig -p 2>/dev/null | grep 'libseccomp\.so\.2 ' || true)" ] || missing="$missing libseccomp2"
 # DeepSpeed compiles its CPU communication op with g++ on first use (ZeRO-3 on CPU)
 [ "$mode" = gpu ] || command -v g++ >/dev/null 2>&1 || missing="$missing g++"
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get install -y -q $missing >/dev/null 2>&1 \
       || { apt-get update -q >/dev/null && apt-get install -y -q $missing >/dev/null; } \
-      || echo "install.sh: could not install $missing (bubblewrap, python3: code rows; g++: ZeRO-3 on CPU)." >&2
+      || echo "install.sh: could not install $missing (bubblewrap, python3, libseccomp2: code rows; g++: ZeRO-3 on CPU)." >&2
   else
-    echo "install.sh: missing $missing (bubblewrap, python3: code rows; g++: ZeRO-3 on CPU), which only root can" \
-         "install here: ask for the package(s), or see README 'Code task and sandbox'." >&2
+    echo "install.sh: missing $missing (bubblewrap, python3, libseccomp2: code rows; g++: ZeRO-3 on CPU), which" \
+         "only root can install here: ask for the package(s), or see README 'Code rows'." >&2
   fi
 fi
 $PY -c "import torch, transformers; print('installed: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -12,8 +12,10 @@ One step: sample groups of n completions, keep the prompts whose group accuracy 
                 last token, process r_t(i) - mean_{j!=i} rbar(j); each a return-to-go (gamma), summed
                 (process weighted by --process_reward_coef), whitened over the batch's valid tokens
   policy        PPO mini-batch steps on -min(s_t A_t, clip(s_t, 1-eps, 1+eps) A_t), token-mean
-Paper vs released code: the code's process baseline leaves out the token's own reward, not rbar(i)
-(--process_baseline, see leave_one_out); the whitening is the code's, the paper does not state it.
+Paper vs released code (--process_baseline code takes the code's path): the code feeds the leave-one-out
+step q_t without beta (beta only scales the PRM loss), divided by the batch's largest |return-to-go|
+(prime_norm batch_norm, see batch_norm), and its baseline leaves out the token's own reward, not rbar(i)
+(see leave_one_out); the whitening is the code's, the paper does not state it.
 
 The paper's setting (Qwen2.5-Math-7B SFT; Eurus-2-RL-Data), as a command line:
     accelerate launch prime.py --model PRIME-RL/Eurus-2-7B-SFT --train_file data/eurus_train.jsonl \\
@@ -80,7 +82,7 @@ class Args(RunArgs):
     """AdamW learning rate of the PRM (paper, 7B: 1e-6; on the toy 1e-4 made the PRM drift and the policy worse)"""
     # --- advantages and policy update ---
     process_baseline: Literal["paper", "code"] = "paper"
-    """leave-one-out baseline of the process rewards: paper (eq. 5: r_t(i) - mean_{j!=i} rbar(j)) or code (the released code: r_t(i) n/(n-1) - sum_j rbar(j)/(n-1))"""
+    """process rewards of the returns: paper (eq. 5: r_t = beta q_t, baseline r_t(i) - mean_{j!=i} rbar(j)) or code (the released code: r_t = q_t / (batch max |sum_{s>=t} q_s| + 1e-6), baseline r_t(i) n/(n-1) - sum_j rbar(j)/(n-1))"""
     gamma: float = 1.0
     """discount of the return-to-go"""
     whiten_advantages: bool = True
@@ -153,6 +155,22 @@ def leave_one_out(rewards, reward_mask, group_size: int, baseline: str = "paper"
     else:
         raise ValueError(f"unknown process baseline {baseline!r}")
     return advantages * reward_mask
+
+
+def peak_return(scores, mask) -> torch.Tensor:
+    """max over the batch's rows and valid tokens of |sum_{s >= t} score_s|: the largest return-to-go
+    (gamma 1) in magnitude, whatever --gamma is (the released code's reverse cumulative sum)."""
+    return discounted_returns(scores, mask, 1.0).abs().max()
+
+
+def batch_norm(scores, mask, peak: float | None = None) -> torch.Tensor:
+    """The released code's process scores (prime_norm batch_norm): scores / (peak + 1e-6), peak = the
+    largest |return-to-go| of the batch (over all processes when given; default this batch's), so that
+    no process return exceeds 1 in magnitude. The code applies it to q_t = log pi_prm - log pi_ref
+    without beta."""
+    if peak is None:
+        peak = peak_return(scores, mask).item()
+    return scores / (peak + 1e-6) * mask
 
 
 def discounted_returns(rewards, mask, gamma: float) -> torch.Tensor:
@@ -288,10 +306,15 @@ def update(model, optimizer, batch: dict, args, accelerator, prm=None, prm_optim
         if args.prm_update == "after":
             update_prm()
         token_rewards = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, args.beta, args.granularity)
+    process_rewards = token_rewards
+    if prm is not None and args.process_baseline == "code":  # q_t, no beta, over the batch's largest |return|
+        q = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, 1.0, args.granularity)
+        process_rewards = batch_norm(q, mask, accelerator.reduce(peak_return(q, mask), "max").item())
     # --- advantages: leave-one-out per reward source, returns-to-go, summed, whitened ---
     last = last_token_mask(mask)
     outcome_returns = discounted_returns(leave_one_out(batch["labels"][:, None] * last, last, n), mask, args.gamma)
-    process_returns = discounted_returns(leave_one_out(token_rewards, mask, n, args.process_baseline), mask, args.gamma)
+    process_returns = discounted_returns(leave_one_out(process_rewards, mask, n, args.process_baseline), mask,
+                                         args.gamma)
     returns = outcome_returns + args.process_reward_coef * process_returns
     if args.whiten_advantages:
         returns = whiten(returns, mask, accelerator.reduce(whiten_stats(returns, mask), "sum"))

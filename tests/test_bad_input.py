@@ -1,7 +1,9 @@
 """Every user mistake gets one sentence: the README's table "What you did -> what it says", one case per
-row. Each mistake is found before the run folder is created or a model is loaded (a corrected retry then
-starts cleanly). Most cases call the script's main() and read its SystemExit; the first one runs the real
-script as a user would and checks its whole output: the one sentence, no traceback, no run folder."""
+row, and more cases of some rows (MORE). Each mistake is found before the run folder is created or a model is
+loaded (loading one fails the test; a corrected retry then starts cleanly). Most cases call the script's main()
+and read its SystemExit; a few run the real script as a user would (under torchrun with 2 processes, or in
+bubblewrap with a folder it cannot write) and check its whole output: the one sentence, no traceback, no run
+folder."""
 
 import dataclasses
 import itertools
@@ -20,7 +22,8 @@ import grpo_logprob
 import prime
 import raft_pp
 import reinforce_rej
-from conftest import REPO
+import sandbox
+from conftest import HANG, REPO, torchrun
 
 MODULES = {"grpo_logprob": grpo_logprob, "raft_pp": raft_pp, "reinforce_rej": reinforce_rej, "prime": prime}
 
@@ -44,11 +47,13 @@ def row(**fields):
 class Case:
     """A row of the README table: the label (its first column), the script and its flags, and the sentence."""
 
-    def __init__(self, label, flags, says, script="grpo_logprob", files=None, folder=None, subprocess=False):
+    def __init__(self, label, flags, says, script="grpo_logprob", files=None, folder=None, subprocess=False,
+                 launcher=None):
         self.label, self.flags, self.says, self.script = label, flags, says, script
         self.files = files or {}  # name -> text, written to the test's folder
         self.folder = folder  # a function that prepares the run folder
-        self.subprocess = subprocess
+        self.launcher = launcher  # how the subprocess starts: None, "torchrun", "no_permission", "read_only"
+        self.subprocess = subprocess or launcher is not None
 
 
 def config(toy, tmp, **changes) -> dict:
@@ -109,13 +114,15 @@ CASES = [
          "--negative_reward 1.0 must be below 1, a correct answer's reward: positive samples score above it.",
          script="raft_pp"),
     Case("--prompts_per_step not divisible by the processes", ["--prompts_per_step", "3"],
-         "--prompts_per_step 3 cannot be split evenly over 2 processes; make it a multiple of 2."),
+         "--prompts_per_step 3 cannot be split evenly over 2 processes; make it a multiple of 2.", launcher="torchrun"),
     Case("zero or negative sizes", ["--prompts_per_step", "0"], "--prompts_per_step 0: must be at least 1."),
     Case("zero or negative lengths", ["--max_completion_length", "0"], "--max_completion_length 0: must be at least 1.",
          script="raft_pp"),
     Case("zero or negative temperatures", ["--temperature", "0"], "--temperature 0.0: must be greater than 0.",
          script="prime"),
     Case("a probability outside (0, 1]", ["--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]."),
+    Case("negative rates, periods and coefficients", ["--learning_rate", "-1e-5"],
+         "--learning_rate -1e-05: must not be negative."),
     Case("a choice that does not exist", ["--loss_type", "token_mean"],
          "invalid choice 'token_mean' for argument '--loss_type'. Expected one of ('token-mean', "
          "'seq-mean-token-mean', 'seq-mean-token-sum-norm').", subprocess=True),
@@ -157,6 +164,47 @@ CASES = [
 ]
 
 
+# more cases of some rows: negative values, and the folders a user cannot write to (a real read-only mount and a
+# folder without write permission, both made with bubblewrap: root would write anywhere)
+MORE = [
+    Case("zero or negative sizes", ["--num_generations", "-2"], "--num_generations -2: must be at least 1.",
+         script="reinforce_rej"),
+    Case("zero or negative lengths", ["--max_completion_length", "-1"], "--max_completion_length -1: must be at least 1."),
+    Case("zero or negative temperatures", ["--temperature", "-0.5"], "--temperature -0.5: must be greater than 0."),
+    Case("a probability outside (0, 1]", ["--top_p", "0"], "--top_p 0.0: must be in (0, 1].", script="raft_pp"),
+    Case("negative rates, periods and coefficients", ["--kl_coef", "-0.1"], "--kl_coef -0.1: must not be negative.",
+         script="raft_pp"),
+    Case("negative rates, periods and coefficients", ["--eval_every", "-1"], "--eval_every -1: must not be negative.",
+         script="prime"),
+    Case("an output folder that cannot be written", ["--output_dir", "{tmp}/locked/runs"],
+         "--output_dir: cannot write in {tmp}/locked (Permission denied); choose a folder you can write to.",
+         launcher="no_permission"),
+    Case("an output folder that cannot be written", ["--output_dir", "{tmp}/mounted/runs"],
+         "--output_dir: cannot write in {tmp}/mounted (Read-only file system); choose a folder you can write to.",
+         launcher="read_only"),
+]
+
+
+def launcher(name: str | None, tmp) -> list[str]:
+    """The command that starts a case's script: python; torchrun with 2 processes; bubblewrap with {tmp}/locked
+    (mode 555) as a user who owns it but has no capabilities, so its mode holds (root ignores it); bubblewrap with
+    {tmp}/mounted mounted read-only."""
+    if name is None:
+        return [sys.executable]
+    if name == "torchrun":
+        return torchrun()
+    assert sandbox.sandbox_unavailable() is None, "CI installs bubblewrap with install.sh as root"
+    if name == "no_permission":
+        (tmp / "locked").mkdir(mode=0o555)
+        if os.geteuid() != 0:
+            return [sys.executable]
+        return ["bwrap", "--dev-bind", "/", "/", "--unshare-user", "--uid", "1000", "--gid", "1000", "--", sys.executable]
+    mounted = str(tmp / "mounted")
+    (tmp / "mounted").mkdir()
+    user = [] if os.geteuid() == 0 else ["--unshare-user"]
+    return ["bwrap", "--dev-bind", "/", "/", *user, "--ro-bind", mounted, mounted, "--", sys.executable]
+
+
 def base_flags(script, toy, tmp) -> list[str]:
     if script == "eval":
         return []
@@ -164,11 +212,25 @@ def base_flags(script, toy, tmp) -> list[str]:
             str(toy / "test.jsonl"), "--output_dir", str(tmp), "--run_name", "r", "--sampler", "hf"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+def no_model_is_loaded(monkeypatch) -> None:
+    """Loading a model fails the test: every mistake is found before (the README's promise)."""
+    from transformers import PreTrainedModel
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was found")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(loaded))
+    monkeypatch.setattr(common, "load_model", loaded)
+    monkeypatch.setattr(common.Sampler, "__init__", loaded)
+
+
+@pytest.mark.parametrize("case", CASES + MORE, ids=[c.label for c in CASES] + [f"{c.label} ({c.flags[0]} {c.flags[1]})"
+                                                                            for c in MORE])
 def test_each_mistake_gets_one_sentence(case, toy, lengths, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no hub: its retries take ~30 s
+    no_model_is_loaded(monkeypatch)
     too_long = min(lengths.train) + 8 - 1  # the shortest prompt plus 8 completion tokens is one too many
     test_too_long = min(lengths.test) + 8 - 1
     values = dict(tmp=tmp_path, toy=toy, all_too_long=too_long, room=too_long - 8, shortest=min(lengths.train),
@@ -177,23 +239,23 @@ def test_each_mistake_gets_one_sentence(case, toy, lengths, tmp_path, monkeypatc
         (tmp_path / name).write_text(text)
     if case.folder:
         case.folder(toy, tmp_path)
+    start = launcher(case.launcher, tmp_path) if case.subprocess else None
     before = sorted(p.name for p in tmp_path.iterdir())
     argv = base_flags(case.script, toy, tmp_path) + [f.format(**values) for f in case.flags]
     says = case.says.format(**values)
     if case.subprocess:
-        proc = subprocess.run([sys.executable, f"{case.script}.py", *argv], cwd=REPO, capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run([*start, f"{case.script}.py", *argv], cwd=REPO, capture_output=True, text=True,
+                              timeout=HANG, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if case.label == "a choice that does not exist":  # the parser's own message, in a box; exit code 2
             text = " ".join(re.sub("[─-╿]", " ", proc.stderr).split())
             assert proc.returncode == 2 and proc.stdout == "" and says in text, proc.stderr[-3000:]
             assert "Traceback" not in proc.stderr
+        elif case.launcher == "torchrun":
+            # each process says it once; torchrun then reports the failed processes with its own traceback
+            assert proc.returncode == 1 and proc.stderr.splitlines().count(says) == 2, proc.stderr[-3000:]
+            assert proc.stderr.count("Traceback") == proc.stderr.count("ChildFailedError:") == 1, proc.stderr[-3000:]
         else:
             assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == says + "\n", proc.stderr[-3000:]
-    elif case.label.startswith("--prompts_per_step not divisible"):  # as torchrun with 2 processes would find it
-        args = common.parse_args(grpo_logprob.Args, argv)
-        with pytest.raises(SystemExit) as stop:
-            common.check_run(args, SimpleNamespace(num_processes=2, is_main_process=True))
-        assert str(stop.value) == says
     else:
         with pytest.raises(SystemExit) as stop:
             if case.script == "eval":
@@ -253,6 +315,7 @@ def test_the_readme_table_has_a_case_per_row():
     table = list(itertools.takewhile(lambda line: line.startswith("|"), section[start:]))
     labels = [line.split("|")[1].strip().replace("`", "") for line in table[2:]]
     assert labels == [c.label for c in CASES]
+    assert {c.label for c in MORE} <= set(labels)
     # each row's sentence is the case's: paths and numbers aside (the README shows examples), "..." elides
     for line, case in zip(table[2:], CASES):
         shown = re.match(r"`([^`]*)`", line.split("|", 2)[2].strip())

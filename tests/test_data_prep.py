@@ -559,3 +559,20 @@ def test_toy_solution_slips_carry_through():
     assert text == "\n7+5=12\n12-3=9\n</think>\n<answer>9</answer>" and value == 9
     text, value = dp.toy_solution(7, (("+", 5), ("-", 3)), slip_at=0, slip=1)
     assert text == "\n7+5=13\n13-3=10\n</think>\n<answer>10</answer>" and value == 10
+
+
+@pytest.mark.parametrize("task", ["taco", "eurus"])
+def test_a_code_row_whose_test_expects_blank_output_is_refused(tmp_path, task):
+    """Any program that prints nothing would pass such a test: the row is refused in one sentence naming it."""
+    tests = json.dumps({"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", "  \n"]})
+    eurus = {"ability": "code", "prompt": [{"role": "user", "content": "Add."}], "reward_model": {"ground_truth": tests}}
+    row = {"question": "Add.", "input_output": tests} if task == "taco" else eurus
+    path = tmp_path / f"{task}.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(dp.DataError, match=r"row 0: test 1 expects a blank output, which any program that prints "
+                                           r"nothing passes; give the test its expected output or remove the row"):
+        dp.TASKS[task]["convert"](dp.load_rows(str(path), "train"), "code", str(path), "train",
+                                  **({"ability": "code"} if task == "eurus" else {}))
+    proc = run_cli(task, "--source", str(path), "--out", str(tmp_path / "out.jsonl"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{path} row 0: test 1 expects a blank output" in proc.stderr

@@ -1,11 +1,14 @@
 """Several processes as our users run them: torchrun / accelerate launch with DDP or FSDP2 (gloo on CPU),
 colocated vLLM engines (external_launcher, tensor parallel 1 and 2)."""
 
+import json
+import math
 import shutil
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import common
@@ -42,7 +45,7 @@ def test_update_on_two_processes_equals_one_process(toy, one_process_updates, la
     NaN advantage on one process skips the optimizer step on both, leaving every rank's weights (shards)
     unchanged (DeepSpeed's engine steps inside backward: counted, not skipped)."""
     out = run_script(["tests/dist_update.py", str(toy / "model"), str(one_process_updates)],
-                     launcher=torchrun() if launch == "ddp" else launch_config(launch), timeout=600)
+                     launcher=torchrun() if launch == "ddp" else launch_config(launch))
     assert "DIST_UPDATE_OK" in out.stdout and "weights restored" in out.stdout
     for rank in (0, 1) if launch != "zero3" else ():  # NaN advantage on rank 1: both skip, both keep weights
         assert f"rank {rank}: the non-finite step was skipped, weights unchanged, counted once" in out.stdout
@@ -65,7 +68,7 @@ def test_colocated_vllm_on_every_rank(toy, tp, launch):
     trainer's within 1e-3 on every rank, and after an update and a push (FSDP2: gathered one parameter at
     a time) every rank's greedy output equals the trainer's."""
     out = run_script(["tests/dist_vllm.py", str(toy / "model"), str(tp)],
-                     launcher=torchrun() if launch == "ddp" else launch_config(launch), timeout=600)
+                     launcher=torchrun() if launch == "ddp" else launch_config(launch))
     assert "DIST_VLLM_OK" in out.stdout
     for rank in (0, 1):
         assert f"rank {rank}: log-probs agree" in out.stdout
@@ -80,31 +83,64 @@ def grpo_cmd(toy, out, name, *extra):
 
 
 TIMING_KEYS = ("time/", "tokens_per_second", "memory/")
+# the paths where two processes meet: a reward scale over the whole batch, a frozen KL reference, two
+# optimizer steps per batch in micro-batches, evaluation with several samples; a learning rate that
+# changes the step-2 samples
+WHOLE_RUN = ["--log_rollouts_every", "1", "--scale_rewards", "batch", "--beta", "0.04", "--num_iterations", "2",
+             "--micro_batch_size", "4", "--eval_num_samples", "2", "--learning_rate", "1e-3"]
+SAME_SAMPLES = ["tests/harness.py", "--same_samples"]  # each prompt sampled with a seed of its own
+
+
+def metrics_of(run):
+    return [{k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)} for m in read_jsonl(run / "metrics.jsonl")]
+
+
+def close(a, b) -> bool:
+    """Equal, or floats within 1e-5 (relative, or absolute for the log-prob gaps near 0): sums over two processes
+    are added in another order."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
+    return a == b
 
 
 @needs_vllm
-def test_grpo_two_processes_vllm_resume_equals_straight(toy, tmp_path):
-    """Two processes with colocated vLLM: 2 steps straight == 1 step, stop, --resume, 1 more (every
-    metric but timings and memory, and the rollouts)."""
-    run_script(grpo_cmd(toy, tmp_path, "straight", "--log_rollouts_every", "1"), launcher=torchrun())
-    run_script(grpo_cmd(toy, tmp_path, "resumed", "--log_rollouts_every", "1", "--stop_at_step", "1"),
-               launcher=torchrun())
-    run_script(grpo_cmd(toy, tmp_path, "resumed", "--log_rollouts_every", "1", "--resume"), launcher=torchrun())
+def test_whole_grpo_run_on_two_processes_equals_one_process_and_resumes(toy, tmp_path):
+    """grpo_logprob.py with colocated vLLM, 2 steps: on two processes (torchrun) and on one, with the same global
+    batch. Each process samples with a seed of its own, so by design the two runs draw different samples; given
+    the same samples (tests/harness.py --same_samples seeds each prompt alike) everything else is equal: every
+    metric (timings and memory aside) within 1e-5, the rollouts (so the step-2 samples after an update and a weight
+    push too), the evaluations, and the final weights within 1e-5. And the two-process run stopped after step 1
+    and resumed equals it exactly."""
+    run_script(SAME_SAMPLES + grpo_cmd(toy, tmp_path, "two", *WHOLE_RUN), launcher=torchrun())
+    run_script(SAME_SAMPLES + grpo_cmd(toy, tmp_path, "one", *WHOLE_RUN))
+    run_script(SAME_SAMPLES + grpo_cmd(toy, tmp_path, "resumed", *WHOLE_RUN, "--stop_at_step", "1"), launcher=torchrun())
+    run_script(SAME_SAMPLES + grpo_cmd(toy, tmp_path, "resumed", *WHOLE_RUN, "--resume"), launcher=torchrun())
+    one, two = tmp_path / "one", tmp_path / "two"
 
-    def strip(m):
-        return {k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)}
+    assert [m["step"] for m in metrics_of(two)] == [0, 1, 2] and metrics_of(two) == metrics_of(tmp_path / "resumed")
+    assert read_jsonl(two / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
+    for m1, m2 in zip(metrics_of(one), metrics_of(two), strict=True):
+        assert m1.keys() == m2.keys()
+        assert all(close(m1[k], m2[k]) for k in m1), {k: (m1[k], m2[k]) for k in m1 if not close(m1[k], m2[k])}
 
-    straight = [strip(m) for m in read_jsonl(tmp_path / "straight" / "metrics.jsonl")]
-    resumed = [strip(m) for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
-    assert [m["step"] for m in straight] == [0, 1, 2] and straight == resumed
-    assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
+    def by_sample(records):  # one process logs prompts in order, two gather their shares: compare as sets
+        return sorted(records, key=lambda r: (r.get("step", 0), r["id"], json.dumps(r, sort_keys=True)))
+
+    rollouts = read_jsonl(one / "rollouts.jsonl")
+    assert len(rollouts) == 2 * 4 * 4 and by_sample(rollouts) == by_sample(read_jsonl(two / "rollouts.jsonl"))
+    assert len({r["completion"] for r in rollouts}) > 8  # sampled, not greedy copies
+    for name in ("step_000000.jsonl", "step_000002.jsonl"):
+        assert by_sample(read_jsonl(one / "eval" / name)) == by_sample(read_jsonl(two / "eval" / name)), name
     # an odd eval count: the ranks' shares differ in size (5 and 4), and all are gathered
-    assert straight[0]["eval/num_problems"] == 9 and straight[0]["eval/gold_logprob"] < 0
-    assert len(read_jsonl(tmp_path / "straight" / "eval" / "step_000002.jsonl")) == 9
-    step = straight[1]
-    assert step["num_tokens"] > 0 and 0 <= step["sampler/logprob_gap_mean"] <= step["sampler/logprob_gap_max"] < 1e-3
-    assert (tmp_path / "straight" / "final" / "model.safetensors").exists()
-    shutil.rmtree(tmp_path / "straight")
+    step0, step1 = metrics_of(two)[:2]
+    assert step0["eval/num_problems"] == 9 and step0["eval/gold_logprob"] < 0
+    assert step1["num_tokens"] > 0 and step1["kl"] > 0
+    assert 0 <= step1["sampler/logprob_gap_mean"] <= step1["sampler/logprob_gap_max"] < 1e-3
+    initial = load_file(toy / "model" / "model.safetensors")
+    final_one, final_two = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert max((final_one[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # the runs trained
+    assert max((final_one[k] - final_two[k]).abs().max().item() for k in initial) < 1e-5
+    shutil.rmtree(two)
 
 
 SHARDED_RUNS = {"raft_pp.py": ["--kl_coef", "0.01"],  # a frozen KL reference next to the sharded policy
@@ -124,9 +160,9 @@ def test_sharded_runs_with_vllm_resume_equal_straight(toy, tmp_path, script, lau
                 "--max_completion_length", "48", "--eval_limit", "6", "--temperature", "0.5",
                 "--log_rollouts_every", "1", *SHARDED_RUNS[script], *extra]
 
-    run_script(cmd("straight", "--save_every", "0"), launcher=launch_config(launch), timeout=600)
-    run_script(cmd("resumed", "--stop_at_step", "1"), launcher=launch_config(launch), timeout=600)
-    run_script(cmd("resumed", "--resume"), launcher=launch_config(launch), timeout=600)
+    run_script(cmd("straight", "--save_every", "0"), launcher=launch_config(launch))
+    run_script(cmd("resumed", "--stop_at_step", "1"), launcher=launch_config(launch))
+    run_script(cmd("resumed", "--resume"), launcher=launch_config(launch))
 
     def strip(name):
         return [{k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)}

@@ -137,8 +137,10 @@ def test_micro_batches_sum_to_the_batch_loss(loss_type):
 
 def test_parse_reward_weights():
     assert parse_reward_weights("correct=1,format=0.1", ("correct", "format")) == {"correct": 1.0, "format": 0.1}
-    with pytest.raises(SystemExit, match="name=weight"):
-        parse_reward_weights("corect=1", ("correct", "format"))
+    assert parse_reward_weights(" correct=-2 ,, format=1e-1", ("correct", "format")) == {"correct": -2.0, "format": 0.1}
+    for spec in ("corect=1", "correct", "correct=", "correct=x", "correct=1=2", "correct=nan", "correct=inf"):
+        with pytest.raises(SystemExit, match=r"each term is name=weight with name in \['correct', 'format'\] and a "):
+            parse_reward_weights(spec, ("correct", "format"))
 
 
 # --- log-prob and perplexity rewards ----------------------------------------------------------
@@ -169,10 +171,71 @@ def test_normalize_rewards_hand_numbers():
     assert torch.equal(normalize_rewards(r, "none", "group"), r)
 
 
+def test_normalize_rewards_eps_hand_numbers():
+    # default eps 1e-6: [1, 2, 3] (std 1) -> (r - 2) / 1.000001
+    z = normalize_rewards(torch.tensor([[1.0, 2.0, 3.0]]), "zscore", "group")
+    assert torch.allclose(z, torch.tensor([[-1.0, 0.0, 1.0]]) / 1.000001, atol=1e-7)
+    # a spread of the order of eps: [0, 2e-6] has std sqrt(2) 1e-6, so +-1e-6 / (2.414214e-6) = +-0.414214
+    z = normalize_rewards(torch.tensor([[0.0, 2e-6]]), "zscore", "group")
+    assert torch.allclose(z, torch.tensor([[-0.414214, 0.414214]]), atol=1e-5)
+    # minmax divides by the span, at least eps: [0, 1e-7] -> [0, 0.1]
+    assert torch.allclose(normalize_rewards(torch.tensor([[0.0, 1e-7]]), "minmax", "group"), torch.tensor([[0.0, 0.1]]))
+
+
+def test_normalize_rewards_gives_an_all_equal_float32_group_exactly_zero():
+    """One prompt per process, eight equal log-prob rewards in float32: the float32 mean is one unit in
+    the last place off (1.5e-5), the std 1.6e-5, so (r - mean) / (std + eps) was -0.88 for every member.
+    With --scale_rewards batch such offsets reach the advantages of the other groups."""
+    r = torch.full((1, 8), -110.53689575195312)
+    plain = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
+    assert torch.allclose(plain, torch.full((1, 8), -0.8814), atol=1e-3)  # the number the formula alone gives
+    for how in ("zscore", "minmax"):
+        for scope in ("group", "batch"):
+            out = normalize_rewards(r, how, scope)
+            assert torch.equal(out, torch.zeros(1, 8)) and out.dtype == torch.float32, (how, scope)
+    # next to a group with a spread: its values are the plain formula's, the flat group stays 0
+    two = torch.cat([r, torch.tensor([[1.0, 2.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0]])])
+    z = normalize_rewards(two, "zscore", "group", eps=0.0)
+    # second group: mean 2, unbiased std sqrt(2 / 7) = 0.534522
+    assert torch.equal(z[0], torch.zeros(8))
+    assert torch.allclose(z[1], torch.tensor([-1.870829, 0, 1.870829, 0, 0, 0, 0, 0]), atol=1e-5)
+
+
 def test_fill_failed_gives_the_group_minimum():
     r = torch.tensor([[-3.0, -1.0, 99.0], [7.0, 8.0, 9.0]])
     valid = torch.tensor([[True, True, False], [False, False, False]])
     assert torch.equal(fill_failed(r, valid), torch.tensor([[-3.0, -1.0, -3.0], [0.0, 0.0, 0.0]]))
+
+
+def test_reward_terms_hand_numbers():
+    """The reward assembly of main(): each term from the scores and the log-probs, the debiased log-prob
+    reward subtracting the no-reasoning score, and a completion without "</think>" filled with its
+    group's lowest valid answer-blind reward (never its own, never 0 when others are valid)."""
+    from grading import Score
+    from grpo_logprob import Args, reward_terms
+
+    scores = [Score(1.0, 1.0, "5", 0.5, poem={"reward": 0.25}), Score(0.0, 0.0, None), Score(None, 1.0, "x")]
+    valid = torch.tensor([True, True, False])
+    with_r = [torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.8])), None]  # sums -1.386294, -0.223144
+    base = [torch.log(torch.tensor([0.25, 0.5]))] * 3  # -2.079442
+    ppl = [torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25])), None]  # PPL 2 and 4
+    weights = dict.fromkeys(["correct", "format", "code", "poem", "logprob", "ppl_absolute", "ppl_relative"], 1.0)
+    terms = reward_terms(weights, scores, valid, with_r, base, ppl, [torch.log(torch.tensor([0.25]))] * 3, Args(), 3)
+    assert terms["correct"].tolist() == [1.0, 0.0, 0.0] and terms["format"].tolist() == [1.0, 0.0, 1.0]
+    assert terms["code"].tolist() == [0.5, 0.0, 0.0] and terms["poem"].tolist() == [0.25, 0.0, 0.0]
+    assert torch.allclose(terms["logprob"], torch.tensor([-1.386294, -0.223144, -1.386294]))
+    # 1/PPL: 0.5, 0.25 and the group's lowest for the third; relative max(0, 1 - PPL/4): 0.5, 0, then 0
+    assert torch.allclose(terms["ppl_absolute"], torch.tensor([0.5, 0.25, 0.25]))
+    assert torch.allclose(terms["ppl_relative"], torch.tensor([0.5, 0.0, 0.0]))
+    debiased = reward_terms({"logprob": 1.0}, scores, valid, with_r, base, ppl, ppl, Args(logprob_debias=True), 3)
+    # minus the no-reasoning score: -1.386294 + 2.079442 = 0.693147, -0.223144 + 2.079442 = 1.856298
+    assert torch.allclose(debiased["logprob"], torch.tensor([0.693147, 1.856298, 0.693147]))
+    mean = reward_terms({"logprob": 1.0}, scores, valid, with_r, base, ppl, ppl, Args(logprob_variant="mean"), 3)
+    assert torch.allclose(mean["logprob"], torch.tensor([-0.693147, -0.223144, -0.693147]))
+    # two groups of two: each missing marker takes its own group's lowest valid reward
+    two = reward_terms({"logprob": 1.0}, scores + scores[:1], torch.tensor([True, False, False, True]),
+                       [with_r[0], None, None, with_r[1]], base + base[:1], ppl, ppl, Args(), 2)
+    assert torch.allclose(two["logprob"], torch.tensor([-1.386294, -1.386294, -0.223144, -0.223144]))
 
 
 def test_importance_weights_hand_numbers():
@@ -317,8 +380,9 @@ def test_grpo_end_to_end_hf(toy, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3"]
 
 
-def test_logprob_reward_end_to_end_trains_only_the_reasoning(toy, tmp_path):
-    """Also the `accelerate launch` entry point."""
+def test_logprob_reward_end_to_end_under_accelerate_launch(toy, tmp_path):
+    """The log-prob reward alone, debiased, z-scored, scored by the initial model, through `accelerate launch`.
+    Which tokens it trains: test_update_steps.py::test_reasoning_only_loss_trains_exactly_the_reasoning_tokens."""
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
     run_script(grpo_cmd(toy, tmp_path, "lp", "--sampler", "hf", "--total_steps", "2", "--reward", "logprob=1",
                         "--logprob_scorer", "initial", "--logprob_debias", "--reward_norm", "zscore"),
@@ -413,3 +477,20 @@ def test_resume_logs_the_same_metrics(toy, tmp_path):
     assert [m["step"] for m in resumed] == [0, 1, 2, 3, 4]
     assert straight == resumed
     assert read_jsonl(tmp_path / "straight" / "rollouts.jsonl") == read_jsonl(tmp_path / "resumed" / "rollouts.jsonl")
+
+
+def test_reasoning_mask_takes_its_marker(toy):
+    """reasoning_mask passes its marker on: with "=7" the reasoning ends at the token holding "7"."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    text = "\n3+4=7\n7-2=5\n</think>\n<answer>5</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    rollout = Rollout([1], ids, [0.0] * len(ids), text, "stop")
+    for marker in ("=7", "=5", END_OF_REASONING):
+        mask, found = reasoning_mask(tok, [rollout], len(ids), marker)
+        k = reasoning_token_count(tok, ids, marker)
+        assert found.item() and mask.sum().item() == k and marker in tok.decode(ids[:k])
+        assert marker not in tok.decode(ids[:k - 1])
+    mask, found = reasoning_mask(tok, [rollout], len(ids), "=8")
+    assert found.dtype == torch.bool and found.tolist() == [False] and mask.sum().item() == 0  # bool: it indexes

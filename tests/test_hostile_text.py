@@ -9,12 +9,10 @@ CI runs each property on 200 examples (profile "ci", derandomized: the same exam
 import contextlib
 import io
 import json
-import math
 import os
 import random
 import re
 import tempfile
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -31,12 +29,13 @@ from conftest import Hang, answers_match, grader_workers, parse_number, settled_
 from grpo_logprob import reasoning_mask, reasoning_token_count
 
 # No hypothesis deadline: its per-example timer would fail a slow CI machine. A hang is caught by
-# CALL_LIMIT instead, about a hundred times what the largest input here takes.
+# CALL_LIMIT instead: the largest input here takes 0.6 s of CPU, so 60 s hold on a machine ten times slower
+# and busy, and still catch a quadratic pass over a megabyte (hours).
 settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("fuzz", settings.get_profile("ci"), max_examples=10_000, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-CALL_LIMIT = 5.0  # seconds per call
+CALL_LIMIT = 60.0  # seconds per call
 MAX_REPEAT = 2**20  # a piece repeated up to this many times: megabyte strings
 
 
@@ -343,6 +342,7 @@ def test_eval_scores_every_record_the_reader_accepts(records):
     result, _ = read_outputs_file(data, strict=False)
     if isinstance(result, str):
         return
+    grading._get_pool()  # the grader's start-up (bounded by grading itself) is not this call's
     with time_limit(CALL_LIMIT):
         scored, errors = ev.rescore(result)
         summary = ev.summarize(scored, errors, by=("level",))
@@ -379,17 +379,20 @@ def adversarial_batch(hostile_copies: int = 1, ordinary_copies: int = 1, shuffle
     return rows, [t for t, _, _ in items], [c for _, _, c in items]
 
 
-def test_adversarial_batch_is_graded_in_bounded_time():
+def test_adversarial_batch_is_graded_in_bounded_time(monkeypatch):
+    # The batch's backstop (answers_match_many's deadline) is tested on a fake clock in test_grading; here it
+    # must not decide, however slow the machine: what is tested is that each hanging pair is cut by its own
+    # timeout, so the pairs after it are still graded.
+    monkeypatch.setattr(grading, "_MV_START_TIMEOUT", 600.0)
     rows, texts, expected = adversarial_batch()
-    answers_match("1", "2\\cdot\\frac{1}{2}")  # the pool is up: its start-up is not measured
+    answers_match("1", "2\\cdot\\frac{1}{2}")  # the pool is up
     assert settled_workers() == grading._MV_WORKERS
-    start = time.monotonic()
-    with time_limit(300):  # the hanging towers must not make the batch hang
+    pool = grading._pool
+    with time_limit(1200):  # a hang guard only: the hanging towers must not make the batch hang
         scores, errors = score_completions(rows, texts)
-    wall = time.monotonic() - start
-    assert wall < 5.0 * math.ceil(len(texts) / grading._MV_WORKERS) + grading._MV_START_TIMEOUT  # answers_match_many's bound
+    assert grading._pool is pool  # no pair was left to the backstop, which would have discarded the pool
     # the towers time out and are counted; the other hostile inputs may fail too, and are counted
-    assert len(TOWERS) <= errors <= len(HOSTILE), (errors, wall)
+    assert len(TOWERS) <= errors <= len(HOSTILE), errors
     got = [s.correct for s, c in zip(scores, expected) if c is not None]
     assert got == [c for c in expected if c is not None]  # ordinary answers after the towers: right
     # the stuck workers were killed and replaced: as many as before, and none left busy

@@ -9,9 +9,9 @@ from common import Rollout, prompts_for_step
 from grading import Score
 from common import read_jsonl
 from conftest import REPO, run_script, torchrun
-from prime import (discounted_returns, from_json, implicit_process_rewards, keep_groups, last_token_mask,
-                   leave_one_out, ppo_token_loss, prm_loss, prm_pair_accuracy, rank_prompts, to_json, whiten,
-                   whiten_stats)
+from prime import (batch_norm, discounted_returns, from_json, implicit_process_rewards, keep_groups, last_token_mask,
+                   leave_one_out, peak_return, ppo_token_loss, prm_loss, prm_pair_accuracy, rank_prompts, to_json,
+                   whiten, whiten_stats)
 
 # Two completions of lengths 3 and 2 (mixed lengths: row 1 has a padded column).
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
@@ -114,6 +114,31 @@ def test_process_baseline_code():
     outcome = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]])
     last = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
     assert torch.allclose(leave_one_out(outcome, last, 3, "code"), leave_one_out(outcome, last, 3, "paper"))
+
+
+def test_released_code_process_path_hand_numbers():
+    """The released code's path (--process_baseline code): q_t without beta, divided by the batch's largest
+    |return-to-go| + 1e-6, then its leave-one-out; n = 2, q from PRM_LP - REF_LP, labels [1, 0], gamma 1."""
+    q = implicit_process_rewards(PRM_LP, REF_LP, MASK, 1.0, "token")
+    assert torch.allclose(q, torch.tensor([[1.0, -1.0, 0.25], [0.5, -2.0, 0.0]]))
+    # reverse cumulative sums: row 0 [0.25, -0.75, 0.25], row 1 [-1.5, -2, (pad)]: the peak is 2
+    assert peak_return(q, MASK).item() == 2.0
+    scores = batch_norm(q, MASK)
+    assert torch.allclose(scores, torch.tensor([[0.5, -0.5, 0.125], [0.25, -1.0, 0.0]]) / (1 + 5e-7), atol=1e-7)
+    assert discounted_returns(scores, MASK, 1.0).abs().max() < 1  # no return exceeds 1 in magnitude
+    # gamma does not enter the peak: 0.5 discounting gives the same divisor
+    assert peak_return(q, MASK).item() == 2.0 and torch.equal(batch_norm(q, MASK, 4.0), q / (4.0 + 1e-6))
+    # code baseline: rbar = 0.125/3 = 0.041667 and -0.75/2 = -0.375, their sum -1/3; 2 r_t + 1/3
+    process = discounted_returns(leave_one_out(scores, MASK, 2, "code"), MASK, 1.0)
+    # per token [4/3, -2/3, 7/12] and [5/6, -5/3]: returns-to-go [5/4, -1/12, 7/12] and [-5/6, -5/3]
+    assert torch.allclose(process, torch.tensor([[1.25, -1 / 12, 7 / 12], [-5 / 6, -5 / 3, 0.0]]), atol=1e-5)
+    outcome = discounted_returns(leave_one_out(torch.tensor([1.0, 0.0])[:, None] * last_token_mask(MASK),
+                                               last_token_mask(MASK), 2), MASK, 1.0)
+    assert torch.allclose(outcome + process, torch.tensor([[2.25, 11 / 12, 19 / 12], [-11 / 6, -8 / 3, 0.0]]),
+                          atol=1e-5)
+    # whole: the sum of q on the last token, then the same scaling (peak |0.25| and |-1.5|: 1.5)
+    whole = implicit_process_rewards(PRM_LP, REF_LP, MASK, 1.0, "whole")
+    assert torch.allclose(batch_norm(whole, MASK), torch.tensor([[0.0, 0.0, 0.25], [0.0, -1.5, 0.0]]) / 1.500001)
 
 
 def test_leave_one_out_is_per_group():

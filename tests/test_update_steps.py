@@ -3,6 +3,7 @@ reach each loss with the right sign, the KL term pulls towards the reference, th
 the entropy), the importance-sampling correction weights a real sampler/trainer mismatch as it must, and
 a non-finite loss never reaches the weights."""
 
+import copy
 import math
 
 import pytest
@@ -43,17 +44,27 @@ def no_earlier_skips():
     common._NONFINITE["in_a_row"] = 0
 
 
+_LOADED = {}
+
+
+def toy_model(toy):
+    """A fresh copy of the toy model (loaded from disk once per module)."""
+    if toy not in _LOADED:
+        _LOADED[toy] = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
+    return copy.deepcopy(_LOADED[toy])
+
+
 def policy(acc, toy, lr=0.05, adamw_weight_decay=None):
     """The toy model under plain SGD (the weights move along the gradient itself), or under AdamW with this
     weight decay, prepared by accelerate."""
-    model = AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32)
+    model = toy_model(toy)
     if adamw_weight_decay is None:
         return acc.prepare(model, torch.optim.SGD(model.parameters(), lr=lr))
     return acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=adamw_weight_decay))
 
 
 def frozen(toy):
-    return AutoModelForCausalLM.from_pretrained(toy / "model", dtype=torch.float32).eval().requires_grad_(False)
+    return toy_model(toy).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -276,3 +287,370 @@ def test_three_non_finite_steps_in_a_row_stop_the_run(acc):
                                "the advantages (metrics.jsonl: train/skipped_nonfinite) or lower the learning rate.")
     assert all(torch.equal(a, b) for a, b in zip(weights(model), start))
     assert stats.reduce(acc)["skipped_nonfinite"] == 2.0  # the third stopped the run before it was counted
+
+
+# --- which tokens carry gradient, and terms that cannot pass by accident ------------------------
+def logprob_grads(monkeypatch, module) -> list[torch.Tensor]:
+    """Spy on `module`'s token_logprobs inside its update(): every log-prob tensor [rows, C] of a micro-batch
+    that the loss is built on keeps its gradient, so a test sees which tokens the loss trained."""
+    seen = []
+    real = module.token_logprobs
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        lp = out[0] if isinstance(out, tuple) else out
+        if lp.requires_grad:
+            lp.retain_grad()
+            seen.append(lp)
+        return out
+
+    monkeypatch.setattr(module, "token_logprobs", spy)
+    return seen
+
+
+def test_reasoning_only_loss_trains_exactly_the_reasoning_tokens(acc, toy, rollouts, monkeypatch):
+    """--reasoning_only_loss: the gradient of the loss reaches every token up to and including "</think>"
+    and no token after it (the written answer); without it, every completion token."""
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    args = grpo_logprob.Args(num_generations=2, max_completion_length=32)
+    for reasoning_only in (True, False):
+        grads = logprob_grads(monkeypatch, grpo_logprob)
+        model, opt = policy(acc, toy)
+        batch = grpo_logprob.training_batch(rollouts, torch.tensor([1.0, -1.0]), 0, acc.device, args,
+                                            tok if reasoning_only else None)
+        grpo_logprob.update(model, opt, None, batch, args, acc)
+        (grad,) = [g.grad for g in grads]
+        for i, r in enumerate(rollouts):
+            k = grpo_logprob.reasoning_token_count(tok, r.completion_ids) if reasoning_only else len(r.completion_ids)
+            assert 0 < k <= len(r.completion_ids)
+            assert torch.all(grad[i, :k] != 0) and torch.all(grad[i, k:] == 0), (reasoning_only, i, k, grad[i])
+        if reasoning_only:  # the answer after the marker exists, and is left out
+            assert all(grpo_logprob.reasoning_token_count(tok, r.completion_ids) < len(r.completion_ids) - 3
+                       for r in rollouts)
+
+
+def test_mask_truncated_completions_leaves_a_cut_completion_without_gradient(acc, toy, rollouts, monkeypatch):
+    cut = [rollouts[0], Rollout(rollouts[1].prompt_ids, rollouts[1].completion_ids, rollouts[1].logprobs,
+                                rollouts[1].text, "length")]
+    for flag in (True, False):
+        grads = logprob_grads(monkeypatch, grpo_logprob)
+        args = grpo_logprob.Args(num_generations=2, max_completion_length=32, mask_truncated_completions=flag)
+        model, opt = policy(acc, toy)
+        grpo_logprob.update(model, opt, None, grpo_logprob.training_batch(cut, torch.tensor([1.0, -1.0]), 0, acc.device,
+                                                                          args), args, acc)
+        (grad,) = [g.grad for g in grads]
+        n0, n1 = len(cut[0].completion_ids), len(cut[1].completion_ids)
+        assert torch.all(grad[0, :n0] != 0)
+        assert torch.all(grad[1, :n1] == 0) if flag else torch.all(grad[1, :n1] != 0), (flag, grad[1])
+
+
+def prm_apart_from_reference(acc, toy, rollouts):
+    """A PRM that differs from the reference: the toy model moved a short way (norm 0.03) up the gradient of
+    log pi(first completion) - log pi(second), so sum_t q_t (q_t = log pi_prm - log pi_ref) is larger on the
+    first than on the second. Its optimizer has learning rate 0: the PRM that scores stays this one."""
+    prm = toy_model(toy)
+    batch = collate(rollouts, 0, "cpu")
+    lp = token_logprobs(prm, batch) * batch["completion_mask"]
+    grads = torch.autograd.grad(lp[0].sum() - lp[1].sum(), list(prm.parameters()))
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(prm.parameters(), grads):
+            p.add_(0.03 * g / norm)
+    return acc.prepare(prm, torch.optim.SGD(prm.parameters(), lr=0.0))
+
+
+@pytest.mark.parametrize("baseline", ["paper", "code"])
+def test_prime_process_reward_alone_moves_the_policy_its_way(acc, toy, rollouts, baseline):
+    """Equal outcomes (both right): the outcome advantages are exactly 0, so only the implicit process reward
+    moves the policy. It is non-zero (the PRM is not the reference) and larger on the completion the PRM
+    prefers, and the step raises that completion and lowers the other. Granularity whole (the sum of q_t on the
+    last token): every token of a completion then gets a return of one sign; with per-token rewards a
+    completion's early and late tokens can get returns of either sign."""
+    model, opt = policy(acc, toy)
+    prm, prm_opt = prm_apart_from_reference(acc, toy, rollouts)
+    args = prime.Args(num_generations=2, max_grad_norm=0.0, num_mini_batches=1, process_baseline=baseline,
+                      granularity="whole")
+    batch = collate(rollouts, 0, acc.device)
+    batch["labels"] = torch.tensor([1.0, 1.0])
+    before = sequence_logprobs(model, rollouts)
+    _, seq_rewards = prime.update(model, opt, batch, args, acc, prm, prm_opt, frozen(toy))
+    after = sequence_logprobs(model, rollouts)
+    assert seq_rewards.abs().min() > 0.01 and seq_rewards[0] > seq_rewards[1] + 0.05, seq_rewards  # beta sum_t q_t
+    assert (batch["advantages"][0] > 0).all() and (batch["advantages"][1][batch["completion_mask"][1] > 0] < 0).all()
+    assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.05, (before, after)
+    # the same step with the outcome only (coefficient 0) does not move the policy: nothing else did
+    model, opt = policy(acc, toy)
+    start = weights(model)
+    batch = collate(rollouts, 0, acc.device)
+    batch["labels"] = torch.tensor([1.0, 1.0])
+    prime.update(model, opt, batch, prime.Args(**{**vars(args), "process_reward_coef": 0.0}), acc, prm, prm_opt,
+                 frozen(toy))
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), start))
+
+
+@pytest.mark.parametrize("baseline", ["paper", "code"])
+def test_prime_update_feeds_its_returns_the_process_rewards_of_its_path(acc, toy, rollouts, baseline):
+    """update()'s advantages (no whitening) are the pure functions' returns from the PRM's and the reference's
+    own log-probs: paper beta q_t; code q_t without beta over the batch's largest |return| (beta 0.5 would
+    change the paper's numbers and not the code's)."""
+    model, opt = policy(acc, toy, lr=0.0)
+    prm, prm_opt = prm_apart_from_reference(acc, toy, rollouts)
+    ref = frozen(toy)
+    args = prime.Args(num_generations=2, num_mini_batches=1, process_baseline=baseline, beta=0.5,
+                      whiten_advantages=False, process_reward_coef=2.0)
+    batch = collate(rollouts, 0, acc.device)
+    batch["labels"] = torch.tensor([1.0, 0.0])
+    mask = batch["completion_mask"]
+    with torch.no_grad():
+        q = (token_logprobs(prm, batch) - token_logprobs(ref, batch)) * mask
+    prime.update(model, opt, batch, args, acc, prm, prm_opt, ref)
+    scores = 0.5 * q if baseline == "paper" else q / (prime.peak_return(q, mask) + 1e-6)
+    last = prime.last_token_mask(mask)
+    outcome = prime.discounted_returns(prime.leave_one_out(batch["labels"][:, None] * last, last, 2), mask, 1.0)
+    process = prime.discounted_returns(prime.leave_one_out(scores, mask, 2, baseline), mask, 1.0)
+    assert torch.allclose(batch["advantages"], outcome + 2.0 * process, atol=1e-5)
+    assert process.abs().max() > 0.05  # the process part is there
+    if baseline == "code":
+        assert prime.discounted_returns(scores, mask, 1.0).abs().max() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["raft++", "raft"])
+def test_raft_pp_clips_the_ratio_on_its_second_step(acc, toy, rollouts, monkeypatch, algo):
+    """RAFT++ over two iterations: after the first step some tokens of the positive sample have a ratio
+    s_t = exp(lp - old) above 1 + eps_high; the second step gives them no gradient and the rest -s_t. Plain
+    RAFT keeps the gradient on every token (and ends at other weights)."""
+    grads = logprob_grads(monkeypatch, raft_pp)
+    model, opt = policy(acc, toy, lr=0.05)
+    args = raft_pp.Args(algo=algo, num_generations=2, max_grad_norm=0.0, num_iterations=2, log_kl=False,
+                        epsilon_high=0.05)
+    selected = torch.tensor([True, False])
+    batch = raft_pp.training_batch(rollouts, selected, 0, acc.device, args)
+    metrics = raft_pp.update(model, opt, None, batch, args, acc)
+    first, second = [g for g in grads]
+    n = len(rollouts[0].completion_ids)
+    assert torch.all(first.grad[0, :n] != 0) and torch.all(first.grad[1] == 0)
+    if algo == "raft":
+        assert torch.all(second.grad[0, :n] != 0) and "clip_ratio/high_mean" not in metrics
+        return
+    ratio = torch.exp(second.detach() - batch["old_logprobs"])[0, :n]
+    clipped = ratio > 1 + args.epsilon_high
+    assert 0 < clipped.sum() < n, ratio
+    assert torch.all(second.grad[0, :n][clipped] == 0) and torch.all(second.grad[0, :n][~clipped] != 0)
+    # d/d lp of -(1/|D|)(1/|a|) s_t = -s_t / n where not clipped
+    assert torch.allclose(second.grad[0, :n][~clipped], -ratio[~clipped] / n, atol=1e-6)
+    # the logged share: clipped tokens of the trained ones, over both iterations (the first has none)
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(clipped.sum().item() / (2 * n))
+
+
+def moved_policy(acc, toy, lr):
+    model, opt = policy(acc, toy, lr=lr)
+    with torch.no_grad():  # away from the reference first: a KL term has something to pull back
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model, opt
+
+
+@pytest.mark.parametrize("script", ["raft_pp", "reinforce_rej"])
+def test_kl_and_entropy_terms_of_raft_and_reinforce(acc, toy, rollouts, script):
+    """kl_coef pulls the policy towards the reference and entropy_coef raises the entropy: the same step
+    from the same weights with the term ends closer to the reference (higher entropy) than without it. RAFT
+    applies them to the positive sample's tokens, Reinforce to the kept samples'."""
+    module = {"raft_pp": raft_pp, "reinforce_rej": reinforce_rej}[script]
+    ref = frozen(toy)
+
+    def step(lr, **coefs):
+        model, opt = moved_policy(acc, toy, lr=lr)
+        args = module.Args(num_generations=2, max_grad_norm=0.0, num_iterations=1, **coefs)
+        if script == "raft_pp":
+            batch = raft_pp.training_batch(rollouts, torch.tensor([True, False]), 0, acc.device, args)
+        else:
+            batch = reinforce_rej.training_batch(rollouts, torch.tensor([1.0, -1.0]), torch.ones(2, dtype=torch.bool),
+                                                 0, acc.device)
+        metrics = module.update(model, opt, None, batch, args, acc, ref)
+        return mean_entropy_and_kl(model, ref, rollouts), metrics
+
+    (_, kl_plain), metrics = step(0.002)  # a small step: the k3 gradient grows as exp(ref - lp)
+    (_, kl_pulled), _ = step(0.002, kl_coef=1.0)
+    (entropy_plain, _), _ = step(0.05)
+    (entropy_raised, _), _ = step(0.05, entropy_coef=1.0)
+    assert metrics["kl"] > 0.01  # the moved policy is away from the reference (logged before the step)
+    assert kl_pulled < kl_plain - 0.01, (kl_plain, kl_pulled)
+    assert entropy_raised > entropy_plain + 0.01, (entropy_plain, entropy_raised)
+
+
+# --- each flag of each script changes a tested number ---------------------------------------------
+# Flags that update() reads: {flag: (other value, settings on both sides)}. The same step from the same
+# weights with the other value must end at other weights; SAME lists flags that must not change them.
+UPDATE_FLAGS = {
+    "grpo_logprob": {
+        "temperature": (0.7, {}), "max_completion_length": (64, {"loss_type": "seq-mean-token-sum-norm"}),
+        "max_grad_norm": (0.01, {}), "num_iterations": (1, {}), "epsilon": (0.01, {}), "epsilon_high": (0.01, {}),
+        "loss_type": ("seq-mean-token-mean", {}), "scale_rewards": ("batch", {}), "beta": (0.0, {}),
+        "mask_truncated_completions": (True, {}), "is_correction": ("none", {}), "is_level": ("sequence", {}),
+        "is_cap": (1.5, {}), "is_floor": (0.9, {"is_correction": "mask"}), "reasoning_only_loss": ("on", {}),
+        "micro_batch_size": (1, {}),
+    },
+    "raft_pp": {
+        "algo": ("raft", {}), "temperature": (0.7, {}), "max_grad_norm": (0.01, {}), "mini_batches": (2, {}),
+        "num_iterations": (1, {}), "epsilon_high": (0.01, {}), "normalizer": ("batch", {}),
+        "loss_type": ("token-mean", {}), "kl_coef": (0.0, {}), "entropy_coef": (0.0, {}), "micro_batch_size": (1, {}),
+        "epsilon": (0.5, {}),
+    },
+    "reinforce_rej": {
+        "temperature": (0.7, {}), "max_grad_norm": (0.01, {}), "mini_batches": (2, {}), "num_iterations": (1, {}),
+        "epsilon": (0.01, {}), "epsilon_high": (0.01, {"kl_coef": 0.0, "entropy_coef": 0.0}),
+        "loss_type": ("token-mean", {}), "kl_coef": (0.0, {}), "entropy_coef": (0.0, {}), "micro_batch_size": (1, {}),
+    },
+    "prime": {
+        "temperature": (0.7, {}), "process_reward_coef": (0.0, {}), "beta": (0.5, {}), "granularity": ("whole", {}),
+        "reference": ("old_policy", {}), "prm_update": ("before", {}), "process_baseline": ("code", {}),
+        "gamma": (0.5, {}), "whiten_advantages": (False, {}), "max_grad_norm": (0.01, {}),
+        "num_mini_batches": (1, {}), "epsilon": (0.01, {}), "micro_batch_size": (1, {}),
+    },
+}
+# micro-batches only split the work (gradient accumulation); RAFT++ trains advantage +1 only, so its lower
+# clip never acts (-min(s, clip(s)) = -s below 1 - epsilon)
+SAME = {("grpo_logprob", "micro_batch_size"), ("raft_pp", "micro_batch_size"), ("reinforce_rej", "micro_batch_size"),
+        ("prime", "micro_batch_size"), ("raft_pp", "epsilon")}
+# Flags that main() or the set-up reads: the test that checks their number.
+SETUP = "test_update_steps.py::test_setup_takes_the_optimizer_flags"
+OPTIMIZER = {"learning_rate": SETUP, "lr_schedule": SETUP, "warmup_steps": SETUP, "weight_decay": SETUP}
+GRPO_RUN, RAFT_RUN = "test_grpo.py::test_grpo_end_to_end_hf", "test_raft_pp.py::test_raft_pp_under_accelerate_launch"
+REJ_RUN, PRIME_RUN = ("test_reinforce_rej.py::test_reinforce_under_accelerate_launch_with_vllm",
+                      "test_prime.py::test_prime_end_to_end")
+TOP_P = "test_common.py::test_top_p_filter_keeps_smallest_nucleus"
+LOG_KL = "test_raft_pp.py::test_raft_on_two_processes_resume_equals_straight"
+OTHER_FLAGS = {
+    "grpo_logprob": {
+        **OPTIMIZER, "prompts_per_step": GRPO_RUN, "num_generations": GRPO_RUN, "total_steps": GRPO_RUN,
+        "top_p": TOP_P, "reward": "test_grpo.py::test_parse_reward_weights",
+        "logprob_variant": "test_grpo.py::test_reward_terms_hand_numbers",
+        "logprob_debias": "test_grpo.py::test_reward_terms_hand_numbers",
+        "logprob_scorer": "test_grpo.py::test_logprob_reward_end_to_end_under_accelerate_launch",
+        "reward_norm": "test_grpo.py::test_normalize_rewards_hand_numbers",
+        "reward_norm_scope": "test_grpo.py::test_normalize_rewards_hand_numbers",
+    },
+    "raft_pp": {
+        **OPTIMIZER, "prompts_per_step": RAFT_RUN, "num_generations": RAFT_RUN, "total_steps": RAFT_RUN,
+        "max_completion_length": GRPO_RUN, "top_p": TOP_P, "log_kl": LOG_KL,
+        "negative_reward": "test_raft_pp.py::test_positive_samples_keep_every_tie_and_nothing_from_all_wrong_groups",
+    },
+    "reinforce_rej": {
+        **OPTIMIZER, "prompts_per_step": REJ_RUN, "num_generations": REJ_RUN, "total_steps": REJ_RUN,
+        "max_completion_length": GRPO_RUN, "top_p": TOP_P, "log_kl": LOG_KL,
+        "algo": "test_reinforce_rej.py::test_mixed_prompts_drop_all_correct_and_all_wrong",
+        "negative_reward": "test_reinforce_rej.py::test_zero_one_rewards_give_wrong_answers_no_gradient",
+    },
+    "prime": {
+        "prompts_per_step": PRIME_RUN, "num_generations": PRIME_RUN, "total_steps": PRIME_RUN,
+        "max_completion_length": GRPO_RUN, "filter_low": "test_prime.py::test_filter_keeps_accuracy_in_range",
+        "filter_high": "test_prime.py::test_filter_keeps_accuracy_in_range",
+        "oversample": "test_prime.py::test_prime_on_code_rows",
+        "max_sample_rounds": "test_prime.py::test_prime_on_code_rows",
+        "prm_learning_rate": SETUP, "learning_rate": SETUP, "weight_decay": SETUP,
+    },
+}
+
+
+def own_flags(module) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(module.Args)} - {f.name for f in dataclasses.fields(common.RunArgs)}
+
+
+@pytest.mark.parametrize("name", sorted(UPDATE_FLAGS))
+def test_every_flag_has_a_test_of_its_number(name):
+    """Every flag a script adds to common.RunArgs is either read by update() (UPDATE_FLAGS: the next test
+    steps with and without it) or named with the test that checks its number, and that test exists."""
+    import ast
+    from pathlib import Path
+
+    module = {"grpo_logprob": grpo_logprob, "raft_pp": raft_pp, "reinforce_rej": reinforce_rej, "prime": prime}[name]
+    assert set(UPDATE_FLAGS[name]) | set(OTHER_FLAGS[name]) == own_flags(module)
+    assert not set(UPDATE_FLAGS[name]) & set(OTHER_FLAGS[name])
+    for node in set(OTHER_FLAGS[name].values()):
+        file, test = node.split("::")
+        source = ast.parse((Path(__file__).parent / file).read_text())
+        assert test in {f.name for f in source.body if isinstance(f, ast.FunctionDef)}, node
+
+
+def update_with(name, acc, toy, rollouts, skewed, flags) -> tuple[list[torch.Tensor], dict]:
+    """One update() of `name` on four completions (two groups of two) from weights moved away from the toy
+    model, with every term active (several iterations, KL, entropy, IS correction, a truncated completion, a
+    PRM apart from the reference), and `flags` on top. Returns the weights it ends at and the metrics."""
+    torch.manual_seed(0)
+    model, opt = moved_policy(acc, toy, lr=0.05)
+    ref = frozen(toy)
+    if name == "grpo_logprob":
+        args = grpo_logprob.Args(**{"num_generations": 2, "max_completion_length": 32, "num_iterations": 2,
+                                    "beta": 0.1, "is_correction": "truncate", "max_grad_norm": 0.0,
+                                    "reasoning_only_loss": "off", **flags})
+        advantages, _ = grpo_logprob.batch_advantages(torch.tensor([1.0, 0.0, 0.6, 0.2]), args, acc)
+        tok = AutoTokenizer.from_pretrained(toy / "model") if args.reasoning_only_loss == "on" else None
+        batch = grpo_logprob.training_batch(skewed, advantages, 0, acc.device, args, tok)
+        metrics = grpo_logprob.update(model, opt, None, batch, args, acc, ref)
+    elif name == "raft_pp":
+        args = raft_pp.Args(**{"num_generations": 2, "num_iterations": 2, "max_grad_norm": 0.0, "kl_coef": 0.1,
+                               "entropy_coef": 0.1, "log_kl": False, **flags})
+        batch = raft_pp.training_batch(skewed, torch.tensor([True, False, True, True]), 0, acc.device, args)
+        metrics = raft_pp.update(model, opt, None, batch, args, acc, ref)
+    elif name == "reinforce_rej":
+        args = reinforce_rej.Args(**{"num_generations": 2, "num_iterations": 2, "max_grad_norm": 0.0, "kl_coef": 0.1,
+                                     "entropy_coef": 0.1, **flags})
+        rewards, kept = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.ones(4, dtype=torch.bool)
+        batch = reinforce_rej.training_batch(skewed, rewards, kept, 0, acc.device)
+        metrics = reinforce_rej.update(model, opt, None, batch, args, acc, ref)
+    else:
+        args = prime.Args(**{"num_generations": 2, "num_mini_batches": 2, "max_grad_norm": 0.0, **flags})
+        prm, _ = prm_apart_from_reference(acc, toy, rollouts)
+        prm, prm_opt = acc.prepare(prm, torch.optim.SGD(prm.parameters(), lr=0.05))
+        batch = collate(skewed, 0, acc.device)
+        batch["labels"] = torch.tensor([1.0, 0.0, 1.0, 1.0])
+        metrics, _ = prime.update(model, opt, batch, args, acc, prm, prm_opt,
+                                  ref if args.reference == "frozen" else None)
+    return weights(model), metrics
+
+
+_BASE_STEPS = {}  # (script, settings) -> the weights of the step without the flag, shared by the flags
+
+
+@pytest.mark.parametrize("name,flag", [(n, f) for n in UPDATE_FLAGS for f in UPDATE_FLAGS[n]])
+def test_each_update_flag_changes_the_step(acc, toy, rollouts, name, flag):
+    """The same step with the flag's other value ends at other weights (or, for SAME, at the same ones)."""
+    value, both = UPDATE_FLAGS[name][flag]
+    model, _ = moved_policy(acc, toy, lr=0.05)
+    four = [*rollouts, rollouts[0], Rollout(rollouts[1].prompt_ids, rollouts[1].completion_ids, rollouts[1].logprobs,
+                                            rollouts[1].text, "length")]
+    skewed, _ = mismatched(model, four, [0.25, 0.7, 1.0, 1.8])
+    key = (name, tuple(sorted(both.items())))
+    if key not in _BASE_STEPS:
+        _BASE_STEPS[key] = update_with(name, acc, toy, rollouts, skewed, both)[0]
+    base = _BASE_STEPS[key]
+    other, _ = update_with(name, acc, toy, rollouts, skewed, {**both, flag: value})
+    gap = max((a - b).abs().max().item() for a, b in zip(base, other))
+    if (name, flag) in SAME:
+        assert gap < 1e-6, (flag, gap)
+    else:
+        assert gap > 1e-6, (flag, gap)
+
+
+def test_setup_takes_the_optimizer_flags(acc, toy):
+    """--learning_rate, --weight_decay, --lr_schedule and --warmup_steps reach the optimizer and its schedule
+    (common.setup_policy); prime.py's PRM gets --prm_learning_rate."""
+    args = grpo_logprob.Args(model=str(toy / "model"), learning_rate=0.25, weight_decay=0.125, lr_schedule="cosine",
+                             warmup_steps=2)
+    _, optimizer, scheduler, _ = common.setup_policy(args, acc, 6, needs_frozen=False)
+    group = optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.125 and scheduler.get_last_lr()[0] == 0.0  # warmup from 0
+    lrs = []
+    for _ in range(6):
+        optimizer.step(), scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    # warmup 0.125, 0.25; then the cosine over 4 steps: 0.25 * [c1, 0.5, c3, 0]
+    c1, c3 = (2 + math.sqrt(2)) / 4, (2 - math.sqrt(2)) / 4
+    assert lrs == pytest.approx([0.125, 0.25, 0.25 * c1, 0.125, 0.25 * c3, 0.0], abs=1e-12)
+    import inspect
+
+    source = inspect.getsource(prime.main)  # the PRM's optimizer is built in main()
+    assert "AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=args.weight_decay)" in source

@@ -1,0 +1,317 @@
+"""Mutation testing: break the math and the wiring on purpose, one change at a time, and count the changes
+some test catches. A surviving mutant is code that no test pins down.
+
+    pip install mutmut==3.8.1                         # the tool (not in requirements.txt: only this bench needs it)
+    python bench/mutation.py                          # every module of SCOPE (hours on 2 cores)
+    python bench/mutation.py --module prime --module grpo_logprob
+    python bench/mutation.py --written_only           # only the written mutants (minutes)
+    python bench/mutation.py --module prime --again   # the last run's survivors against today's tests
+    python bench/mutation.py --module prime --rest    # go on with the mutants a stopped run did not reach
+    python bench/mutation.py --report                 # the results so far, without running anything
+
+Two kinds of mutants, each run against the repository's own tests in a copy under --workdir:
+  written  defects a tool does not make (a mask reversed, two arguments swapped, a branch dropped), each a
+           text replacement with the tests that must catch it: the defects that once passed the whole suite.
+  mutmut   mutmut 3 mutates every function of SCOPE (operators, numbers, constants, arguments, return values)
+           and runs, for each mutant, the tests that call that function (it records which tests call which
+           function in a first pass). Only in-process tests are used: a test that runs a script in a
+           subprocess (run_script, torchrun, vLLM engines) takes minutes and mutmut cannot see into it, so
+           main() and the sampler are out of SCOPE; they are the end-to-end tests' job.
+Equivalent or harmless survivors are listed in EQUIVALENT with the reason (bench/README.md: the table). A
+survivor not listed there is printed with its diff. The last line:
+RESULT killed=K total=N written_killed=.. written_total=.. mutmut_killed=.. mutmut_total=.. equivalent=..
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+MODULES = ("grpo_logprob.py", "raft_pp.py", "reinforce_rej.py", "prime.py", "common.py", "grading.py")
+
+# The functions mutated, per module: the math (advantages, losses, masks, filters, normalizers, PRIME's
+# rewards and PRM loss), the update loops that use them, the reward assembly, and common's log-prob pass,
+# batching, statistics and optimizer step, and grading's checks. mutmut names methods "Class.method".
+SCOPE = {
+    "grpo_logprob": ["parse_reward_weights", "reasoning_token_count", "reasoning_mask", "scoring_texts",
+                     "answer_logprob_score", "perplexity_rewards", "fill_failed", "normalize_rewards",
+                     "importance_weights", "all_equal_groups", "group_advantages", "clipped_policy_loss", "kl_k3",
+                     "loss_normalizer", "aggregate_loss", "micro_batch_loss", "training_batch", "batch_advantages",
+                     "update", "reward_terms"],
+    "raft_pp": ["correctness_rewards", "positive_samples", "raft_token_loss", "raft_pp_token_loss", "kl_k3",
+                "loss_normalizer", "aggregate_loss", "training_batch", "micro_batch_loss", "update"],
+    "reinforce_rej": ["correctness_rewards", "mixed_prompts", "reinforce_token_loss", "kl_k3", "loss_normalizer",
+                      "aggregate_loss", "training_batch", "micro_batch_loss", "update"],
+    "prime": ["implicit_process_rewards", "last_token_mask", "prm_loss", "keep_groups", "leave_one_out", "peak_return",
+              "batch_norm", "discounted_returns", "whiten", "whiten_stats", "prm_pair_accuracy", "ppo_token_loss",
+              "mini_batch_pass", "prm_micro_batch_loss", "policy_micro_batch_loss", "logprobs_of", "update"],
+    "common": ["_ChunkedLogprobEntropy.forward", "_ChunkedLogprobEntropy.backward", "_ChunkedLogprobEntropy._backward",
+               "token_logprobs", "collate_ids", "collate", "prompts_for_step", "shard", "micro_batches",
+               "full_named_parameters", "top_p_filter", "StepStats.add", "StepStats.max", "StepStats.reduce",
+               "optimizer_step", "add_logprob_gap", "logprob_gap_metrics"],
+    "grading": ["_braced", "last_boxed", "last_tag", "gsm8k_gold", "last_code_block", "extract_answer", "answer_style",
+                "strip_dollars", "_strip_outer_braces", "normalize_answer", "_scientific_parts", "_exponent",
+                "_scientific", "_parse_fraction", "_numbers_equal", "_fast_match", "countdown_value",
+                "countdown_correct", "format_ok", "score_completions"],
+}
+# The tests of each module (mutmut then runs, for each mutant, those of them that call its function).
+TEST_FILES = {
+    "grpo_logprob": ["tests/test_grpo.py", "tests/test_update_steps.py"],
+    "raft_pp": ["tests/test_raft_pp.py", "tests/test_update_steps.py"],
+    "reinforce_rej": ["tests/test_reinforce_rej.py", "tests/test_update_steps.py"],
+    "prime": ["tests/test_prime.py", "tests/test_update_steps.py"],
+    "common": ["tests/test_common.py", "tests/test_update_steps.py", "tests/test_mutants.py"],
+    "grading": ["tests/test_grading.py", "tests/test_common.py", "tests/test_mutants.py"],
+}
+# a test that names one of these runs something out of process, or measures time or the grader's worker pool
+OUT_OF_PROCESS = {"run_script", "subprocess", "torchrun", "Popen", "vllm", "settled_workers", "grader_workers",
+                  "time_limit", "Hang", "sleep"}
+
+# Defects that passed the whole suite once, written by hand: (name, file, text, replacement, tests).
+WRITTEN = [
+    ("reasoning-only loss reversed (only answer tokens train)", "grpo_logprob.py",
+     "mask = mask * reasoning_mask(reasoning_tokenizer, rollouts, mask.shape[1])[0].to(device)",
+     "mask = mask * (1 - reasoning_mask(reasoning_tokenizer, rollouts, mask.shape[1])[0].to(device))",
+     ["tests/test_update_steps.py::test_reasoning_only_loss_trains_exactly_the_reasoning_tokens"]),
+    ("PRIME implicit reward sign flipped (PRM and reference swapped at the call)", "prime.py",
+     'token_rewards = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, args.beta, args.granularity)',
+     'token_rewards = implicit_process_rewards(batch["ref_logprobs"], prm_logprobs, mask, args.beta, args.granularity)',
+     ["tests/test_update_steps.py::test_prime_process_reward_alone_moves_the_policy_its_way"]),
+    ("PRIME released-code path: PRM and reference swapped", "prime.py",
+     'q = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, 1.0, args.granularity)',
+     'q = implicit_process_rewards(batch["ref_logprobs"], prm_logprobs, mask, 1.0, args.granularity)',
+     ["tests/test_update_steps.py::test_prime_process_reward_alone_moves_the_policy_its_way"]),
+    ("PRIME released-code path: beta applied, no batch scaling", "prime.py",
+     "process_rewards = batch_norm(q, mask, accelerator.reduce(peak_return(q, mask), \"max\").item())",
+     "process_rewards = token_rewards",
+     ["tests/test_update_steps.py::test_prime_update_feeds_its_returns_the_process_rewards_of_its_path"]),
+    ("missing-</think> fill of the log-prob reward removed", "grpo_logprob.py",
+     "        if name in ANSWER_BLIND_TERMS:\n            terms[name] = fill_failed(",
+     "        if False:\n            terms[name] = fill_failed(",
+     ["tests/test_grpo.py::test_reward_terms_hand_numbers"]),
+    ("--logprob_debias subtracting with the wrong sign", "grpo_logprob.py",
+     "v -= answer_logprob_score(base, args.logprob_variant)", "v += answer_logprob_score(base, args.logprob_variant)",
+     ["tests/test_grpo.py::test_reward_terms_hand_numbers"]),
+    ("RAFT++ without old log-probs (no ratio, no clip: plain RAFT)", "raft_pp.py",
+     'if args.algo == "raft++" and args.mini_batches * args.num_iterations > 1:', "if False:",
+     ["tests/test_update_steps.py::test_raft_pp_clips_the_ratio_on_its_second_step"]),
+    ("--mask_truncated_completions removed", "grpo_logprob.py",
+     "    if args.mask_truncated_completions:\n", "    if False:\n",
+     ["tests/test_update_steps.py::test_mask_truncated_completions_leaves_a_cut_completion_without_gradient"]),
+    ("zscore reward normalization without the max == min test", "grpo_logprob.py",
+     "return torch.where(high == low, 0.0, scaled).to(rewards.dtype)", "return scaled.to(rewards.dtype)",
+     ["tests/test_grpo.py::test_normalize_rewards_gives_an_all_equal_float32_group_exactly_zero"]),
+]
+
+# Survivors judged equivalent or harmless, by (function, the mutated line as mutmut shows it): the reason.
+EQUIVALENT: dict[tuple[str, str], str] = {
+    ("grpo_logprob.parse_reward_weights", 'name, _, value = part.rpartition("=")'):
+        "a term with one '=' splits alike; one with two is refused in the same sentence either way",
+    ("grpo_logprob.normalize_rewards", "std = r.std(dims, keepdim=True).nan_to_num(None)  # a single sample has no spread"):
+        "the std is NaN only for a single reward, which the max == min test sets to 0 whatever the std",
+    ("grpo_logprob.normalize_rewards", "std = r.std(dims, keepdim=True).nan_to_num(1.0)  # a single sample has no spread"):
+        "the std is NaN only for a single reward, which the max == min test sets to 0 whatever the std",
+    ("grpo_logprob.reward_terms", "v = answer_logprob_score(lp, args.logprob_variant) if lp is not None else 1.0"):
+        "the placeholder of a completion without the marker is replaced by fill_failed (the group's lowest)",
+    ("grpo_logprob.reward_terms",
+     "terms[name] = torch.tensor([perplexity_rewards(lp, base)[name] if lp is not None else 1.0"):
+        "the placeholder of a completion without the marker is replaced by fill_failed (the group's lowest)",
+}
+
+
+def copy_repo(dest: Path) -> None:
+    """The repository's code and tests in dest (no data, runs or git)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for p in REPO.glob("*.py"):
+        shutil.copy2(p, dest / p.name)
+    shutil.copytree(REPO / "tests", dest / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def build_toy(workdir: Path) -> Path:
+    """The tests' tiny toy task and model, built once (tests/conftest.py's TINY_TOY) and shared by every run."""
+    toy = workdir / "toy"
+    if not (toy / "model" / "config.json").exists():
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import TINY_TOY
+
+        subprocess.run([PYTHON, "data_prep.py", "toy", "--out", str(toy), *TINY_TOY], cwd=REPO, check=True,
+                       stdout=subprocess.DEVNULL)
+    return toy
+
+
+def in_process_tests(root: Path, modules: list[str]) -> list[str]:
+    """The test functions of the modules' TEST_FILES that run everything in this process (see OUT_OF_PROCESS)."""
+    selected = []
+    for name in sorted({f for m in modules for f in TEST_FILES[m]}):
+        path = root / name
+        if not path.exists():
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                words = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+                words |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+                words |= {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+                if not words & OUT_OF_PROCESS:
+                    selected.append(f"{name}::{node.name}")
+    return selected
+
+
+def run_written(workdir: Path, env: dict) -> list[tuple[str, bool]]:
+    """Each written mutant in a fresh copy: killed when its tests fail (pytest exit code 1)."""
+    results = []
+    root = workdir / "written"
+    copy_repo(root)
+    tests = sorted({t for *_, ts in WRITTEN for t in ts})
+    clean = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root, env=env,
+                           capture_output=True, text=True)
+    if clean.returncode != 0:
+        raise SystemExit(f"the written mutants' tests fail on the unmutated code:\n{clean.stdout[-3000:]}")
+    for name, file, text, replacement, tests in WRITTEN:
+        source = (REPO / file).read_text()
+        if source.count(text) != 1:
+            raise SystemExit(f"written mutant {name!r}: {file} no longer holds its text once; update WRITTEN.")
+        (root / file).write_text(source.replace(text, replacement))
+        run = subprocess.run([PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=root,
+                             env=env, capture_output=True, text=True)
+        (root / file).write_text(source)
+        results.append((name, run.returncode == 1))
+        print(f"written mutant: {'killed  ' if run.returncode == 1 else 'SURVIVED'} {name}", flush=True)
+    return results
+
+
+def mutmut_names(modules: list[str]) -> list[str]:
+    """mutmut's mutant-name patterns of SCOPE: module.x_function__mutmut_*, module.xǁClassǁmethod__mutmut_*."""
+    patterns = []
+    for module in modules:
+        for fn in SCOPE[module]:
+            mangled = "xǁ" + fn.replace(".", "ǁ") if "." in fn else "x_" + fn
+            patterns.append(f"{module}.{mangled}__mutmut_*")
+    return patterns
+
+
+def mutmut_codes(root: Path, patterns: list[str]) -> dict[str, int | None]:
+    """{mutant name: mutmut's exit code} of the mutants matching patterns (1 or 3: killed; None: not run)."""
+    codes = {}
+    for meta in (root / "mutants").glob("*.py.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if any(fnmatch.fnmatch(name, p) for p in patterns):
+                codes[name] = code
+    return codes
+
+
+def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int, keep: str | None) -> dict[str, int | None]:
+    """mutmut over SCOPE's functions of `modules`; returns {mutant name: exit code}. keep ("again" or "rest"):
+    keep the last run's results in workdir and test, with today's code and tests, only its survivors ("again")
+    or only the mutants it did not reach ("rest": a run stopped early goes on)."""
+    root = workdir / "mutmut"
+    patterns = mutmut_names(modules)
+    if keep and (root / "mutants").exists():
+        for p in REPO.glob("*.py"):
+            shutil.copy2(p, root / p.name)
+        shutil.copytree(REPO / "tests", root / "tests", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        codes = mutmut_codes(root, patterns)
+        names = [n for n, c in codes.items() if (c is None if keep == "rest" else c not in (1, 3, None))]
+        if not names:
+            return codes
+    else:
+        copy_repo(root)
+        names = patterns
+    tests = in_process_tests(root, modules)
+    (root / "pyproject.toml").write_text(
+        "[tool.mutmut]\n"
+        f"source_paths = {json.dumps(list(MODULES))}\n"
+        f"also_copy = {json.dumps([p.name for p in REPO.glob('*.py') if p.name not in MODULES])}\n"
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+        # guards of choices the parser already refuses (Literal flags): unreachable from a command line
+        'do_not_mutate_patterns = ["raise ValueError\\\\(f\\"unknown "]\n'
+        'process_isolation = "forkserver"\n'  # torch is not fork-safe once its thread pool runs
+        "use_git_change_detection = false\n")
+    run = subprocess.run([PYTHON, "-m", "mutmut", "run", "--max-children", str(children), *names], cwd=root,
+                         env=env, capture_output=True, text=True)
+    if run.returncode != 0:  # e.g. a selected test fails on the unmutated code
+        raise SystemExit(f"mutmut run failed (exit code {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    return mutmut_codes(root, patterns)
+
+
+def mutant_diff(root: Path, name: str, env: dict) -> list[str]:
+    out = subprocess.run([PYTHON, "-m", "mutmut", "show", name], cwd=root, env=env, capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if line[:1] in "+-" and line[:3] not in ("---", "+++")]
+
+
+def function_of(name: str) -> str:
+    module, mangled = name.split("__mutmut_")[0].split(".", 1)
+    return f"{module}.{mangled.removeprefix('x_').removeprefix('xǁ').replace('ǁ', '.')}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--module", action="append", choices=sorted(SCOPE), help="modules to mutate (default: all)")
+    parser.add_argument("--written_only", action="store_true", help="only the written mutants")
+    parser.add_argument("--workdir", default=str(REPO / ".mutation"), help="copies, the toy model and mutmut's state")
+    parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
+    parser.add_argument("--report", action="store_true",
+                        help="only report the results in --workdir so far (a run stopped early: not_run counts the rest)")
+    parser.add_argument("--again", action="store_true",
+                        help="keep the last run's results; test only its survivors, with today's code and tests")
+    parser.add_argument("--rest", action="store_true",
+                        help="keep the last run's results; test only the mutants it did not reach (a run stopped early)")
+    args = parser.parse_args()
+    try:
+        import mutmut  # noqa: F401
+    except ImportError:
+        raise SystemExit("mutmut is not installed: pip install mutmut==3.8.1 (only this bench needs it).") from None
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    env = {**os.environ, "TOY_DIR": str(build_toy(workdir)), "PYTHONDONTWRITEBYTECODE": "1"}
+
+    modules = args.module or sorted(SCOPE)
+    if args.report:
+        written, codes = [], mutmut_codes(workdir / "mutmut", mutmut_names(modules))
+    else:
+        keep = "again" if args.again else "rest" if args.rest else None
+        written = [] if keep else run_written(workdir, env)  # a run that goes on leaves out the written mutants
+        codes = {} if args.written_only else run_mutmut(workdir, env, modules, args.children, keep)
+    not_run = {n for n, c in codes.items() if c is None}
+    codes = {n: c for n, c in codes.items() if c is not None}
+
+    killed = {n for n, c in codes.items() if c in (1, 3)}
+    timeouts = {n for n, c in codes.items() if c in (-24, 24, 36, 152, 255)}  # the tests never finished: caught
+    survivors = sorted(set(codes) - killed - timeouts)
+    equivalent, meaningful = [], []
+    for name in survivors:
+        diff = mutant_diff(workdir / "mutmut", name, env)
+        changed = next((line[1:].strip() for line in diff if line.startswith("+")), "")
+        reason = EQUIVALENT.get((function_of(name), changed))
+        (equivalent if reason else meaningful).append((name, codes[name], diff, reason))
+    for title, group in (("surviving mutants", meaningful), ("equivalent or harmless survivors", equivalent)):
+        print(f"\n{title}: {len(group)}")
+        for name, code, diff, reason in group:
+            status = "no test calls it" if code == 33 else "survived" if code == 0 else f"exit code {code}"
+            print(f"  {name} ({status}){': ' + reason if reason else ''}")
+            for line in diff:
+                print(f"      {line}")
+    w_killed = sum(k for _, k in written)
+    m_killed = len(killed) + len(timeouts)
+    print(f"\n{len(codes)} mutmut mutants of {sum(len(SCOPE[m]) for m in modules)} functions tested, "
+          f"{len(timeouts)} of them timed out (counted as killed); {time.time() - t0:.0f} s")
+    print(f"RESULT killed={w_killed + m_killed} total={len(written) + len(codes)} written_killed={w_killed} "
+          f"written_total={len(written)} mutmut_killed={m_killed} mutmut_total={len(codes)} "
+          f"equivalent={len(equivalent)} survived={len(meaningful)} not_run={len(not_run)} "
+          f"minutes={(time.time() - t0) / 60:.1f}")
+
+
+if __name__ == "__main__":
+    main()
