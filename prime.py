@@ -12,10 +12,9 @@ One step: sample groups of n completions, keep the prompts whose group accuracy 
                 last token, process r_t(i) - mean_{j!=i} rbar(j); each a return-to-go (gamma), summed
                 (process weighted by --process_reward_coef), whitened over the batch's valid tokens
   policy        PPO mini-batch steps on -min(s_t A_t, clip(s_t, 1-eps, 1+eps) A_t), token-mean
-Paper vs released code (--process_baseline code takes the code's path): the code feeds the leave-one-out
-step q_t without beta (beta only scales the PRM loss), divided by the batch's largest |return-to-go|
-(prime_norm batch_norm, see batch_norm), and its baseline leaves out the token's own reward, not rbar(i)
-(see leave_one_out); the whitening is the code's, the paper does not state it.
+Paper vs released code (--process_baseline code follows the code): the code feeds the leave-one-out step q_t without
+beta (beta only scales the PRM loss), divided by the batch's largest |return-to-go| (see batch_norm), and its baseline
+leaves out the token's own reward, not rbar(i) (see leave_one_out); the paper does not state the code's whitening.
 
 The paper's setting (Qwen2.5-Math-7B SFT; Eurus-2-RL-Data), as a command line:
     accelerate launch prime.py --model PRIME-RL/Eurus-2-7B-SFT --train_file data/eurus_train.jsonl \\
@@ -103,9 +102,7 @@ class Args(RunArgs):
     """PPO clip range: ratio in [1 - epsilon, 1 + epsilon]"""
 
 
-# ----------------------------------------------------------------------------------------------
-# the algorithm: pure functions, unit-tested in tests/test_prime.py
-# ----------------------------------------------------------------------------------------------
+# --- the algorithm: pure functions, unit-tested in tests/test_prime.py ------------------------------------------
 def implicit_process_rewards(prm_logprobs, ref_logprobs, mask, beta: float, granularity: str) -> torch.Tensor:
     """Per-token rewards [N, C] from log-probs [N, C]: r_t = beta * (log pi_prm - log pi_ref) on each
     valid token (token), or their sum placed on the last valid token (whole)."""
@@ -137,14 +134,12 @@ def keep_groups(correct: torch.Tensor, low: float, high: float) -> torch.Tensor:
 
 def leave_one_out(rewards, reward_mask, group_size: int, baseline: str = "paper") -> torch.Tensor:
     """Leave-one-out baseline of one reward source, rewards/reward_mask [N, C] with N = G * n.
-
-    rbar(j) = mean of completion j's rewards over its reward_mask. Outcome: reward_mask = the last
-    token, so rbar(j) = r_o(j). Process: the completion mask. Each reward r_t(i) becomes
+    rbar(j) = mean of completion j's rewards over its reward_mask (outcome: reward_mask = the last token, so
+    rbar(j) = r_o(j); process: the completion mask). Each reward r_t(i) becomes
       paper (eq. 5):         r_t(i) - mean_{j != i} rbar(j)
       code (released PRIME): r_t(i) * n/(n-1) - sum_j rbar(j) / (n-1) = r_t(i) - (sum_j rbar(j) - r_t(i)) / (n-1)
-    The code leaves out the token's own reward rather than rbar(i). The two agree for the outcome
-    (one reward per completion) and on a sequence's sum (its return at t = 0), not token by token.
-    """
+    The code leaves out the token's own reward rather than rbar(i). The two agree for the outcome (one reward per
+    completion) and on a sequence's sum (its return at t = 0), not token by token."""
     rbar = (rewards * reward_mask).sum(1) / reward_mask.sum(1).clamp(min=1)
     groups = rbar.view(-1, group_size)
     if baseline == "paper":
@@ -164,10 +159,9 @@ def peak_return(scores, mask) -> torch.Tensor:
 
 
 def batch_norm(scores, mask, peak: float | None = None) -> torch.Tensor:
-    """The released code's process scores (prime_norm batch_norm): scores / (peak + 1e-6), peak = the
-    largest |return-to-go| of the batch (over all processes when given; default this batch's), so that
-    no process return exceeds 1 in magnitude. The code applies it to q_t = log pi_prm - log pi_ref
-    without beta."""
+    """The released code's process scores (prime_norm batch_norm): scores / (peak + 1e-6), peak = the largest
+    |return-to-go| of the batch (over all processes when given; default this batch's), so that no process return
+    exceeds 1 in magnitude. The code applies it to q_t = log pi_prm - log pi_ref without beta."""
     if peak is None:
         peak = peak_return(scores, mask).item()
     return scores / (peak + 1e-6) * mask
@@ -209,8 +203,7 @@ def prm_pair_accuracy(seq_rewards, correct, group_size: int) -> tuple[float, int
 
 
 def ppo_token_loss(logprobs, old_logprobs, advantages, eps: float):
-    """Per-token PPO loss -min(s A, clip(s, 1-eps, 1+eps) A), s = exp(lp - old); advantages [N, C] per token.
-    Returns the loss and the mask of clipped tokens."""
+    """Per-token PPO loss [N, C] -min(s A, clip(s, 1-eps, 1+eps) A), s = exp(lp - old), and the clipped tokens."""
     ratio = torch.exp(logprobs - old_logprobs)
     loss = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps, 1 + eps) * advantages)
     return loss, ((ratio < 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))
@@ -232,10 +225,7 @@ def from_json(groups: list[dict]) -> list[dict]:
             for g in groups]
 
 
-# ----------------------------------------------------------------------------------------------
-# the update: one batch of kept groups -> PRM and policy steps, exactly as main() runs it
-# (tests/dist_update.py runs it on one process and on two, and checks that both leave the same weights)
-# ----------------------------------------------------------------------------------------------
+# --- the update, exactly as main() runs it (tests/dist_update.py: the same weights on one process and on two) ---
 def mini_batch_pass(model, optimizer, batch: dict, loss_of, size_of, args, accelerator, stats: StepStats,
                     prefix: str) -> float:
     """One pass over the batch in num_mini_batches optimizer steps. loss_of(mb) -> (summed loss, sums);
@@ -261,8 +251,7 @@ def mini_batch_pass(model, optimizer, batch: dict, loss_of, size_of, args, accel
 
 def prm_micro_batch_loss(prm, mb: dict, beta: float) -> tuple:
     """The PRM's summed cross-entropy on a micro-batch (normalized by the mini-batch's sequence count)."""
-    lp = token_logprobs(prm, mb)
-    return prm_loss(lp, mb["ref_logprobs"], mb["completion_mask"], mb["labels"], beta).sum(), {}
+    return prm_loss(token_logprobs(prm, mb), mb["ref_logprobs"], mb["completion_mask"], mb["labels"], beta).sum(), {}
 
 
 def policy_micro_batch_loss(model, mb: dict, temperature: float, epsilon: float) -> tuple:
@@ -278,8 +267,7 @@ def logprobs_of(model, batch: dict, size: int, temperature: float = 1.0) -> torc
     """Token log-probs [N, C] of the batch's completions under `model`, no gradient, `size` rows at a time."""
     rows = torch.arange(len(batch["completion_mask"]), device=batch["completion_mask"].device)
     with torch.no_grad(), logprob_timer("logprobs"):
-        return torch.cat([token_logprobs(model, index_batch(batch, i), temperature)
-                          for i in micro_batches(rows, size)])
+        return torch.cat([token_logprobs(model, index_batch(batch, i), temperature) for i in micro_batches(rows, size)])
 
 
 def update(model, optimizer, batch: dict, args, accelerator, prm=None, prm_optimizer=None, ref=None) -> tuple:
@@ -319,7 +307,6 @@ def update(model, optimizer, batch: dict, args, accelerator, prm=None, prm_optim
     if args.whiten_advantages:
         returns = whiten(returns, mask, accelerator.reduce(whiten_stats(returns, mask), "sum"))
     batch["advantages"] = returns
-
     # --- update: PPO clip, token-mean over each mini-batch ---
     loss_of = partial(policy_micro_batch_loss, model, temperature=args.temperature, epsilon=args.epsilon)
     grad_norm = mini_batch_pass(model, optimizer, batch, loss_of, lambda m: m.sum(), args, accelerator, stats, "")
@@ -350,7 +337,6 @@ def main():
         raise SystemExit("prime.py trains two models (policy and PRM), and accelerate runs one DeepSpeed engine per "
                          "process: launch with configs/fsdp2.yaml, or pass --process_reward_coef 0 (RLOO, no PRM).")
     per_rank, n = args.prompts_per_step // world, args.num_generations
-
     # the policy, the frozen reference of the implicit PRM, and the PRM (a causal LM, trained): all from --model
     model, optimizer, _, ref = setup_policy(args, accelerator, None, use_prm and args.reference == "frozen")
     prm = prm_optimizer = None
@@ -358,7 +344,6 @@ def main():
         prm = load_model(args.model, args.dtype, accelerator, gradient_checkpointing=args.gradient_checkpointing)
         prm_optimizer = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=args.weight_decay)
         prm, prm_optimizer = accelerator.prepare(prm, prm_optimizer)  # saved and restored with the policy
-
     run = Run(args, accelerator, resume=args.resume)
     start_step, data_pos, buffer = 0, 0, []  # this rank's position in its prompt stream, kept groups not yet used
     state = run.load_latest_checkpoint() if args.resume else {"step": 0}
@@ -387,8 +372,7 @@ def main():
         reward_errors = code_timeouts = 0
         with timer("sample"):
             sampler.wake_up()
-            # rounds are global (a full process samples nothing), so that processes sharing a
-            # tensor-parallel engine always generate together
+            # global rounds (a full process samples nothing): ranks sharing a tensor-parallel engine generate together
             while gathered([per_rank - len(batch_groups)]).max() > 0 and rounds < args.max_sample_rounds:
                 rows = rank_prompts(train_rows, data_pos, args.oversample * (per_rank - len(batch_groups)),
                                     args.seed, rank, world)
@@ -411,7 +395,6 @@ def main():
         # every rank trains on the same number of groups, so that all join each collective
         size = int(gathered([len(batch_groups)]).min().item())
         batch_groups, buffer = batch_groups[:size], batch_groups[size:] + buffer
-
         metrics = {}
         if size > 0:
             # --- update: PRM and policy on the kept groups ---
@@ -424,14 +407,12 @@ def main():
             with timer("push"):
                 sampler.wake_up()
                 sampler.push_weights(unwrap(model))
-
             # --- logging ---
             labels = batch["labels"]
             lengths = gathered([len(r.completion_ids) for r in rollouts])
             metrics.update({
                 "reward": gathered(labels).mean().item(),
-                "completions/mean_length": lengths.mean().item(),
-                "completions/max_length": lengths.max().item(),
+                "completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
                 "completions/clipped_ratio": gathered(batch["truncated"].float()).mean().item(),
                 "num_tokens": lengths.sum().item(),
             })
@@ -450,15 +431,11 @@ def main():
         metrics.update({
             "train/accuracy": global_sum(sum(sampled_correct)) / sampled if sampled else float("nan"),
             "train/format_rate": global_sum(sum(sampled_format)) / sampled if sampled else float("nan"),
-            "rewards/errors": global_sum(reward_errors),
-            "rewards/code_timeouts": global_sum(code_timeouts),
+            "rewards/errors": global_sum(reward_errors), "rewards/code_timeouts": global_sum(code_timeouts),
             "filter/kept_frac": global_sum(kept_groups) / max(global_sum(sampled_groups), 1.0),
-            "filter/sampled_groups": global_sum(sampled_groups),
-            "filter/batch_groups": size * world,
-            "filter/sample_rounds": rounds,
-            "buffer/size": global_sum(len(buffer)),
-            **timer.pop(), **logprob_timer.pop(),
-            **peak_memory(),
+            "filter/sampled_groups": global_sum(sampled_groups), "filter/batch_groups": size * world,
+            "filter/sample_rounds": rounds, "buffer/size": global_sum(len(buffer)),
+            **timer.pop(), **logprob_timer.pop(), **peak_memory(),
         })
         metrics["tokens_per_second"] = metrics.get("num_tokens", 0) / (time.perf_counter() - t_step)
         bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", kept=f"{metrics['filter/kept_frac']:.2f}")

@@ -1,18 +1,17 @@
 """The one place where model-written programs run: each test of a program in a bubblewrap sandbox.
 
-Each run gets a sandbox of its own: bubblewrap (`bwrap`) with new user, pid, network, ipc, uts, cgroup and
-mount namespaces (a loopback of its own, no network), a read-only view of /usr and the library folders,
-size-capped tmpfs /tmp and /dev/shm as the only writable places, and the system python (-I: nothing of the
-project). Its pid 1 is a trusted launcher (bwrap --as-pid-1, _LAUNCHER) whose report of the program's
-status the program cannot forge (exit code 137 is an exit, not a kill), and which reaps every orphan, as
-bwrap reaps it and the parent bwrap: no zombie is left, also under a trainer that is pid 1 or a subreaper.
-At the wall limit or past the memory limit the parent kills pid 1, and with it everything inside. Memory
-held by any means counts against memory_bytes, by the guards the machine allows (sandbox_protection()):
-a cgroup of its own (_cgroup_parents), charged every page, where the kernel kills past the limit; a
-seccomp filter (_REFUSED_CALLS) and bwrap --disable-userns; without a cgroup, resident memory and tmpfs
-summed every 20 ms. A root parent starts the sandbox as user nobody: the kernel does not apply the process
-limit to root. Without bubblewrap the user can accept running the launcher as a bare subprocess
-(--allow_unsandboxed_code): the same limits and cgroup, a fresh temporary folder, and no isolation.
+Each run gets a sandbox of its own: bubblewrap (`bwrap`) with new user, pid, network, ipc, uts, cgroup and mount
+namespaces (a loopback of its own, no network), a read-only view of /usr and the library folders, size-capped tmpfs /tmp
+and /dev/shm as the only writable places, and the system python (-I: nothing of the project). Its pid 1 is a trusted
+launcher (bwrap --as-pid-1, _LAUNCHER) whose report of the program's status the program cannot forge (exit code 137 is
+an exit, not a kill), and which reaps every orphan, as bwrap reaps it and the parent bwrap: no zombie is left, also
+under a trainer that is pid 1 or a subreaper. At the wall limit or past the memory limit the parent kills pid 1, and
+with it everything inside. Memory held by any means counts against memory_bytes, by the guards the machine allows
+(sandbox_protection()): a cgroup of its own (_cgroup_parents), charged every page, where the kernel kills past the
+limit; a seccomp filter (_REFUSED_CALLS) and bwrap --disable-userns; without a cgroup, resident memory and tmpfs summed
+every 20 ms. A root parent starts the sandbox as user nobody: the kernel does not apply the process limit to root.
+Without bubblewrap the user can accept running the launcher as a bare subprocess (--allow_unsandboxed_code): the same
+limits and cgroup, a fresh temporary folder, and no isolation.
 
 Standard library only: a security review reads this file alone. Nothing else in the repository starts a
 model-written program (tests/test_layout.py checks it); grading.py calls run_code_tests_many.
@@ -242,7 +241,6 @@ def _cgroup_parents() -> tuple[str, list[str]] | None:
 class _Cgroup:
     """A sandbox's cgroup (a folder in each v1 hierarchy, one on v2), used by one sandbox at a time and
     kept for the next; removed when this process exits."""
-
     pool, lock, count = [], threading.Lock(), itertools.count()  # the idle ones
 
     def __init__(self, kind: str, parents: list[str]):
@@ -359,8 +357,7 @@ def run_program(program: str, stdin: bytes, fn_name: str | None, limits: CodeLim
     fds = [_memfd("program", program.encode("utf-8", "replace")), _memfd("stdin", stdin), _memfd("stdout"),
            _memfd("stderr"), _memfd("status"), *os.pipe()]
     program_fd, stdin_fd, out_fd, err_fd, status_fd, go_r, go_w = fds
-    config = {"program_fd": program_fd, "status_fd": status_fd, "go_fd": go_r, "rlimits": rlimits,
-              "fn_name": fn_name}
+    config = {"program_fd": program_fd, "status_fd": status_fd, "go_fd": go_r, "rlimits": rlimits, "fn_name": fn_name}
     cmd = [SANDBOX_PYTHON, "-I", "-c", _LAUNCHER, json.dumps(config)]
     pass_fds, workdir, info_r = [program_fd, status_fd, go_r], None, None
     root = os.geteuid() == 0
@@ -491,7 +488,6 @@ def _readable(fd: int, seconds: float) -> bool:
 # --- tests and their outputs ------------------------------------------------------------------
 def code_test_cases(tests: dict) -> tuple[list[tuple[bytes, object]], str | None]:
     """(stdin, expected) pairs of a row's tests and the function name of call tests (else None).
-
     stdin/stdout tests: {"inputs": [text, ...], "outputs": [text, ...]} (a list of lines is joined);
     call tests: {"fn_name": name, "inputs": [[arg, ...], ...], "outputs": [value, ...]}, stdin = JSON args."""
     inputs, outputs, fn_name = tests["inputs"], tests["outputs"], tests.get("fn_name") or None
@@ -518,9 +514,8 @@ def _output_lines(text: str) -> list[str]:
 
 
 def output_matches(stdout: bytes, expected, fn_name: str | None) -> bool:
-    """stdin/stdout tests: whitespace-normalized lines equal, word by word (tokens_match). Call tests:
-    the JSON return value matches the expected value (values_match), or its single element (datasets
-    often store a return value v as [v])."""
+    """stdin/stdout tests: whitespace-normalized lines equal, word by word (tokens_match). Call tests: the JSON return
+    value matches the expected one (values_match), or its single element (datasets often store a value v as [v])."""
     if fn_name is None:
         got, want = _output_lines(stdout.decode("utf-8", "replace")), _output_lines(expected)
         return got == want or (len(got) == len(want) and all(
