@@ -124,10 +124,10 @@ class PeakMemory:
         import psutil
 
         self.root, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
 
-    def _watch(self):
+    def _sample(self):
         import psutil
 
         while not self.done.wait(0.2):
