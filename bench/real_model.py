@@ -6,8 +6,7 @@
     .venv/bin/pip install --target .bench-deps trl==1.16.0 --no-deps                # TRL, this bench only
     python bench/real_model.py                                                      # ~2 h on 2 CPU cores
 
-Without data/gsm8k/ the bench converts the GSM8K copy at ../shared/data/benchmarks when there is one (and
-says so); otherwise it stops with the commands above.
+Without data/gsm8k/ it stops with the commands above (a local GSM8K copy: add --source FILE to them).
 
 Runs, each a fresh subprocess of the real script with the README's real-model settings (STEP below):
   grpo_logprob    grpo_logprob.py with the log-prob reward and reasoning-only loss, --steps steps
@@ -47,7 +46,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 from common import read_jsonl  # noqa: E402
 from trl_compare import PeakMemory, trl  # noqa: E402  the TRL worker and the memory watch, shared
 
-SHARED = REPO.parent / "shared" / "data" / "benchmarks"
 # One step of the README's real-model command: prompts x completions per prompt, completion tokens, micro-batch.
 STEP = dict(prompts=8, generations=4, tokens=256, micro=2, lr=2e-5)
 MAIN = "grpo_logprob"  # the run of --steps steps; the others run --other_steps
@@ -76,15 +74,9 @@ def native_bf16() -> bool:
 
 def gsm8k_files(data: Path) -> tuple[Path, Path]:
     train, test = data / "train.jsonl", data / "test.jsonl"
-    if train.is_file() and test.is_file():
-        return train, test
-    if not (SHARED / "gsm8k_train.jsonl").is_file():
+    if not (train.is_file() and test.is_file()):
         raise SystemExit(f"{data}: no GSM8K files; write them with `python data_prep.py gsm8k --template gsm8k --out "
                          f"{train}` and `... --split test --out {test}` (hub openai/gsm8k, or --source FILE).")
-    print(f"converting the local GSM8K copy in {SHARED} into {data}", flush=True)
-    for split, out in (("train", train), ("test", test)):
-        subprocess.run([sys.executable, "data_prep.py", "gsm8k", "--template", "gsm8k", "--source",
-                        str(SHARED / f"gsm8k_{split}.jsonl"), "--out", str(out)], cwd=REPO, check=True)
     return train, test
 
 
