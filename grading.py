@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import math
 import multiprocessing
 import operator
 import os
 import re
+import sys
 import threading
 import time
+import types
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -426,12 +429,28 @@ def _get_pool():
 
             pool = ProcessPool(_MV_WORKERS, initializer=_mv_init, context=multiprocessing.get_context("spawn"))
             try:
-                pool.schedule(_mv_ping).result(_MV_START_TIMEOUT)
+                with _main_script_hidden():  # the first schedule starts the workers, in this thread
+                    ping = pool.schedule(_mv_ping)
+                ping.result(_MV_START_TIMEOUT)
             except BaseException:
                 _stop_pool(pool)
                 raise
             _pool, _pool_pid = pool, os.getpid()
         return _pool
+
+
+@contextlib.contextmanager
+def _main_script_hidden():
+    """A spawned process imports the main script first (multiprocessing's rule). For a training script
+    that is torch and the model code, about 190 MB per grader worker that Math-Verify never uses, so the
+    pool's workers start while __main__ is a bare module and import only this file. A worker the pool
+    replaces later (one that crashed) starts the usual way, which is slower but equally correct."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _stop_pool(pool) -> None:

@@ -1,5 +1,8 @@
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import types
@@ -10,7 +13,7 @@ import pytest
 import grading
 from grading import (_mv_verify, answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok,
                      gsm8k_gold, last_boxed, last_tag, normalize_answer, shutdown_grader)
-from conftest import answers_match, grader_workers, parse_number, time_limit
+from conftest import REPO, answers_match, grader_workers, parse_number, time_limit
 
 # ---------------------------------------------------------------------------
 # End-to-end grading table: (style, model output, reference, expected).
@@ -278,6 +281,28 @@ def test_a_worker_killed_from_outside_is_replaced():
             time.sleep(0.1)
     assert answers_match(r"2\sqrt{2}", r"\sqrt{8}")
     assert len(grader_workers()) == grading._MV_WORKERS
+
+
+def test_grader_workers_do_not_import_the_main_script(tmp_path):
+    """A training script imports torch; its grader workers must not (about 190 MB each): they start
+    while __main__ is hidden, and the script's own __main__ is back afterwards."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        import psutil, torch, grading
+        MARK = 1
+        if __name__ == "__main__":
+            grading._get_pool()
+            workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+            def maps_torch(p):
+                return any("libtorch" in m.path for m in p.memory_maps())
+            print(len(workers), sum(map(maps_torch, workers)), maps_torch(psutil.Process()),
+                  sys.modules["__main__"].MARK)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(grading._MV_WORKERS), "0", "True", "1"]
 
 
 def test_huge_exponents_are_decided_at_once(monkeypatch):
