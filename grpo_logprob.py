@@ -387,17 +387,17 @@ def micro_batch_loss(model, mb: dict, normalizer: float, args):
     return loss, logprobs, sums
 
 
-def training_batch(rollouts, advantages: torch.Tensor, pad_id: int, device, args, reasoning_tokenizer=None,
-                   markers: list[str] | None = None) -> dict:
-    """Rollouts -> tensors, with the advantages and the loss mask: every completion token, or only the
-    reasoning's (given the tokenizer that finds the end-of-reasoning markers, one per rollout, default
-    </think>), minus truncated completions with --mask_truncated_completions."""
+def training_batch(rollouts, advantages: torch.Tensor, pad_id: int, device, args, reasoning=None) -> dict:
+    """Rollouts -> tensors, with the advantages and the loss mask: every completion token, or, given
+    reasoning = (tokenizer, the rollouts' rows), only the reasoning's, each up to its row's own end of
+    reasoning (REASONING_END of its answer style); minus truncated completions with --mask_truncated_completions."""
     batch = collate(rollouts, pad_id, device)
     batch["advantages"] = advantages.to(device)
     mask = batch["completion_mask"].clone()
-    if reasoning_tokenizer is not None:  # the reward ignores the written answer: train only the reasoning
-        mask = mask * reasoning_mask(reasoning_tokenizer, rollouts, mask.shape[1],
-                                     markers or END_OF_REASONING)[0].to(device)
+    if reasoning is not None:  # the reward ignores the written answer: train only the reasoning
+        tokenizer, rows = reasoning
+        markers = [reasoning_end(answer_style(row))[0] for row in rows]
+        mask = mask * reasoning_mask(tokenizer, rollouts, mask.shape[1], markers)[0].to(device)
     if args.mask_truncated_completions:
         mask = mask * (~batch["truncated"])[:, None]
     batch["loss_mask"] = mask
@@ -648,8 +648,7 @@ def main():
         # --- update ---
         with timer("update"):
             batch = training_batch(rollouts, advantages, pad_id, accelerator.device, args,
-                                   tokenizer if reasoning_only else None,
-                                   [reasoning_end(answer_style(row))[0] for row in rollout_rows])
+                                   (tokenizer, rollout_rows) if reasoning_only else None)
             update_metrics = update(model, optimizer, scheduler, batch, args, accelerator, frozen)
         with timer("push"):
             sampler.wake_up()

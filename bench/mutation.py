@@ -80,9 +80,12 @@ OUT_OF_PROCESS = {"run_script", "subprocess", "torchrun", "Popen", "vllm", "sett
 # Defects that passed the whole suite once, written by hand: (name, file, text, replacement, tests).
 WRITTEN = [
     ("reasoning-only loss reversed (only answer tokens train)", "grpo_logprob.py",
-     "mask = mask * reasoning_mask(reasoning_tokenizer, rollouts, mask.shape[1])[0].to(device)",
-     "mask = mask * (1 - reasoning_mask(reasoning_tokenizer, rollouts, mask.shape[1])[0].to(device))",
+     "mask = mask * reasoning_mask(tokenizer, rollouts, mask.shape[1], markers)[0].to(device)",
+     "mask = mask * (1 - reasoning_mask(tokenizer, rollouts, mask.shape[1], markers)[0].to(device))",
      ["tests/test_update_steps.py::test_reasoning_only_loss_trains_exactly_the_reasoning_tokens"]),
+    ("reasoning-only loss ends every row at </think> (boxed and gsm8k rows train nothing)", "grpo_logprob.py",
+     "markers = [reasoning_end(answer_style(row))[0] for row in rows]", "markers = END_OF_REASONING",
+     ["tests/test_real_model.py::test_reasoning_only_loss_finds_each_rows_own_end_of_reasoning"]),
     ("PRIME implicit reward sign flipped (PRM and reference swapped at the call)", "prime.py",
      'token_rewards = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, args.beta, args.granularity)',
      'token_rewards = implicit_process_rewards(batch["ref_logprobs"], prm_logprobs, mask, args.beta, args.granularity)',

@@ -16,13 +16,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 import common
+import grpo_logprob
 from conftest import REPO, run_script
 from data_prep import SMOLLM2_WHEEL
 from grading import build_prompt, extract_answer, format_ok, score_completions
-from grpo_logprob import REASONING_END, reasoning_mask, scoring_texts
+from grpo_logprob import REASONING_END, scoring_texts
 
 # Our own GSM8K-style problems (a real benchmark's rows are never part of the repository).
 PROBLEMS = [("What is 2 + 3?", "5"), ("Tom has 4 apples and buys 6 more. How many apples does he have?", "10"),
@@ -62,9 +64,9 @@ def test_reasoning_only_loss_finds_each_rows_own_end_of_reasoning(toy):
     texts = ["1 + 2 = 3, \\boxed{3} done", "1 + 2 = 3\n#### 3 done", "1 + 2 = 3</think><answer>3</answer>"]
     styles = ["boxed", "gsm8k", "tag"]
     rollouts = [common.Rollout([1], tok(t, add_special_tokens=False)["input_ids"], [], t, "stop") for t in texts]
-    width = max(len(r.completion_ids) for r in rollouts)
-    mask, found = reasoning_mask(tok, rollouts, width, [REASONING_END[s][0] for s in styles])
-    assert found.all()
+    rows = [{"task": "math", "answer": "3", "metadata": {"answer_style": s}} for s in styles]
+    args = grpo_logprob.Args(num_generations=3)
+    mask = grpo_logprob.training_batch(rollouts, torch.zeros(3), 0, "cpu", args, (tok, rows))["loss_mask"]
     for row, r, style in zip(mask, rollouts, styles):
         k = int(row.sum())
         marker = REASONING_END[style][0]

@@ -19,6 +19,7 @@ from common import Rollout, collate, encode_prompts, load_tasks, make_accelerato
 
 # two completions of one toy prompt: a right chain and a wrong one (different tokens, different lengths)
 TEXTS = ["\n3+4=7\n7-2=5\n</think>\n<answer>5</answer>", "\n9-9=3\n</think>\n<answer>1</answer>"]
+TOY_ROW = {"task": "toy", "answer": "5"}  # a toy task row: the R1 tag style, </think> ends its reasoning
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +318,7 @@ def test_reasoning_only_loss_trains_exactly_the_reasoning_tokens(acc, toy, rollo
         grads = logprob_grads(monkeypatch, grpo_logprob)
         model, opt = policy(acc, toy)
         batch = grpo_logprob.training_batch(rollouts, torch.tensor([1.0, -1.0]), 0, acc.device, args,
-                                            tok if reasoning_only else None)
+                                            (tok, [TOY_ROW] * len(rollouts)) if reasoning_only else None)
         grpo_logprob.update(model, opt, None, batch, args, acc)
         (grad,) = [g.grad for g in grads]
         for i, r in enumerate(rollouts):
@@ -587,8 +588,9 @@ def update_with(name, acc, toy, rollouts, skewed, flags) -> tuple[list[torch.Ten
                                     "beta": 0.1, "is_correction": "truncate", "max_grad_norm": 0.0,
                                     "reasoning_only_loss": "off", **flags})
         advantages, _ = grpo_logprob.batch_advantages(torch.tensor([1.0, 0.0, 0.6, 0.2]), args, acc)
-        tok = AutoTokenizer.from_pretrained(toy / "model") if args.reasoning_only_loss == "on" else None
-        batch = grpo_logprob.training_batch(skewed, advantages, 0, acc.device, args, tok)
+        reasoning = ((AutoTokenizer.from_pretrained(toy / "model"), [TOY_ROW] * len(skewed))
+                     if args.reasoning_only_loss == "on" else None)
+        batch = grpo_logprob.training_batch(skewed, advantages, 0, acc.device, args, reasoning)
         metrics = grpo_logprob.update(model, opt, None, batch, args, acc, ref)
     elif name == "raft_pp":
         args = raft_pp.Args(**{"num_generations": 2, "num_iterations": 2, "max_grad_norm": 0.0, "kl_coef": 0.1,
