@@ -14,6 +14,10 @@ Runs, each a fresh subprocess of the real script with the README's real-model se
   raft++, reinforce_rej, prime: --other_steps steps each
   trl             TRL 1.16's GRPOTrainer on the same model, prompts, group, completion length, loss, learning
                   rate and micro-batches (transformers generation, its default without a vLLM server)
+  matrix          one step of 2 prompts x 2 samples x 32 tokens of every script with each sampler (vllm, hf)
+                  and dtype (float32, bfloat16): does every combination train the real model (not in the default)
+  gap_fp32, gap_bf16  one step of grpo_logprob.py with rule rewards, 4 prompts x 2 samples x 96 tokens, vLLM
+                  and the trainer both in float32 / bf16: the sampler/trainer log-prob gap per token
 Each of ours evaluates the first test problems greedily (held out: the test split) before its first step and
 after its last: --eval_problems for grpo_logprob, --other_eval_problems for the others. Reported per run: accuracy and format rate with 95% bootstrap intervals over
 problems (eval.py's); the mean log-prob of the reference answer after the model's own reasoning (the greedy
@@ -57,6 +61,10 @@ RUNS = {  # name: script and its own flags
     "prime": ("prime.py", ["--filter_low", "0", "--filter_high", "1"]),  # its [0.2, 0.8] filter keeps nothing at 1%
 }
 PHASES = ("sample", "score", "logprobs", "update", "push")
+# The log-prob gap runs: one small step each (bf16 is emulated on CPUs without AVX512-BF16 or AMX: slow).
+GAP_RUNS = {"gap_fp32": "float32", "gap_bf16": "bfloat16"}
+GAP_STEP = dict(STEP, prompts=4, generations=2, tokens=96)
+MATRIX_STEP = dict(STEP, prompts=2, generations=2, tokens=32)  # the "matrix" run: does every combination train
 
 
 def cpu_name() -> str:
@@ -80,15 +88,14 @@ def gsm8k_files(data: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def run_ours(name: str, args, train: Path, test: Path, work: Path) -> dict:
-    script, flags = RUNS[name]
-    steps = args.steps if name == MAIN else args.other_steps
-    problems = args.eval_problems if name == MAIN else args.other_eval_problems
+def launch(name: str, script: str, flags: list[str], args, train: Path, test: Path, work: Path, steps: int,
+           problems: int, step: dict = STEP, dtype: str | None = None, sampler: str | None = None) -> tuple[list[dict], float]:
+    """Run a script as a user would; its metrics lines and the peak memory of its processes together."""
     cmd = [sys.executable, script, "--model", args.model, "--train_file", str(train), "--test_file", str(test),
-           "--run_name", name, "--output_dir", str(work), "--sampler", args.sampler, "--dtype", args.dtype,
-           "--total_steps", str(steps), "--prompts_per_step", str(STEP["prompts"]),
-           "--num_generations", str(STEP["generations"]), "--max_completion_length", str(STEP["tokens"]),
-           "--micro_batch_size", str(STEP["micro"]), "--learning_rate", str(STEP["lr"]), "--gradient_checkpointing",
+           "--run_name", name, "--output_dir", str(work), "--sampler", sampler or args.sampler,
+           "--dtype", dtype or args.dtype, "--total_steps", str(steps), "--prompts_per_step", str(step["prompts"]),
+           "--num_generations", str(step["generations"]), "--max_completion_length", str(step["tokens"]),
+           "--micro_batch_size", str(step["micro"]), "--learning_rate", str(step["lr"]), "--gradient_checkpointing",
            "--eval_temperature", "0", "--eval_every", "0", "--eval_limit", str(problems),
            "--save_every", "0", "--log_rollouts_every", "0", "--vllm_cpu_kv_cache_gb", "0.5", *flags]
     log = work / f"{name}.log"
@@ -101,8 +108,15 @@ def run_ours(name: str, args, train: Path, test: Path, work: Path) -> dict:
         peak = memory.stop()
     if code:
         raise SystemExit(f"{name} exited {code}; see {log}")
+    return read_jsonl(work / name / "metrics.jsonl"), peak
+
+
+def run_ours(name: str, args, train: Path, test: Path, work: Path) -> dict:
+    script, flags = RUNS[name]
+    steps = args.steps if name == MAIN else args.other_steps
+    problems = args.eval_problems if name == MAIN else args.other_eval_problems
+    metrics, peak = launch(name, script, flags, args, train, test, work, steps, problems)
     run = work / name
-    metrics = read_jsonl(run / "metrics.jsonl")
     steps_ = [m for m in metrics if m["step"] >= 1]
     evals = sorted((run / "eval").glob("step_*.jsonl"))
     out = {"peak_rss_gb": peak, "steps": len(steps_)}
@@ -116,6 +130,35 @@ def run_ours(name: str, args, train: Path, test: Path, work: Path) -> dict:
     out["s_step"] = statistics.median([m["num_tokens"] / m["tokens_per_second"] for m in timed])
     out["gap_max"] = max(m.get("sampler/logprob_gap_max", 0.0) or 0.0 for m in steps_)
     out["gap_mean"] = statistics.mean(m.get("sampler/logprob_gap_mean", 0.0) or 0.0 for m in steps_)
+    return out
+
+
+def run_gap(name: str, args, train: Path, work: Path) -> dict:
+    """The sampler/trainer log-prob gap per completion token of one small grpo_logprob.py step, vLLM and the
+    trainer both in GAP_RUNS[name]'s dtype: a float32 and a bf16 step sample the same prompts."""
+    metrics, peak = launch(name, "grpo_logprob.py", ["--reward", "correct=1,format=0.2"], args, train, train, work,
+                           1, 1, GAP_STEP, GAP_RUNS[name], "vllm")
+    (step,) = [m for m in metrics if m["step"] == 1]
+    return {"gap_mean": step["sampler/logprob_gap_mean"], "gap_max": step["sampler/logprob_gap_max"],
+            "tokens": step["num_tokens"], "peak_rss_gb": peak}
+
+
+def run_matrix(args, train: Path, work: Path) -> dict:
+    """One small step of every script with each sampler and dtype: {"script sampler dtype": result}."""
+    out = {}
+    for name, (script, flags) in RUNS.items():
+        for sampler in ("vllm", "hf"):
+            for dtype in ("float32", "bfloat16"):
+                run = f"{name}-{sampler}-{dtype}".replace("+", "p")
+                try:
+                    metrics, peak = launch(run, script, flags, args, train, train, work, 1, 2, MATRIX_STEP, dtype, sampler)
+                except SystemExit as e:  # a failed run is a result here
+                    out[f"{name} {sampler} {dtype}"] = {"ok": False, "error": str(e)}
+                    continue
+                (step,) = [m for m in metrics if m["step"] == 1]
+                out[f"{name} {sampler} {dtype}"] = {
+                    "ok": step["train/skipped_nonfinite"] == 0 and step["num_tokens"] > 0,
+                    "s_step": step["num_tokens"] / step["tokens_per_second"], "peak_rss_gb": peak}
     return out
 
 
@@ -171,6 +214,8 @@ def table(results: dict) -> str:
         if name == "trl":
             lines.append(f"| TRL GRPOTrainer | {r.get('steps', '')} | | | | | {r['s_step']:.1f} | {r['peak_rss_gb']:.1f} GB |")
             continue
+        if name in GAP_RUNS or name == "matrix":
+            continue  # in their own tables
 
         def ci(key):
             return (f"{r[f'before_{key}']:.3f} [{r[f'before_{key}_lo']:.3f}, {r[f'before_{key}_hi']:.3f}] -> "
@@ -179,6 +224,17 @@ def table(results: dict) -> str:
         lines.append(f"| {name} | {r['steps']} | {ci('acc')} | {ci('format')} | {ci('gold_logprob')} | "
                      f"{r['before_length']:.0f} -> {r['after_length']:.0f} | {r['s_step']:.1f} ({phases}) | "
                      f"{r['peak_rss_gb']:.1f} GB |")
+    if len(lines) == 2:  # no run of the main table
+        lines = []
+    gaps = [f"| {GAP_RUNS[n]} | {r['tokens']} | {r['gap_mean']:.2e} | {r['gap_max']:.2e} |" for n, r in results.items()
+            if n in GAP_RUNS]
+    if gaps:
+        lines += ["", "| dtype (vLLM and trainer) | completion tokens | gap mean | gap max |", "|---|---|---|---|", *gaps]
+    if "matrix" in results:
+        lines += ["", "| script, sampler, dtype | trains | s/step | peak RSS |", "|---|---|---|---|"]
+        lines += [f"| {k} | {'yes' if r['ok'] else 'NO: ' + r.get('error', 'non-finite or empty step')} | "
+                  f"{r.get('s_step', float('nan')):.0f} | {r.get('peak_rss_gb', float('nan')):.1f} GB |"
+                  for k, r in results["matrix"].items()]
     return "\n".join(lines)
 
 
@@ -194,7 +250,7 @@ def main():
     p.add_argument("--other_eval_problems", type=int, default=16, help="those of the other runs")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--sampler", default="vllm", choices=["vllm", "hf"])
-    p.add_argument("--runs", default=",".join([*RUNS, "trl"]), help="which runs, comma-separated")
+    p.add_argument("--runs", default=",".join([*RUNS, "trl", *GAP_RUNS]), help="which runs, comma-separated")
     args = p.parse_args()
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no model folder; write it with `python data_prep.py smollm2`.")
@@ -205,7 +261,9 @@ def main():
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, native bf16: {native_bf16()}", flush=True)
     results = {}
     for name in args.runs.split(","):
-        results[name] = run_trl(args, train, work) if name == "trl" else run_ours(name, args, train, test, work)
+        results[name] = (run_trl(args, train, work) if name == "trl" else run_gap(name, args, train, work)
+                         if name in GAP_RUNS else run_matrix(args, train, work) if name == "matrix"
+                         else run_ours(name, args, train, test, work))
         print(json.dumps({name: results[name]}), flush=True)
     print(table(results))
     flat = {"cpu_native_bf16": int(native_bf16())}
@@ -216,7 +274,10 @@ def main():
                     "before_gold_logprob_hi", "after_gold_logprob_lo", "after_gold_logprob_hi", "s_step",
                     *[f"s_{ph}" for ph in PHASES], "peak_rss_gb", "gap_mean", "gap_max"):
             if key in r:
-                flat[f"{name.replace('+', 'p')}_{key}"] = round(r[key], 4)
+                flat[f"{name.replace('+', 'p')}_{key}"] = f"{r[key]:.5g}"
+    if "matrix" in results:
+        flat["matrix_trains"] = sum(r["ok"] for r in results["matrix"].values())
+        flat["matrix_total"] = len(results["matrix"])
     if "trl" in results and "grpo" in results:  # the same step: rule rewards
         flat["grpo_step_vs_trl"] = round(results["trl"]["s_step"] / results["grpo"]["s_step"], 2)
     print("RESULT " + " ".join(f"{k}={v}" for k, v in flat.items()))
