@@ -15,7 +15,9 @@ Runs, each a fresh subprocess of the real script with the README's real-model se
   trl             TRL 1.16's GRPOTrainer on the same model, prompts, group, completion length, loss, learning
                   rate and micro-batches (transformers generation, its default without a vLLM server)
   matrix          one step of 2 prompts x 2 samples x 32 tokens of every script with each sampler (vllm, hf)
-                  and dtype (float32, bfloat16): does every combination train the real model (not in the default)
+                  and dtype (float32, bfloat16): does every combination complete a finite step on the real model,
+                  and its grad norm (0 when no sample carried a signal: no right answer, no end of reasoning);
+                  not in the default
   gap_fp32, gap_bf16  one step of grpo_logprob.py with rule rewards, 4 prompts x 2 samples x 96 tokens, vLLM
                   and the trainer both in float32 / bf16: the sampler/trainer log-prob gap per token
 Each of ours evaluates the first test problems greedily (held out: the test split) before its first step and
@@ -64,7 +66,7 @@ PHASES = ("sample", "score", "logprobs", "update", "push")
 # The log-prob gap runs: one small step each (bf16 is emulated on CPUs without AVX512-BF16 or AMX: slow).
 GAP_RUNS = {"gap_fp32": "float32", "gap_bf16": "bfloat16"}
 GAP_STEP = dict(STEP, prompts=4, generations=2, tokens=96)
-MATRIX_STEP = dict(STEP, prompts=2, generations=2, tokens=32)  # the "matrix" run: does every combination train
+MATRIX_STEP = dict(STEP, prompts=2, generations=2, tokens=32)  # the "matrix" run: does every combination step
 
 
 def cpu_name() -> str:
@@ -133,12 +135,18 @@ def run_ours(name: str, args, train: Path, test: Path, work: Path) -> dict:
     return out
 
 
+def only_step(metrics: list[dict]) -> dict:
+    """The metrics line of a one-step run's step."""
+    (step,) = [m for m in metrics if m["step"] == 1]
+    return step
+
+
 def run_gap(name: str, args, train: Path, work: Path) -> dict:
     """The sampler/trainer log-prob gap per completion token of one small grpo_logprob.py step, vLLM and the
     trainer both in GAP_RUNS[name]'s dtype: a float32 and a bf16 step sample the same prompts."""
     metrics, peak = launch(name, "grpo_logprob.py", ["--reward", "correct=1,format=0.2"], args, train, train, work,
                            1, 1, GAP_STEP, GAP_RUNS[name], "vllm")
-    (step,) = [m for m in metrics if m["step"] == 1]
+    step = only_step(metrics)
     return {"gap_mean": step["sampler/logprob_gap_mean"], "gap_max": step["sampler/logprob_gap_max"],
             "tokens": step["num_tokens"], "peak_rss_gb": peak}
 
@@ -155,10 +163,11 @@ def run_matrix(args, train: Path, work: Path) -> dict:
                 except SystemExit as e:  # a failed run is a result here
                     out[f"{name} {sampler} {dtype}"] = {"ok": False, "error": str(e)}
                     continue
-                (step,) = [m for m in metrics if m["step"] == 1]
+                step = only_step(metrics)
                 out[f"{name} {sampler} {dtype}"] = {
                     "ok": step["train/skipped_nonfinite"] == 0 and step["num_tokens"] > 0,
-                    "s_step": step["num_tokens"] / step["tokens_per_second"], "peak_rss_gb": peak}
+                    "grad_norm": step["grad_norm"], "s_step": step["num_tokens"] / step["tokens_per_second"],
+                    "peak_rss_gb": peak}
     return out
 
 
@@ -231,9 +240,10 @@ def table(results: dict) -> str:
     if gaps:
         lines += ["", "| dtype (vLLM and trainer) | completion tokens | gap mean | gap max |", "|---|---|---|---|", *gaps]
     if "matrix" in results:
-        lines += ["", "| script, sampler, dtype | trains | s/step | peak RSS |", "|---|---|---|---|"]
+        lines += ["", "| script, sampler, dtype | finite step | grad norm | s/step | peak RSS |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {'yes' if r['ok'] else 'NO: ' + r.get('error', 'non-finite or empty step')} | "
-                  f"{r.get('s_step', float('nan')):.0f} | {r.get('peak_rss_gb', float('nan')):.1f} GB |"
+                  f"{r.get('grad_norm', float('nan')):.3g} | {r.get('s_step', float('nan')):.0f} | "
+                  f"{r.get('peak_rss_gb', float('nan')):.1f} GB |"
                   for k, r in results["matrix"].items()]
     return "\n".join(lines)
 
@@ -261,9 +271,14 @@ def main():
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, native bf16: {native_bf16()}", flush=True)
     results = {}
     for name in args.runs.split(","):
-        results[name] = (run_trl(args, train, work) if name == "trl" else run_gap(name, args, train, work)
-                         if name in GAP_RUNS else run_matrix(args, train, work) if name == "matrix"
-                         else run_ours(name, args, train, test, work))
+        if name == "trl":
+            results[name] = run_trl(args, train, work)
+        elif name in GAP_RUNS:
+            results[name] = run_gap(name, args, train, work)
+        elif name == "matrix":
+            results[name] = run_matrix(args, train, work)
+        else:
+            results[name] = run_ours(name, args, train, test, work)
         print(json.dumps({name: results[name]}), flush=True)
     print(table(results))
     flat = {"cpu_native_bf16": int(native_bf16())}
@@ -276,7 +291,8 @@ def main():
             if key in r:
                 flat[f"{name.replace('+', 'p')}_{key}"] = f"{r[key]:.5g}"
     if "matrix" in results:
-        flat["matrix_trains"] = sum(r["ok"] for r in results["matrix"].values())
+        flat["matrix_steps"] = sum(r["ok"] for r in results["matrix"].values())
+        flat["matrix_moved"] = sum(r.get("grad_norm", 0.0) > 0 for r in results["matrix"].values())
         flat["matrix_total"] = len(results["matrix"])
     if "trl" in results and "grpo" in results:  # the same step: rule rewards
         flat["grpo_step_vs_trl"] = round(results["trl"]["s_step"] / results["grpo"]["s_step"], 2)
