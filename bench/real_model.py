@@ -14,10 +14,14 @@ Runs, each a fresh subprocess of the real script with the README's real-model se
   raft++, reinforce_rej, prime: --other_steps steps each
   trl             TRL 1.16's GRPOTrainer on the same model, prompts, group, completion length, loss, learning
                   rate and micro-batches (transformers generation, its default without a vLLM server)
-  matrix          one step of 2 prompts x 2 samples x 32 tokens of every script with each sampler (vllm, hf)
-                  and dtype (float32, bfloat16): does every combination complete a finite step on the real model,
-                  and its grad norm (0 when no sample carried a signal: no right answer, no end of reasoning);
-                  not in the default
+  matrix          one step of 2 prompts x 4 samples x 48 tokens of every script with each sampler (vllm, hf)
+                  and dtype (float32, bfloat16), on easy sums of the bench's own (EASY) where the model is right
+                  in some samples: does every combination take a finite step that moves the weights (grad norm
+                  above 0) on the real model; not in the default
+  two_process     one step of grpo_logprob.py as the main run (log-prob reward, reasoning-only loss) under
+                  `torchrun --nproc_per_node 2`, each process with its own vLLM engine, 4 prompts x 4 samples x
+                  192 tokens: the step's grad norm (non-zero: it trained), the log-prob gap after the weight
+                  push, seconds and peak memory of both processes together
   gap_fp32, gap_bf16  one step of grpo_logprob.py with rule rewards, 4 prompts x 2 samples x 96 tokens, vLLM
                   and the trainer both in float32 / bf16: the sampler/trainer log-prob gap per token
 Each of ours evaluates the first test problems greedily (held out: the test split) before its first step and
@@ -36,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -49,7 +54,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / ".bench-deps"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from common import read_jsonl  # noqa: E402
+from common import read_jsonl, write_jsonl  # noqa: E402
 from trl_compare import PeakMemory, trl  # noqa: E402  the TRL worker and the memory watch, shared
 
 # One step of the README's real-model command: prompts x completions per prompt, completion tokens, micro-batch.
@@ -66,7 +71,11 @@ PHASES = ("sample", "score", "logprobs", "update", "push")
 # The log-prob gap runs: one small step each (bf16 is emulated on CPUs without AVX512-BF16 or AMX: slow).
 GAP_RUNS = {"gap_fp32": "float32", "gap_bf16": "bfloat16"}
 GAP_STEP = dict(STEP, prompts=4, generations=2, tokens=96)
-MATRIX_STEP = dict(STEP, prompts=2, generations=2, tokens=32)  # the "matrix" run: does every combination step
+TWO_STEP = dict(STEP, prompts=4, generations=4, tokens=192)  # long enough that most samples close their reasoning
+MATRIX_STEP = dict(STEP, prompts=2, generations=4, tokens=48)  # the "matrix" run: does every combination train
+# The matrix run's problems, ours: one-step sums that the small model gets right in some samples and wrong in others
+# within 48 tokens, so that every algorithm has a learning signal in one step (GSM8K's rarely does: 1.5% right).
+EASY = "{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"
 
 
 def cpu_name() -> str:
@@ -91,9 +100,12 @@ def gsm8k_files(data: Path) -> tuple[Path, Path]:
 
 
 def launch(name: str, script: str, flags: list[str], args, train: Path, test: Path, work: Path, steps: int,
-           problems: int, step: dict = STEP, dtype: str | None = None, sampler: str | None = None) -> tuple[list[dict], float]:
-    """Run a script as a user would; its metrics lines and the peak memory of its processes together."""
-    cmd = [sys.executable, script, "--model", args.model, "--train_file", str(train), "--test_file", str(test),
+           problems: int, step: dict = STEP, dtype: str | None = None, sampler: str | None = None,
+           processes: int = 1) -> tuple[list[dict], float]:
+    """Run a script as a user would (under torchrun given processes > 1); its metrics lines and the peak
+    memory of its processes together."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    cmd = [sys.executable, *launcher, script, "--model", args.model, "--train_file", str(train), "--test_file", str(test),
            "--run_name", name, "--output_dir", str(work), "--sampler", sampler or args.sampler,
            "--dtype", dtype or args.dtype, "--total_steps", str(steps), "--prompts_per_step", str(step["prompts"]),
            "--num_generations", str(step["generations"]), "--max_completion_length", str(step["tokens"]),
@@ -141,6 +153,17 @@ def only_step(metrics: list[dict]) -> dict:
     return step
 
 
+def run_two_process(args, train: Path, test: Path, work: Path) -> dict:
+    """One step of the main run's script and flags on two processes (torchrun), each sampling with its own engine."""
+    script, flags = RUNS[MAIN]
+    metrics, peak = launch("two_process", script, flags, args, train, test, work, 1, 16, TWO_STEP, processes=2)
+    step = only_step(metrics)
+    return {"ok": step["train/skipped_nonfinite"] == 0 and step["num_tokens"] > 0, "grad_norm": step["grad_norm"],
+            "gap_mean": step["sampler/logprob_gap_mean"], "gap_max": step["sampler/logprob_gap_max"],
+            "tokens": step["num_tokens"], "s_step": step["num_tokens"] / step["tokens_per_second"],
+            "no_marker": step.get("rewards/no_marker", float("nan")), "peak_rss_gb": peak}
+
+
 def run_gap(name: str, args, train: Path, work: Path) -> dict:
     """The sampler/trainer log-prob gap per completion token of one small grpo_logprob.py step, vLLM and the
     trainer both in GAP_RUNS[name]'s dtype: a float32 and a bf16 step sample the same prompts."""
@@ -151,8 +174,25 @@ def run_gap(name: str, args, train: Path, work: Path) -> dict:
             "tokens": step["num_tokens"], "peak_rss_gb": peak}
 
 
-def run_matrix(args, train: Path, work: Path) -> dict:
-    """One small step of every script with each sampler and dtype: {"script sampler dtype": result}."""
+def easy_rows(n: int = 16) -> list[dict]:
+    """n problems of EASY in the gsm8k template (the same worked example as the GSM8K rows)."""
+    from grading import build_prompt
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        q = EASY.format(name=rng.choice(["Tom", "Ana", "Lee", "Mia"]), thing=rng.choice(["apples", "stamps", "books"]),
+                        a=a, b=b)
+        rows.append({"id": f"easy-{i:03d}", "task": "gsm8k", "prompt": build_prompt("gsm8k", q), "answer": str(a + b),
+                     "metadata": {"template": "gsm8k", "answer_style": "gsm8k"}})
+    return rows
+
+
+def run_matrix(args, work: Path) -> dict:
+    """One small step of every script with each sampler and dtype on easy_rows: {"script sampler dtype": result}."""
+    train = work / "easy.jsonl"
+    write_jsonl(easy_rows(), train)
     out = {}
     for name, (script, flags) in RUNS.items():
         for sampler in ("vllm", "hf"):
@@ -223,7 +263,7 @@ def table(results: dict) -> str:
         if name == "trl":
             lines.append(f"| TRL GRPOTrainer | {r.get('steps', '')} | | | | | {r['s_step']:.1f} | {r['peak_rss_gb']:.1f} GB |")
             continue
-        if name in GAP_RUNS or name == "matrix":
+        if name in GAP_RUNS or name in ("matrix", "two_process"):
             continue  # in their own tables
 
         def ci(key):
@@ -239,6 +279,12 @@ def table(results: dict) -> str:
             if n in GAP_RUNS]
     if gaps:
         lines += ["", "| dtype (vLLM and trainer) | completion tokens | gap mean | gap max |", "|---|---|---|---|", *gaps]
+    if "two_process" in results:
+        r = results["two_process"]
+        lines += ["", "| 2 processes | finite step | grad norm | samples without '####' | gap mean | gap max | s/step | "
+                  "peak RSS |", "|---|---|---|---|---|---|---|---|",
+                  f"| {MAIN} | {'yes' if r['ok'] else 'NO'} | {r['grad_norm']:.3g} | {r['no_marker']:.2f} | "
+                  f"{r['gap_mean']:.2e} | {r['gap_max']:.2e} | {r['s_step']:.0f} | {r['peak_rss_gb']:.1f} GB |"]
     if "matrix" in results:
         lines += ["", "| script, sampler, dtype | finite step | grad norm | s/step | peak RSS |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {'yes' if r['ok'] else 'NO: ' + r.get('error', 'non-finite or empty step')} | "
@@ -276,7 +322,9 @@ def main():
         elif name in GAP_RUNS:
             results[name] = run_gap(name, args, train, work)
         elif name == "matrix":
-            results[name] = run_matrix(args, train, work)
+            results[name] = run_matrix(args, work)
+        elif name == "two_process":
+            results[name] = run_two_process(args, train, test, work)
         else:
             results[name] = run_ours(name, args, train, test, work)
         print(json.dumps({name: results[name]}), flush=True)
@@ -287,7 +335,7 @@ def main():
                     "before_format", "after_format", "before_format_lo", "after_format_lo", "before_format_hi",
                     "after_format_hi", "before_gold_logprob", "after_gold_logprob", "before_gold_logprob_lo",
                     "before_gold_logprob_hi", "after_gold_logprob_lo", "after_gold_logprob_hi", "s_step",
-                    *[f"s_{ph}" for ph in PHASES], "peak_rss_gb", "gap_mean", "gap_max"):
+                    *[f"s_{ph}" for ph in PHASES], "peak_rss_gb", "gap_mean", "gap_max", "grad_norm"):
             if key in r:
                 flat[f"{name.replace('+', 'p')}_{key}"] = f"{r[key]:.5g}"
     if "matrix" in results:
