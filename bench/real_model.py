@@ -147,6 +147,13 @@ def run_ours(name: str, args, train: Path, test: Path, work: Path) -> dict:
     return out
 
 
+def drop_weights(run: Path) -> None:
+    """Remove a run's final model and checkpoints (about 2 GB of float32 weights and optimizer state per run of
+    the real model) once its metrics are read: the matrix alone would otherwise fill 40 GB of disk."""
+    for sub in ("final", "checkpoints"):
+        subprocess.run(["rm", "-rf", str(run / sub)], check=True)
+
+
 def only_step(metrics: list[dict]) -> dict:
     """The metrics line of a one-step run's step."""
     (step,) = [m for m in metrics if m["step"] == 1]
@@ -157,6 +164,7 @@ def run_two_process(args, train: Path, test: Path, work: Path) -> dict:
     """One step of the main run's script and flags on two processes (torchrun), each sampling with its own engine."""
     script, flags = RUNS[MAIN]
     metrics, peak = launch("two_process", script, flags, args, train, test, work, 1, 16, TWO_STEP, processes=2)
+    drop_weights(work / "two_process")
     step = only_step(metrics)
     return {"ok": step["train/skipped_nonfinite"] == 0 and step["num_tokens"] > 0, "grad_norm": step["grad_norm"],
             "gap_mean": step["sampler/logprob_gap_mean"], "gap_max": step["sampler/logprob_gap_max"],
@@ -169,6 +177,7 @@ def run_gap(name: str, args, train: Path, work: Path) -> dict:
     trainer both in GAP_RUNS[name]'s dtype: a float32 and a bf16 step sample the same prompts."""
     metrics, peak = launch(name, "grpo_logprob.py", ["--reward", "correct=1,format=0.2"], args, train, train, work,
                            1, 1, GAP_STEP, GAP_RUNS[name], "vllm")
+    drop_weights(work / name)
     step = only_step(metrics)
     return {"gap_mean": step["sampler/logprob_gap_mean"], "gap_max": step["sampler/logprob_gap_max"],
             "tokens": step["num_tokens"], "peak_rss_gb": peak}
@@ -194,7 +203,8 @@ def run_matrix(args, work: Path) -> dict:
     train = work / "easy.jsonl"
     write_jsonl(easy_rows(), train)
     out = {}
-    for name, (script, flags) in RUNS.items():
+    for name in args.matrix_scripts.split(","):
+        script, flags = RUNS[name]
         for sampler in ("vllm", "hf"):
             for dtype in ("float32", "bfloat16"):
                 run = f"{name}-{sampler}-{dtype}".replace("+", "p")
@@ -202,7 +212,9 @@ def run_matrix(args, work: Path) -> dict:
                     metrics, peak = launch(run, script, flags, args, train, train, work, 1, 2, MATRIX_STEP, dtype, sampler)
                 except SystemExit as e:  # a failed run is a result here
                     out[f"{name} {sampler} {dtype}"] = {"ok": False, "error": str(e)}
+                    drop_weights(work / run)
                     continue
+                drop_weights(work / run)
                 step = only_step(metrics)
                 out[f"{name} {sampler} {dtype}"] = {
                     "ok": step["train/skipped_nonfinite"] == 0 and step["num_tokens"] > 0,
@@ -306,10 +318,15 @@ def main():
     p.add_argument("--other_eval_problems", type=int, default=16, help="those of the other runs")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--sampler", default="vllm", choices=["vllm", "hf"])
+    p.add_argument("--matrix_scripts", default=",".join(RUNS), help="the runs of RUNS the matrix steps, comma-separated")
     p.add_argument("--runs", default=",".join([*RUNS, "trl", *GAP_RUNS]), help="which runs, comma-separated")
     args = p.parse_args()
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no model folder; write it with `python data_prep.py smollm2`.")
+    unknown = set(args.matrix_scripts.split(",")) - set(RUNS)
+    if unknown:
+        raise SystemExit(f"--matrix_scripts {args.matrix_scripts}: no run named {', '.join(sorted(unknown))}; "
+                         f"choose among {', '.join(RUNS)}.")
     train, test = gsm8k_files(Path(args.data))
     work = Path(args.work)
     subprocess.run(["rm", "-rf", str(work)], check=True)
