@@ -101,9 +101,9 @@ def gsm8k_files(data: Path) -> tuple[Path, Path]:
 
 def launch(name: str, script: str, flags: list[str], args, train: Path, test: Path, work: Path, steps: int,
            problems: int, step: dict = STEP, dtype: str | None = None, sampler: str | None = None,
-           processes: int = 1) -> tuple[list[dict], float]:
+           processes: int = 1, keep_weights: bool = True) -> tuple[list[dict], float]:
     """Run a script as a user would (under torchrun given processes > 1); its metrics lines and the peak
-    memory of its processes together."""
+    memory of its processes together. keep_weights=False: drop_weights once it has ended (a one-step run)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
     cmd = [sys.executable, *launcher, script, "--model", args.model, "--train_file", str(train), "--test_file", str(test),
            "--run_name", name, "--output_dir", str(work), "--sampler", sampler or args.sampler,
@@ -120,6 +120,8 @@ def launch(name: str, script: str, flags: list[str], args, train: Path, test: Pa
         memory = PeakMemory(proc.pid)
         code = proc.wait()
         peak = memory.stop()
+    if not keep_weights:
+        drop_weights(work / name)
     if code:
         raise SystemExit(f"{name} exited {code}; see {log}")
     return read_jsonl(work / name / "metrics.jsonl"), peak
@@ -160,15 +162,20 @@ def only_step(metrics: list[dict]) -> dict:
     return step
 
 
+def step_figures(step: dict) -> dict:
+    """A one-step run's step: finite and not empty, its grad norm (0: nothing moved), its seconds."""
+    return {"ok": step["train/skipped_nonfinite"] == 0 and step["num_tokens"] > 0, "grad_norm": step["grad_norm"],
+            "s_step": step["num_tokens"] / step["tokens_per_second"]}
+
+
 def run_two_process(args, train: Path, test: Path, work: Path) -> dict:
     """One step of the main run's script and flags on two processes (torchrun), each sampling with its own engine."""
     script, flags = RUNS[MAIN]
-    metrics, peak = launch("two_process", script, flags, args, train, test, work, 1, 16, TWO_STEP, processes=2)
-    drop_weights(work / "two_process")
+    metrics, peak = launch("two_process", script, flags, args, train, test, work, 1, 16, TWO_STEP, processes=2,
+                           keep_weights=False)
     step = only_step(metrics)
-    return {"ok": step["train/skipped_nonfinite"] == 0 and step["num_tokens"] > 0, "grad_norm": step["grad_norm"],
-            "gap_mean": step["sampler/logprob_gap_mean"], "gap_max": step["sampler/logprob_gap_max"],
-            "tokens": step["num_tokens"], "s_step": step["num_tokens"] / step["tokens_per_second"],
+    return {**step_figures(step), "gap_mean": step["sampler/logprob_gap_mean"],
+            "gap_max": step["sampler/logprob_gap_max"], "tokens": step["num_tokens"],
             "no_marker": step.get("rewards/no_marker", float("nan")), "peak_rss_gb": peak}
 
 
@@ -176,8 +183,7 @@ def run_gap(name: str, args, train: Path, work: Path) -> dict:
     """The sampler/trainer log-prob gap per completion token of one small grpo_logprob.py step, vLLM and the
     trainer both in GAP_RUNS[name]'s dtype: a float32 and a bf16 step sample the same prompts."""
     metrics, peak = launch(name, "grpo_logprob.py", ["--reward", "correct=1,format=0.2"], args, train, train, work,
-                           1, 1, GAP_STEP, GAP_RUNS[name], "vllm")
-    drop_weights(work / name)
+                           1, 1, GAP_STEP, GAP_RUNS[name], "vllm", keep_weights=False)
     step = only_step(metrics)
     return {"gap_mean": step["sampler/logprob_gap_mean"], "gap_max": step["sampler/logprob_gap_max"],
             "tokens": step["num_tokens"], "peak_rss_gb": peak}
@@ -209,17 +215,12 @@ def run_matrix(args, work: Path) -> dict:
             for dtype in ("float32", "bfloat16"):
                 run = f"{name}-{sampler}-{dtype}".replace("+", "p")
                 try:
-                    metrics, peak = launch(run, script, flags, args, train, train, work, 1, 2, MATRIX_STEP, dtype, sampler)
+                    metrics, peak = launch(run, script, flags, args, train, train, work, 1, 2, MATRIX_STEP, dtype,
+                                           sampler, keep_weights=False)
                 except SystemExit as e:  # a failed run is a result here
                     out[f"{name} {sampler} {dtype}"] = {"ok": False, "error": str(e)}
-                    drop_weights(work / run)
                     continue
-                drop_weights(work / run)
-                step = only_step(metrics)
-                out[f"{name} {sampler} {dtype}"] = {
-                    "ok": step["train/skipped_nonfinite"] == 0 and step["num_tokens"] > 0,
-                    "grad_norm": step["grad_norm"], "s_step": step["num_tokens"] / step["tokens_per_second"],
-                    "peak_rss_gb": peak}
+                out[f"{name} {sampler} {dtype}"] = {**step_figures(only_step(metrics)), "peak_rss_gb": peak}
     return out
 
 
