@@ -87,3 +87,22 @@ def test_real_data_on_a_tiny_folder(tmp_path):
     unnamed = subprocess.run([sys.executable, "bench/real_data.py"], cwd=REPO, capture_output=True, text=True,
                              timeout=120)
     assert unnamed.returncode == 2 and "the following arguments are required: --data" in unnamed.stderr
+
+
+def test_the_real_model_benchs_easy_sums_and_step_figures():
+    import real_model
+    from grading import score_completions
+
+    rows = real_model.easy_rows()
+    assert len(rows) == 16 and len({r["id"] for r in rows}) == 16
+    sums = [r["prompt"][-1]["content"] for r in rows]
+    # the answer is the sum of the two numbers of the question, graded as the GSM8K rows are
+    for r, q in zip(rows, sums):
+        a, b = [int(w) for w in q.split() if w.isdigit()]
+        assert r["answer"] == str(a + b)
+    scores, errors = score_completions(rows[:2], [f"#### {rows[0]['answer']}", f"#### {int(rows[1]['answer']) + 1}"])
+    assert errors == 0 and [s.correct for s in scores] == [1.0, 0.0]
+    step = {"train/skipped_nonfinite": 0.0, "num_tokens": 300.0, "tokens_per_second": 15.0, "grad_norm": 2.5}
+    assert real_model.step_figures(step) == {"ok": True, "grad_norm": 2.5, "s_step": 20.0}
+    assert not real_model.step_figures({**step, "train/skipped_nonfinite": 1.0})["ok"]
+    assert not real_model.step_figures({**step, "num_tokens": 0.0, "tokens_per_second": 1.0})["ok"]
