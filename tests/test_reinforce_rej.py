@@ -10,7 +10,7 @@ import torch
 
 from common import read_jsonl
 from conftest import free_port, run_script
-from reinforce_rej import (aggregate_loss, correctness_rewards, loss_normalizer, mixed_prompts,
+from reinforce_rej import (aggregate_loss, correctness_rewards, kl_k3, loss_normalizer, mixed_prompts,
                            reinforce_token_loss)
 
 
@@ -32,6 +32,12 @@ def test_reinforce_loss_hand_numbers():
     assert low.tolist() == [[False, False, False], [False, True, False]]
     loss.sum().backward()
     assert torch.allclose(lp.grad, torch.tensor([[0.0, -0.5, -1.0], [1.5, 0.0, 1.0]]), atol=1e-6)
+
+
+def test_kl_k3_hand_numbers():
+    lp, ref = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 0.5]))
+    # exp(d) - d - 1 with d = ref - lp = -ln 2: 0.5 + ln 2 - 1; and 0 where the policy is the reference
+    assert torch.allclose(kl_k3(lp, ref), torch.tensor([0.5 + math.log(2) - 1, 0.0]), atol=1e-6)
 
 
 def test_zero_one_rewards_give_wrong_answers_no_gradient():

@@ -656,3 +656,145 @@ def test_setup_takes_the_optimizer_flags(acc, toy):
 
     source = inspect.getsource(prime.main)  # the PRM's optimizer is built in main()
     assert "AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=args.weight_decay)" in source
+
+
+# --- update()'s wiring: which rows each pass sees, what it logs, when it steps --------------------
+WIRED = {"grpo_logprob": grpo_logprob, "raft_pp": raft_pp, "reinforce_rej": reinforce_rej}
+
+
+def wired_step(name, acc, model, opt, rollouts, trained=(True, True, True, True), scheduler=None, ref=None, **flags):
+    """One update() of `name` on four completions (two groups of two); `trained` says which completions carry
+    loss (RAFT's positive samples, Reinforce-rej's kept prompts; GRPO: the advantages' signs). Each batch row
+    carries its index in "row", which index_batch passes to every micro-batch."""
+    trained = torch.tensor(trained)
+    if name == "grpo_logprob":
+        args = grpo_logprob.Args(**{"num_generations": 2, "max_grad_norm": 0.0, "max_completion_length": 32, **flags})
+        batch = grpo_logprob.training_batch(rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5]) * trained, 0, acc.device,
+                                            args)
+    elif name == "raft_pp":
+        args = raft_pp.Args(**{"num_generations": 2, "max_grad_norm": 0.0, **flags})
+        batch = raft_pp.training_batch(rollouts, trained, 0, acc.device, args)
+    else:
+        args = reinforce_rej.Args(**{"num_generations": 2, "max_grad_norm": 0.0, **flags})
+        batch = reinforce_rej.training_batch(rollouts, torch.tensor([1.0, -1.0, 1.0, -1.0]), trained, 0, acc.device)
+    batch["row"] = torch.arange(len(rollouts), device=acc.device)
+    return WIRED[name].update(model, opt, scheduler, batch, args, acc, ref), args
+
+
+def steps_counted(opt):
+    """A schedule that only counts the optimizer steps it is stepped with (last_epoch)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(WIRED))
+def test_update_runs_each_mini_batch_in_its_micro_batches_and_steps_after_each(acc, toy, rollouts, monkeypatch, name):
+    """Two iterations over two mini-batches of two completions, in micro-batches of one: each pass sees rows
+    0, 1 then 2, 3 (GRPO, which has no mini-batches: 0 to 3), gradients are synchronized on the last
+    micro-batch of each optimizer step only, the optimizer and the schedule step once per mini-batch, and the
+    logged loss is the mean of the optimizer steps' losses (each the sum of its micro-batches' shares)."""
+    module, seen, synced = WIRED[name], [], []
+    real_loss, real_accumulate = module.micro_batch_loss, module.accumulate
+
+    def loss_spy(model, mb, normalizer, args):
+        out = real_loss(model, mb, normalizer, args)
+        seen.append((mb["row"].tolist(), out[0].item()))
+        return out
+
+    def accumulate_spy(accelerator, model, last):
+        synced.append((model is wired_model, last))
+        return real_accumulate(accelerator, model, last)
+
+    monkeypatch.setattr(module, "micro_batch_loss", loss_spy)
+    monkeypatch.setattr(module, "accumulate", accumulate_spy)
+    wired_model, opt = policy(acc, toy, lr=0.01)
+    four = [*rollouts, *rollouts]
+    flags = dict(num_iterations=2, micro_batch_size=1) | ({} if name == "grpo_logprob" else {"mini_batches": 2})
+    scheduler = steps_counted(opt)
+    metrics, args = wired_step(name, acc, wired_model, opt, four, scheduler=scheduler, **flags)
+    minis = [[0, 1], [2, 3]] if name != "grpo_logprob" else [[0, 1, 2, 3]]
+    assert [rows for rows, _ in seen] == [[r] for _ in range(2) for mini in minis for r in mini]
+    assert synced == [(True, r == mini[-1]) for _ in range(2) for mini in minis for r in mini]
+    assert scheduler.last_epoch == 2 * len(minis)
+    assert metrics["loss"] == pytest.approx(sum(loss for _, loss in seen) / scheduler.last_epoch, rel=1e-6)
+
+
+@pytest.mark.parametrize("name,flags,gap_rows", [
+    ("grpo_logprob", {"num_iterations": 1, "beta": 0.1}, [0, 1, 2, 3]),  # no old log-probs: measured in the loss's pass
+    ("grpo_logprob", {"num_iterations": 2, "beta": 0.1}, [0, 1, 2, 3]),  # old log-probs of every row, before any step
+    ("raft_pp", {"algo": "raft++", "num_iterations": 1, "mini_batches": 1}, [0, 1, 2, 3]),
+    ("raft_pp", {"algo": "raft++", "num_iterations": 1, "mini_batches": 2}, [0, 1, 2, 3]),
+    ("raft_pp", {"algo": "raft", "num_iterations": 1, "mini_batches": 2}, [0, 1]),  # plain RAFT has no old log-probs
+    ("reinforce_rej", {"num_iterations": 1, "mini_batches": 1}, [0, 1, 2, 3]),
+    ("reinforce_rej", {"num_iterations": 2, "mini_batches": 2}, [0, 1, 2, 3]),
+])
+def test_update_logs_the_sampling_policys_entropy_kl_and_logprob_gap(acc, toy, rollouts, name, flags, gap_rows):
+    """At temperature 0.7 and learning rate 0 (the policy stays where it sampled), the logged entropy and KL
+    to the reference are the masked means over every sampled token of the policy's own at 0.7 (the padding
+    of the shorter completions left out), and the sampler/trainer log-prob gap is the one put into the
+    sampler's log-probs: |log rho| with rho = 0.5, 1, 2, 4 per completion, measured on the weights that sampled
+    (the old log-probs when there are, else the first mini-batch's pass). The log-prob passes are timed."""
+    model, opt = moved_policy(acc, toy, lr=0.0)
+    ref, four = frozen(toy), [*rollouts, *rollouts]
+    batch = collate(four, 0, "cpu")
+    with torch.no_grad():
+        own, entropy = token_logprobs(model, batch, 0.7, with_entropy=True)
+        kl = grpo_logprob.kl_k3(own, token_logprobs(ref, batch, 0.7))
+    mask = batch["completion_mask"]
+    assert (mask == 0).any()  # unequal lengths: padding that no metric may count
+    rho = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    skewed = [Rollout(r.prompt_ids, r.completion_ids, (own[i, :len(r.completion_ids)] - math.log(rho[i])).tolist(),
+                      r.text, r.finish_reason) for i, r in enumerate(four)]
+    common.logprob_timer.pop()
+    metrics, _ = wired_step(name, acc, model, opt, skewed, ref=ref, temperature=0.7, **flags)
+    assert metrics["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert metrics["kl"] == pytest.approx(((kl * mask).sum() / mask.sum()).item(), rel=1e-5)
+    gap = rho.log().abs()[gap_rows, None] * mask[gap_rows]
+    assert metrics["sampler/logprob_gap_mean"] == pytest.approx((gap.sum() / mask[gap_rows].sum()).item(), abs=1e-5)
+    assert metrics["sampler/logprob_gap_max"] == pytest.approx(gap.max().item(), abs=1e-5)
+    assert "time/logprobs" in common.logprob_timer.pop()
+
+
+@pytest.mark.parametrize("name", ["raft_pp", "reinforce_rej"])
+def test_a_mini_batch_with_nothing_to_train_skips_only_its_own_steps(acc, toy, rollouts, name):
+    """Mini-batch 0 carries no loss (no positive sample; its prompt removed), mini-batch 1 does: over two
+    iterations only mini-batch 1 steps (twice, the schedule with it), and the two skips are counted. With
+    nothing to train anywhere no step is taken and the gradient norm is logged as 0 (clipping on: a step
+    would log its norm)."""
+    model, opt = policy(acc, toy)
+    scheduler = steps_counted(opt)
+    metrics, _ = wired_step(name, acc, model, opt, [*rollouts, *rollouts], (False, False, True, True), scheduler,
+                            num_iterations=2, mini_batches=2, max_grad_norm=100.0)
+    assert scheduler.last_epoch == 2 and metrics["skipped_updates"] == 2.0 and metrics["grad_norm"] > 0
+    model, opt = policy(acc, toy)
+    scheduler = steps_counted(opt)
+    metrics, _ = wired_step(name, acc, model, opt, [*rollouts, *rollouts], (False,) * 4, scheduler,
+                            num_iterations=2, mini_batches=2, max_grad_norm=100.0)
+    assert scheduler.last_epoch == 0 and metrics["skipped_updates"] == 4.0 and metrics["grad_norm"] == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(WIRED))
+def test_update_counts_a_non_finite_step(acc, toy, rollouts, name):
+    """A NaN in the weights makes the loss and the gradient NaN: update() skips the optimizer step and its
+    metrics count it (optimizer_step gets the update's statistics)."""
+    model, opt = policy(acc, toy)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    metrics, _ = wired_step(name, acc, model, opt, [*rollouts, *rollouts], num_iterations=1,
+                            **({} if name == "grpo_logprob" else {"mini_batches": 1}))
+    assert metrics["train/skipped_nonfinite"] == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(WIRED))
+def test_training_batch_puts_every_tensor_on_the_given_device(rollouts, name):
+    """The meta device stands for a GPU: every tensor of the batch lands on the device training_batch is
+    given, the masks and rewards built from CPU tensors included."""
+    device, trained = torch.device("meta"), torch.tensor([True, False])
+    for normalizer in ("selected", "batch"):
+        if name == "grpo_logprob":
+            batch = grpo_logprob.training_batch(rollouts, torch.tensor([1.0, -1.0]), 0, device,
+                                                grpo_logprob.Args(mask_truncated_completions=True))
+        elif name == "raft_pp":
+            batch = raft_pp.training_batch(rollouts, trained, 0, device, raft_pp.Args(normalizer=normalizer))
+        else:
+            batch = reinforce_rej.training_batch(rollouts, torch.tensor([1.0, -1.0]), trained, 0, device)
+        assert {k: v.device.type for k, v in batch.items()} == {k: "meta" for k in batch}
