@@ -73,6 +73,12 @@ TEST_FILES = {
     "common": ["tests/test_common.py", "tests/test_update_steps.py", "tests/test_mutants.py"],
     "grading": ["tests/test_grading.py", "tests/test_common.py", "tests/test_mutants.py"],
 }
+# The two-process test: every script's own update() on one process and on two (tests/dist_update.py under
+# torchrun) must leave the same weights. mutmut cannot see into its subprocesses, and on one process the
+# process count is 1 and a reduction over processes changes nothing, so a mutant of that arithmetic survives
+# the in-process tests; --two_process runs each survivor through this test, the mutant switched on in the
+# subprocesses too (mutmut's trampolines read MUTANT_UNDER_TEST, which they inherit).
+TWO_PROCESS_TEST = "tests/test_distributed.py::test_update_on_two_processes_equals_one_process[ddp]"
 # a test that names one of these runs something out of process, or measures time or the grader's worker pool
 OUT_OF_PROCESS = {"run_script", "subprocess", "torchrun", "Popen", "vllm", "settled_workers", "grader_workers",
                   "time_limit", "Hang", "sleep"}
@@ -116,8 +122,19 @@ WRITTEN = [
      ["tests/test_grpo.py::test_normalize_rewards_gives_an_all_equal_float32_group_exactly_zero"]),
 ]
 
+RAFT_CLIP = "loss = -torch.min(ratio, torch.clamp(ratio, {}, 1 + eps_high))"
+LOWER_CLIP = ("advantage +1: -min(s, clip(s, lo, 1+eps_high)) = -min(s, 1+eps_high) for any lower bound lo (torch "
+              "clamps to the upper bound when lo > hi), so the lower clip never acts (raft_pp.Args.epsilon says so)")
 # Survivors judged equivalent or harmless, by (function, the mutated line as mutmut shows it): the reason.
 EQUIVALENT: dict[tuple[str, str], str] = {
+    **{("raft_pp.raft_pp_token_loss", RAFT_CLIP.format(low)): LOWER_CLIP
+       for low in ("None", "1 + eps_low", "2 - eps_low")},
+    ("raft_pp.raft_pp_token_loss", "return loss, ratio >= 1 + eps_high"):
+        "the clip metric alone, at a ratio of exactly 1 + eps_high, where the clipped and unclipped losses agree",
+    ("raft_pp.update", "if skip and it > 1:"):
+        "a skipped mini-batch's pass at iteration 1 runs again without a gradient: the same numbers, more work",
+    ("raft_pp.update", "if args.algo == \"raft++\" and args.mini_batches * args.num_iterations >= 1:"):
+        "with one step per batch RAFT++ computes old log-probs equal to the loss pass's: more work, the same numbers",
     ("grpo_logprob.parse_reward_weights", 'name, _, value = part.rpartition("=")'):
         "a term with one '=' splits alike; one with two is refused in the same sentence either way",
     ("grpo_logprob.normalize_rewards", "std = r.std(dims, keepdim=True).nan_to_num(None)  # a single sample has no spread"):
@@ -231,6 +248,7 @@ def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int, keep
     else:
         copy_repo(root)
         names = patterns
+    forget_two_process(workdir, names)
     tests = in_process_tests(root, modules)
     (root / "pyproject.toml").write_text(
         "[tool.mutmut]\n"
@@ -253,6 +271,45 @@ def mutant_diff(root: Path, name: str, env: dict) -> list[str]:
     return [line for line in out.stdout.splitlines() if line[:1] in "+-" and line[:3] not in ("---", "+++")]
 
 
+def forget_two_process(workdir: Path, patterns: list[str]) -> None:
+    """Drop the two-process results of the mutants mutmut is about to test again."""
+    cache_file = workdir / "two_process.json"
+    if cache_file.exists():
+        cache = json.loads(cache_file.read_text())
+        cache_file.write_text(json.dumps({n: k for n, k in cache.items()
+                                          if not any(fnmatch.fnmatch(n, p) for p in patterns)}, indent=1))
+
+
+def run_two_process(workdir: Path, env: dict, names: list[str]) -> dict[str, bool]:
+    """{mutant: killed} of the survivors `names` against TWO_PROCESS_TEST (about a minute each), cached in
+    workdir/two_process.json: a mutant tested once is not tested again until mutmut's results are renewed."""
+    cache_file = workdir / "two_process.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    mutants = workdir / "mutmut" / "mutants"
+    for name in names:
+        if name in cache:
+            continue
+        run = subprocess.run([PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", TWO_PROCESS_TEST],
+                             cwd=mutants, env={**env, "MUTANT_UNDER_TEST": name}, capture_output=True, text=True)
+        if run.returncode not in (0, 1):
+            raise SystemExit(f"the two-process test did not run for {name} (pytest exit code {run.returncode}):\n"
+                             f"{run.stdout[-2000:]}")
+        cache[name] = run.returncode == 1
+        cache_file.write_text(json.dumps(cache, indent=1))
+        print(f"two processes: {'killed  ' if cache[name] else 'SURVIVED'} {name}", flush=True)
+    return {n: cache[n] for n in names if n in cache}
+
+
+def device_only(removed: str, changed: str) -> str | None:
+    """The reason a mutant that only drops a tensor's device (device=device -> None or nothing) changes
+    nothing here, or None. The tests run on the CPU, where device None is the device; training_batch's
+    devices are tested on the meta device, and update()'s index and count tensors are harmless elsewhere
+    too (a GPU tensor takes a CPU index; a reduction over NCCL of a CPU tensor fails at once)."""
+    if changed in (removed.replace("device=device", "device=None"), removed.replace(", device=device)", ", )")):
+        return "device None is the CPU, the only device here (see device_only)"
+    return None
+
+
 def function_of(name: str) -> str:
     module, mangled = name.split("__mutmut_")[0].split(".", 1)
     return f"{module}.{mangled.removeprefix('x_').removeprefix('xǁ').replace('ǁ', '.')}"
@@ -270,6 +327,8 @@ def main():
                         help="keep the last run's results; test only its survivors, with today's code and tests")
     parser.add_argument("--rest", action="store_true",
                         help="keep the last run's results; test only the mutants it did not reach (a run stopped early)")
+    parser.add_argument("--two_process", action="store_true",
+                        help="also run each survivor through the two-process update test (about a minute each)")
     args = parser.parse_args()
     try:
         import mutmut  # noqa: F401
@@ -297,8 +356,20 @@ def main():
     for name in survivors:
         diff = mutant_diff(workdir / "mutmut", name, env)
         changed = next((line[1:].strip() for line in diff if line.startswith("+")), "")
-        reason = EQUIVALENT.get((function_of(name), changed))
+        removed = next((line[1:].strip() for line in diff if line.startswith("-")), "")
+        reason = EQUIVALENT.get((function_of(name), changed)) or device_only(removed, changed)
         (equivalent if reason else meaningful).append((name, codes[name], diff, reason))
+    two = {}
+    if args.two_process or (workdir / "two_process.json").exists():
+        if args.two_process and not args.report:
+            clean = subprocess.run([PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", TWO_PROCESS_TEST],
+                                   cwd=workdir / "mutmut" / "mutants", env=env, capture_output=True, text=True)
+            if clean.returncode != 0:
+                raise SystemExit(f"the two-process test fails on the unmutated code:\n{clean.stdout[-3000:]}")
+            run_two_process(workdir, env, [name for name, *_ in meaningful])
+        cache_file = workdir / "two_process.json"
+        two = {n: k for n, k in json.loads(cache_file.read_text()).items() if n in codes} if cache_file.exists() else {}
+        meaningful = [m for m in meaningful if not two.get(m[0])]
     for title, group in (("surviving mutants", meaningful), ("equivalent or harmless survivors", equivalent)):
         print(f"\n{title}: {len(group)}")
         for name, code, diff, reason in group:
@@ -307,11 +378,13 @@ def main():
             for line in diff:
                 print(f"      {line}")
     w_killed = sum(k for _, k in written)
-    m_killed = len(killed) + len(timeouts)
+    two_killed = sum(two.values())
+    m_killed = len(killed) + len(timeouts) + two_killed
     print(f"\n{len(codes)} mutmut mutants of {sum(len(SCOPE[m]) for m in modules)} functions tested, "
-          f"{len(timeouts)} of them timed out (counted as killed); {time.time() - t0:.0f} s")
+          f"{len(timeouts)} of them timed out (counted as killed), {two_killed} killed by the two-process test "
+          f"of {len(two)} survivors run through it; {time.time() - t0:.0f} s")
     print(f"RESULT killed={w_killed + m_killed} total={len(written) + len(codes)} written_killed={w_killed} "
-          f"written_total={len(written)} mutmut_killed={m_killed} mutmut_total={len(codes)} "
+          f"written_total={len(written)} mutmut_killed={m_killed} mutmut_total={len(codes)} two_process_killed={two_killed} "
           f"equivalent={len(equivalent)} survived={len(meaningful)} not_run={len(not_run)} "
           f"minutes={(time.time() - t0) / 60:.1f}")
 
