@@ -692,12 +692,13 @@ def test_update_runs_each_mini_batch_in_its_micro_batches_and_steps_after_each(a
     0, 1 then 2, 3 (GRPO, which has no mini-batches: 0 to 3), gradients are synchronized on the last
     micro-batch of each optimizer step only, the optimizer and the schedule step once per mini-batch, and the
     logged loss is the mean of the optimizer steps' losses (each the sum of its micro-batches' shares)."""
-    module, seen, synced = WIRED[name], [], []
+    module, seen, synced, clips = WIRED[name], [], [], []
     real_loss, real_accumulate = module.micro_batch_loss, module.accumulate
 
     def loss_spy(model, mb, normalizer, args):
         out = real_loss(model, mb, normalizer, args)
         seen.append((mb["row"].tolist(), out[0].item()))
+        clips.append({k: v.item() for k, v in out[2].items() if k.startswith("clip")})
         return out
 
     def accumulate_spy(accelerator, model, last):
@@ -708,7 +709,8 @@ def test_update_runs_each_mini_batch_in_its_micro_batches_and_steps_after_each(a
     monkeypatch.setattr(module, "accumulate", accumulate_spy)
     wired_model, opt = policy(acc, toy, lr=0.01)
     four = [*rollouts, *rollouts]
-    flags = dict(num_iterations=2, micro_batch_size=1) | ({} if name == "grpo_logprob" else {"mini_batches": 2})
+    flags = dict(num_iterations=2, micro_batch_size=1, epsilon=0.01, epsilon_high=0.01)
+    flags |= {} if name == "grpo_logprob" else {"mini_batches": 2}
     scheduler = steps_counted(opt)
     metrics, args = wired_step(name, acc, wired_model, opt, four, scheduler=scheduler, **flags)
     minis = [[0, 1], [2, 3]] if name != "grpo_logprob" else [[0, 1, 2, 3]]
@@ -716,6 +718,13 @@ def test_update_runs_each_mini_batch_in_its_micro_batches_and_steps_after_each(a
     assert synced == [(True, r == mini[-1]) for _ in range(2) for mini in minis for r in mini]
     assert scheduler.last_epoch == 2 * len(minis)
     assert metrics["loss"] == pytest.approx(sum(loss for _, loss in seen) / scheduler.last_epoch, rel=1e-6)
+    # the clip shares: the micro-batches' clipped tokens over the trained tokens of both iterations
+    trained = 2 * sum(len(r.completion_ids) for r in four)
+    logged = {"raft_pp": {"clipped": "clip_ratio/high_mean"},
+              "reinforce_rej": {"clip_low": "clip_ratio/low_mean", "clip_high": "clip_ratio/high_mean"}}.get(name, {})
+    for key, metric in logged.items():
+        assert sum(c[key] for c in clips) > 0, key  # the second iteration clips some tokens
+        assert metrics[metric] == pytest.approx(sum(c[key] for c in clips) / trained, rel=1e-6), key
 
 
 @pytest.mark.parametrize("name,flags,gap_rows", [
@@ -765,6 +774,7 @@ def test_a_mini_batch_with_nothing_to_train_skips_only_its_own_steps(acc, toy, r
     metrics, _ = wired_step(name, acc, model, opt, [*rollouts, *rollouts], (False, False, True, True), scheduler,
                             num_iterations=2, mini_batches=2, max_grad_norm=100.0)
     assert scheduler.last_epoch == 2 and metrics["skipped_updates"] == 2.0 and metrics["grad_norm"] > 0
+    assert metrics["train/skipped_nonfinite"] == 0.0
     model, opt = policy(acc, toy)
     scheduler = steps_counted(opt)
     metrics, _ = wired_step(name, acc, model, opt, [*rollouts, *rollouts], (False,) * 4, scheduler,
@@ -798,3 +808,21 @@ def test_training_batch_puts_every_tensor_on_the_given_device(rollouts, name):
         else:
             batch = reinforce_rej.training_batch(rollouts, torch.tensor([1.0, -1.0]), trained, 0, device)
         assert {k: v.device.type for k, v in batch.items()} == {k: "meta" for k in batch}
+
+
+def test_reinforce_rej_logs_the_shares_of_tokens_clipped_below_and_above(acc, toy, rollouts):
+    """Old log-probs set apart from the policy's by log rho per completion, rho = 2, 0.5, 1, 1 with rewards
+    +1, -1, +1, -1 and epsilon 0.2: the first completion's tokens are clipped above (s > 1.2, r > 0), the
+    second's below (s < 0.8, r < 0), none of the others; each share is of all trained tokens (padding out)."""
+    model, opt = policy(acc, toy, lr=0.0)
+    four = [*rollouts, *rollouts]
+    args = reinforce_rej.Args(num_generations=2, max_grad_norm=0.0, num_iterations=1, mini_batches=1)
+    batch = reinforce_rej.training_batch(four, torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.ones(4, dtype=torch.bool),
+                                         0, acc.device)
+    with torch.no_grad():
+        own = token_logprobs(model, batch)
+    batch["old_logprobs"] = own - torch.tensor([2.0, 0.5, 1.0, 1.0]).log()[:, None]
+    metrics = reinforce_rej.update(model, opt, None, batch, args, acc)
+    lengths = [len(r.completion_ids) for r in four]
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(lengths[0] / sum(lengths))
+    assert metrics["clip_ratio/low_mean"] == pytest.approx(lengths[1] / sum(lengths))
