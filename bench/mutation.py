@@ -145,6 +145,9 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "with one step per batch RAFT++ computes old log-probs equal to the loss pass's: more work, the same numbers",
     ("reinforce_rej.update", "if args.mini_batches * args.num_iterations >= 1:"):
         "with one step per batch the old log-probs equal the loss pass's: more work, the same numbers",
+    ("raft_pp.update", "tokens = max(t[\"tokens\"], 2.0)"):
+        "the floor keeps an empty batch (0 tokens) from dividing by 0; at 2 it differs only when the batch holds a "
+        "single token (its entropy and KL metrics halved)",
     **{("reinforce_rej.update", f"tokens, trained = max(t[\"tokens\"], {a}), max(t[\"trained\"], {b})"):
        "the floor keeps an empty batch (0 tokens) from dividing by 0; at 2 it differs only when the batch holds a "
        "single token (its metric halved)" for a, b in (("2.0", "1.0"), ("1.0", "2.0"))},

@@ -780,6 +780,7 @@ def test_a_mini_batch_with_nothing_to_train_skips_only_its_own_steps(acc, toy, r
     metrics, _ = wired_step(name, acc, model, opt, [*rollouts, *rollouts], (False,) * 4, scheduler,
                             num_iterations=2, mini_batches=2, max_grad_norm=100.0)
     assert scheduler.last_epoch == 0 and metrics["skipped_updates"] == 4.0 and metrics["grad_norm"] == 0.0
+    assert metrics["train/skipped_nonfinite"] == 0.0  # no optimizer step ran to count it: still a number
 
 
 @pytest.mark.parametrize("name", sorted(WIRED))
