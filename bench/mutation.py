@@ -8,6 +8,7 @@ some test catches. A surviving mutant is code that no test pins down.
     python bench/mutation.py --module prime --again   # the last run's survivors against today's tests
     python bench/mutation.py --module prime --rest    # go on with the mutants a stopped run did not reach
     python bench/mutation.py --report                 # the results so far, without running anything
+    python bench/mutation.py --module raft_pp --report --two_process   # the survivors through the two-process test
 
 Two kinds of mutants, each run against the repository's own tests in a copy under --workdir:
   written  defects a tool does not make (a mask reversed, two arguments swapped, a branch dropped), each a
@@ -145,6 +146,9 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "with one step per batch RAFT++ computes old log-probs equal to the loss pass's: more work, the same numbers",
     ("reinforce_rej.update", "if args.mini_batches * args.num_iterations >= 1:"):
         "with one step per batch the old log-probs equal the loss pass's: more work, the same numbers",
+    ("raft_pp.update", "metrics[\"clip_ratio/high_mean\"] = t[\"clipped\"] / max(t[\"trained\"], 2.0)"):
+        "the floor keeps a batch that trains nothing from dividing by 0 (its clip count is 0); at 2 it differs only "
+        "when a single token was trained",
     ("raft_pp.update", "tokens = max(t[\"tokens\"], 2.0)"):
         "the floor keeps an empty batch (0 tokens) from dividing by 0; at 2 it differs only when the batch holds a "
         "single token (its entropy and KL metrics halved)",
@@ -346,7 +350,8 @@ def main():
     parser.add_argument("--rest", action="store_true",
                         help="keep the last run's results; test only the mutants it did not reach (a run stopped early)")
     parser.add_argument("--two_process", action="store_true",
-                        help="also run each survivor through the two-process update test (about a minute each)")
+                        help="also run each survivor through the two-process update test (about a minute each); "
+                             "with --report, only that, on the results so far")
     args = parser.parse_args()
     try:
         import mutmut  # noqa: F401
@@ -381,7 +386,7 @@ def main():
         (equivalent if reason else meaningful).append((name, codes[name], diff, reason))
     two = {}
     if args.two_process or (workdir / "two_process.json").exists():
-        if args.two_process and not args.report:
+        if args.two_process:  # with --report: only this pass, on the results so far
             clean = subprocess.run([PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", TWO_PROCESS_TEST],
                                    cwd=workdir / "mutmut" / "mutants", env=env, capture_output=True, text=True)
             if clean.returncode != 0:
