@@ -95,6 +95,10 @@ def raft_case(acc, model_dir, groups, **overrides):
     selected = raft_pp.positive_samples(rewards, args.negative_reward).flatten()
     batch = raft_pp.training_batch(rollouts, selected, 0, acc.device, args)
     raft_pp.update(model, optimizer, scheduler, batch, args, acc, frozen_model(acc, model_dir))
+    # then a batch with no positive sample anywhere: no step, and each of its 4 skips counted once over processes
+    nothing = raft_pp.training_batch(rollouts, torch.zeros_like(selected), 0, acc.device, args)
+    metrics = raft_pp.update(model, optimizer, scheduler, nothing, args, acc, frozen_model(acc, model_dir))
+    assert metrics["skipped_updates"] == 4, metrics
     return [model]
 
 
