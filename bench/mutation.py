@@ -332,6 +332,16 @@ def device_only(removed: str, changed: str) -> str | None:
     return None
 
 
+def reduction_only(removed: str, changed: str) -> str | None:
+    """The reason a mutant of accelerator.reduce's "sum" (to None, "XXsumXX", "SUM" or the default) changes
+    nothing, or None: accelerate sums for every reduction but "max" and divides only for "mean", and
+    Accelerator.reduce's default is "sum" (these survive the two-process test too)."""
+    if '"sum")' in removed and changed in [removed.replace('"sum")', v) for v in ('None)', '"XXsumXX")', '"SUM")')] + [
+            removed.replace(', "sum")', ", )")]:
+        return "accelerate's reduce sums for any reduction but max and divides only for mean; its default is sum"
+    return None
+
+
 def function_of(name: str) -> str:
     module, mangled = name.split("__mutmut_")[0].split(".", 1)
     return f"{module}.{mangled.removeprefix('x_').removeprefix('xǁ').replace('ǁ', '.')}"
@@ -382,7 +392,8 @@ def main():
         diff = mutant_diff(workdir / "mutmut", name, env)
         changed = next((line[1:].strip() for line in diff if line.startswith("+")), "")
         removed = next((line[1:].strip() for line in diff if line.startswith("-")), "")
-        reason = EQUIVALENT.get((function_of(name), changed)) or device_only(removed, changed)
+        reason = (EQUIVALENT.get((function_of(name), changed)) or device_only(removed, changed)
+                  or reduction_only(removed, changed))
         (equivalent if reason else meaningful).append((name, codes[name], diff, reason))
     two = {}
     if args.two_process or (workdir / "two_process.json").exists():
