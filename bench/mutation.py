@@ -292,33 +292,46 @@ def mutant_diff(root: Path, name: str, env: dict) -> list[str]:
     return [line for line in out.stdout.splitlines() if line[:1] in "+-" and line[:3] not in ("---", "+++")]
 
 
+def two_process_results(workdir: Path) -> dict[str, bool]:
+    """{mutant: killed} of the survivors run through TWO_PROCESS_TEST so far (workdir/two_process.json)."""
+    cache_file = workdir / "two_process.json"
+    return json.loads(cache_file.read_text()) if cache_file.exists() else {}
+
+
 def forget_two_process(workdir: Path, patterns: list[str]) -> None:
     """Drop the two-process results of the mutants mutmut is about to test again."""
-    cache_file = workdir / "two_process.json"
-    if cache_file.exists():
-        cache = json.loads(cache_file.read_text())
-        cache_file.write_text(json.dumps({n: k for n, k in cache.items()
-                                          if not any(fnmatch.fnmatch(n, p) for p in patterns)}, indent=1))
+    if (workdir / "two_process.json").exists():
+        kept = {n: k for n, k in two_process_results(workdir).items()
+                if not any(fnmatch.fnmatch(n, p) for p in patterns)}
+        (workdir / "two_process.json").write_text(json.dumps(kept, indent=1))
 
 
-def run_two_process(workdir: Path, env: dict, names: list[str]) -> dict[str, bool]:
-    """{mutant: killed} of the survivors `names` against TWO_PROCESS_TEST (about a minute each), cached in
-    workdir/two_process.json: a mutant tested once is not tested again until mutmut's results are renewed."""
-    cache_file = workdir / "two_process.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    mutants = workdir / "mutmut" / "mutants"
-    for name in names:
-        if name in cache:
-            continue
-        run = subprocess.run([PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", TWO_PROCESS_TEST],
-                             cwd=mutants, env={**env, "MUTANT_UNDER_TEST": name}, capture_output=True, text=True)
+def two_process_test(workdir: Path, env: dict, mutant: str | None = None) -> subprocess.CompletedProcess:
+    """TWO_PROCESS_TEST in mutmut's copy of the code, with `mutant` switched on (None: the unmutated code)."""
+    mutant_env = {"MUTANT_UNDER_TEST": mutant} if mutant else {}
+    return subprocess.run([PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", TWO_PROCESS_TEST],
+                          cwd=workdir / "mutmut" / "mutants", env={**env, **mutant_env}, capture_output=True, text=True)
+
+
+def run_two_process(workdir: Path, env: dict, names: list[str]) -> None:
+    """Run the survivors `names` not yet tested through TWO_PROCESS_TEST (about a minute each), after checking
+    that it passes on the unmutated code, and add {mutant: killed} to workdir/two_process.json: a mutant tested
+    once is not tested again until mutmut's results are renewed."""
+    cache = two_process_results(workdir)
+    todo = [n for n in names if n not in cache]
+    if not todo:
+        return
+    clean = two_process_test(workdir, env)
+    if clean.returncode != 0:
+        raise SystemExit(f"the two-process test fails on the unmutated code:\n{clean.stdout[-3000:]}")
+    for name in todo:
+        run = two_process_test(workdir, env, name)
         if run.returncode not in (0, 1):
             raise SystemExit(f"the two-process test did not run for {name} (pytest exit code {run.returncode}):\n"
                              f"{run.stdout[-2000:]}")
         cache[name] = run.returncode == 1
-        cache_file.write_text(json.dumps(cache, indent=1))
+        (workdir / "two_process.json").write_text(json.dumps(cache, indent=1))
         print(f"two processes: {'killed  ' if cache[name] else 'SURVIVED'} {name}", flush=True)
-    return {n: cache[n] for n in names if n in cache}
 
 
 def device_only(removed: str, changed: str) -> str | None:
@@ -395,17 +408,10 @@ def main():
         reason = (EQUIVALENT.get((function_of(name), changed)) or device_only(removed, changed)
                   or reduction_only(removed, changed))
         (equivalent if reason else meaningful).append((name, codes[name], diff, reason))
-    two = {}
-    if args.two_process or (workdir / "two_process.json").exists():
-        if args.two_process:  # with --report: only this pass, on the results so far
-            clean = subprocess.run([PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", TWO_PROCESS_TEST],
-                                   cwd=workdir / "mutmut" / "mutants", env=env, capture_output=True, text=True)
-            if clean.returncode != 0:
-                raise SystemExit(f"the two-process test fails on the unmutated code:\n{clean.stdout[-3000:]}")
-            run_two_process(workdir, env, [name for name, *_ in meaningful])
-        cache_file = workdir / "two_process.json"
-        two = {n: k for n, k in json.loads(cache_file.read_text()).items() if n in codes} if cache_file.exists() else {}
-        meaningful = [m for m in meaningful if not two.get(m[0])]
+    if args.two_process:  # with --report: only this pass, on the results so far
+        run_two_process(workdir, env, [name for name, *_ in meaningful])
+    two = {n: k for n, k in two_process_results(workdir).items() if n in codes}
+    meaningful = [m for m in meaningful if not two.get(m[0])]
     for title, group in (("surviving mutants", meaningful), ("equivalent or harmless survivors", equivalent)):
         print(f"\n{title}: {len(group)}")
         for name, code, diff, reason in group:
@@ -420,9 +426,9 @@ def main():
           f"{len(timeouts)} of them timed out (not counted: test them again with --again), {two_killed} killed by "
           f"the two-process test of {len(two)} survivors run through it; {time.time() - t0:.0f} s")
     print(f"RESULT killed={w_killed + m_killed} total={len(written) + len(codes)} written_killed={w_killed} "
-          f"written_total={len(written)} mutmut_killed={m_killed} mutmut_total={len(codes)} two_process_killed={two_killed} "
-          f"equivalent={len(equivalent)} survived={len(meaningful)} timed_out={len(timeouts)} not_run={len(not_run)} "
-          f"minutes={(time.time() - t0) / 60:.1f}")
+          f"written_total={len(written)} mutmut_killed={m_killed} mutmut_total={len(codes)} "
+          f"two_process_killed={two_killed} equivalent={len(equivalent)} survived={len(meaningful)} "
+          f"timed_out={len(timeouts)} not_run={len(not_run)} minutes={(time.time() - t0) / 60:.1f}")
 
 
 if __name__ == "__main__":
