@@ -50,13 +50,6 @@ def test_raft_loss_hand_numbers(loss_type, count, expected):
     assert math.isclose(loss.item(), expected, rel_tol=1e-6)
 
 
-def test_aggregate_loss_divides_by_a_single_sample_or_token():
-    """|D| = 1 (one positive sample; one positive token under token-mean): the loss is its mean, its value."""
-    token_loss, mask = torch.tensor([[2.0, 4.0], [8.0, 16.0]]), torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    assert aggregate_loss(token_loss, mask, "seq-mean-token-mean", 1.0).item() == 3.0
-    assert aggregate_loss(token_loss, torch.tensor([[0.0, 1.0], [0.0, 0.0]]), "token-mean", 1.0).item() == 4.0
-
-
 def test_raft_pp_loss_hand_numbers():
     # ratios 1.5, 0.5, 1.0 on a positive sample; eps 0.2: -min(s, clip(s)) = -1.2 (clipped), -0.5, -1.0
     lp = torch.log(torch.tensor([[1.5, 0.5, 1.0]])).requires_grad_()

@@ -10,7 +10,7 @@ import torch
 
 from common import read_jsonl
 from conftest import free_port, run_script
-from reinforce_rej import (aggregate_loss, correctness_rewards, kl_k3, loss_normalizer, mixed_prompts,
+from reinforce_rej import (aggregate_loss, correctness_rewards, loss_normalizer, mixed_prompts,
                            reinforce_token_loss, training_batch)
 
 
@@ -38,24 +38,11 @@ def test_reinforce_loss_hand_numbers():
     assert not low.any() and high.tolist() == [[False, False, False], [True, False, False]]
 
 
-def test_aggregate_loss_divides_by_a_single_sample_or_token():
-    """|D| = 1 (one kept sample; one kept token under token-mean): the loss is that sample's mean, that token's."""
-    token_loss, mask = torch.tensor([[2.0, 4.0], [8.0, 16.0]]), torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    assert aggregate_loss(token_loss, mask, "seq-mean-token-mean", 1.0).item() == 3.0
-    assert aggregate_loss(token_loss, torch.tensor([[0.0, 1.0], [0.0, 0.0]]), "token-mean", 1.0).item() == 4.0
-
-
 def test_training_batch_masks_the_removed_prompts_samples():
     from common import Rollout
     rollouts = [Rollout([1, 2], [3, 4, 5], [0.0] * 3, "", "stop"), Rollout([1, 2], [6], [0.0], "", "stop")]
     batch = training_batch(rollouts, torch.tensor([1.0, -1.0]), torch.tensor([False, True]), 0, "cpu")
     assert batch["loss_mask"].tolist() == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
-
-
-def test_kl_k3_hand_numbers():
-    lp, ref = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 0.5]))
-    # exp(d) - d - 1 with d = ref - lp = -ln 2: 0.5 + ln 2 - 1; and 0 where the policy is the reference
-    assert torch.allclose(kl_k3(lp, ref), torch.tensor([0.5 + math.log(2) - 1, 0.0]), atol=1e-6)
 
 
 def test_zero_one_rewards_give_wrong_answers_no_gradient():

@@ -658,6 +658,19 @@ def test_setup_takes_the_optimizer_flags(acc, toy):
     assert "AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=args.weight_decay)" in source
 
 
+# --- the formulas each script writes for itself (single file per algorithm) ------------------------
+@pytest.mark.parametrize("name", ["grpo_logprob", "raft_pp", "reinforce_rej"])
+def test_each_scripts_kl_k3_and_aggregate_loss_by_hand(name):
+    """k3 = exp(d) - d - 1 with d = ref - lp = -ln 2: 0.5 + ln 2 - 1, and 0 where the policy is the reference.
+    aggregate_loss at |D| = 1 (one sample; one token under token-mean): that sample's mean, that token's value."""
+    module = {"grpo_logprob": grpo_logprob, "raft_pp": raft_pp, "reinforce_rej": reinforce_rej}[name]
+    lp, ref = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 0.5]))
+    assert torch.allclose(module.kl_k3(lp, ref), torch.tensor([0.5 + math.log(2) - 1, 0.0]), atol=1e-6)
+    token_loss, mask = torch.tensor([[2.0, 4.0], [8.0, 16.0]]), torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    assert module.aggregate_loss(token_loss, mask, "seq-mean-token-mean", 1.0).item() == 3.0
+    assert module.aggregate_loss(token_loss, torch.tensor([[0.0, 1.0], [0.0, 0.0]]), "token-mean", 1.0).item() == 4.0
+
+
 # --- update()'s wiring: which rows each pass sees, what it logs, when it steps --------------------
 WIRED = {"grpo_logprob": grpo_logprob, "raft_pp": raft_pp, "reinforce_rej": reinforce_rej}
 
