@@ -20,7 +20,10 @@ Two kinds of mutants, each run against the repository's own tests in a copy unde
            main() and the sampler are out of SCOPE; they are the end-to-end tests' job.
 Equivalent or harmless survivors are listed in EQUIVALENT with the reason (bench/README.md: the table). A
 survivor not listed there is printed with its diff. The last line:
-RESULT killed=K total=N written_killed=.. written_total=.. mutmut_killed=.. mutmut_total=.. equivalent=..
+RESULT killed=K total=N written_killed=.. written_total=.. mutmut_killed=.. mutmut_total=.. two_process_killed=..
+       equivalent=.. survived=.. timed_out=.. not_run=.. minutes=..
+(mutmut_killed includes two_process_killed: survivors of the in-process tests that --two_process killed; their
+results are kept in WORKDIR/two_process.json. timed_out are not counted as killed.)
 """
 
 from __future__ import annotations
