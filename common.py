@@ -1616,6 +1616,15 @@ def run_main(main) -> None:
         # not a normal interpreter exit: the interrupted engine, grader pool or process group may be
         # in the middle of anything; what the run wrote is written (files are closed or atomic)
         os._exit(128 + stop.signum)
+    except SystemExit as stop:
+        stop_children()
+        if not isinstance(stop.code, str):
+            raise
+        # The one sentence in one write: the interpreter writes the message and its newline apart, and
+        # processes sharing a pipe (torchrun's) then interleave them into "sentence.sentence\n\n".
+        sys.stderr.write(stop.code + "\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
     except BaseException:
         stop_children()
         raise

@@ -268,6 +268,31 @@ def test_each_mistake_gets_one_sentence(case, toy, lengths, tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing was created
 
 
+def test_the_sentence_and_its_newline_are_one_write(monkeypatch):
+    """Processes sharing a pipe (torchrun's) interleave what they write: the entry point writes the sentence
+    and its newline in one piece (the interpreter writes them apart), and exits with code 1."""
+    writes, stopped = [], []
+
+    class Spy:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    def main():
+        raise SystemExit("--flag 3: one sentence.")
+
+    monkeypatch.setattr(sys, "stderr", Spy())
+    monkeypatch.setattr(common, "stop_children", lambda: stopped.append(True))
+    with pytest.raises(SystemExit) as stop:
+        common.run_main(main)
+    assert (stop.value.code, writes, stopped) == (1, ["--flag 3: one sentence.\n"], [True])
+    with pytest.raises(SystemExit) as stop:  # an exit code passes through as it is
+        common.run_main(lambda: sys.exit(3))
+    assert (stop.value.code, writes[1:]) == (3, [])
+
+
 def test_prompts_too_long_are_dropped_with_one_warning_line(toy, lengths, tmp_path, capsys):
     """Rows whose prompt and --max_completion_length tokens do not fit the context are dropped when the data is
     loaded, in training and in eval.py, with one line: how many, and the limit."""
