@@ -145,6 +145,9 @@ CASES = {
     "reinforce_rej": lambda *a: reinforce_case(*a, algo="reinforce_rej"),
     "reinforce_token-mean": lambda *a: reinforce_case(*a, algo="reinforce", loss_type="token-mean"),
     "prime": lambda *a: prime_case(*a),
+    # the PRM updated before it scores, so that it differs from the reference and the process rewards are not 0;
+    # the released code's path: q_t over the largest |return| of the batch on all processes
+    "prime_code": lambda *a: prime_case(*a, process_baseline="code", prm_update="before"),
 }
 
 
@@ -210,7 +213,7 @@ def main():
     acc = make_accelerator()
     if acc.distributed_type.name == "DEEPSPEED":
         acc.state.deepspeed_plugin.deepspeed_config.update(zero_allow_untested_optimizer=True, gradient_clipping=0.0)
-        only = [c for c in only if c != "prime"]  # two trained models: prime.py refuses DeepSpeed with a PRM
+        only = [c for c in only if not c.startswith("prime")]  # two trained models: prime.py refuses DeepSpeed with a PRM
     groups = fixed_rollouts(AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size)
     for case in only:
         models = CASES[case](acc, model_dir, groups)
