@@ -165,9 +165,22 @@ def test_prm_pair_accuracy_within_groups():
 
 
 def test_ppo_token_loss_per_token_advantages():
-    lp = torch.log(torch.tensor([[1.5, 0.5]]))
-    loss, clipped = ppo_token_loss(lp, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), 0.2)
-    assert torch.allclose(loss, torch.tensor([[-1.2, 0.8]])) and clipped.tolist() == [[True, True]]
+    """-min(s A, clip(s, 0.8, 1.2) A) by hand, and which tokens the clip holds (s below 0.8 with A < 0, or above
+    1.2 with A > 0): advantages other than +-1 and 0, ratios inside and outside the range on either side."""
+    ratio = torch.tensor([[0.5, 0.5, 1.5, 1.5, 1.1, 1.5, 0.5, 0.5, 1.1]], dtype=torch.float64)
+    adv = torch.tensor([[2.0, -2.0, 2.0, -0.5, 3.0, 0.0, 0.0, 0.5, -1.0]], dtype=torch.float64)
+    loss, clipped = ppo_token_loss(ratio.log(), torch.zeros_like(ratio), adv, 0.2)
+    # min(1.0, 1.6); min(-1.0, -1.6); min(3.0, 2.4); min(-0.75, -0.6); min(3.3, 3.3); 0; 0; min(0.25, 0.4);
+    # min(-1.1, -1.1)
+    expected = torch.tensor([[-1.0, 1.6, -2.4, 0.75, -3.3, 0.0, 0.0, -0.25, 1.1]], dtype=torch.float64)
+    assert torch.allclose(loss, expected, atol=1e-12)
+    assert clipped.tolist() == [[False, True, True, False, False, False, False, False, False]]
+
+
+def test_returns_of_one_token_completions():
+    """A batch whose completions are all one token long (an immediate end of text) has one column."""
+    rewards, mask = torch.tensor([[0.5], [-1.0]]), torch.ones(2, 1)
+    assert torch.equal(discounted_returns(rewards, mask, 0.9), rewards)
 
 
 # --- data stream and buffer -------------------------------------------------------------------

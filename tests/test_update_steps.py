@@ -808,6 +808,51 @@ def test_prime_update_logs_the_sampling_policys_entropy_and_logprob_gap(acc, toy
     assert "time/logprobs" in common.logprob_timer.pop()
 
 
+def test_prime_update_metrics_are_its_passes_sums(acc, toy, rollouts, monkeypatch):
+    """PRIME's logged metrics, each from what its passes computed (2 mini-batches of 2 rows, one row per
+    micro-batch): the loss is the mini-batches' token-mean PPO losses averaged; entropy and clip share are over
+    the trained tokens (the second mini-batch, after a step, clips); the mean |advantage| is over the valid
+    tokens (padding present); the PRM's loss is its mean cross-entropy; the gradient norm is the last step's.
+    A NaN in the weights is counted as a skipped step."""
+    seen, real = [], prime.policy_micro_batch_loss
+
+    def spy(model, mb, temperature, epsilon):
+        loss, sums = real(model, mb, temperature, epsilon)
+        seen.append((loss.item(), {k: v.item() for k, v in sums.items()}))
+        return loss, sums
+
+    monkeypatch.setattr(prime, "policy_micro_batch_loss", spy)
+    model, opt = policy(acc, toy, lr=0.5)
+    prm, prm_opt = prm_apart_from_reference(acc, toy, rollouts)
+    ref, four = frozen(toy), [*rollouts, *rollouts]
+    args = prime.Args(num_generations=2, num_mini_batches=2, micro_batch_size=1, max_grad_norm=100.0, epsilon=0.001,
+                      beta=0.5)
+    batch = collate(four, 0, acc.device)
+    batch["labels"] = labels = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    mask = batch["completion_mask"]
+    assert (mask == 0).any()
+    with torch.no_grad():
+        bce = prime.prm_loss(token_logprobs(prm, batch), token_logprobs(ref, batch), mask, labels, 0.5)
+    metrics, _ = prime.update(model, opt, batch, args, acc, prm, prm_opt, ref)
+    losses, sums = [loss for loss, _ in seen], [s for _, s in seen]
+    tokens = sum(s["tokens"] for s in sums)
+    assert len(seen) == 4 and tokens == mask.sum().item()
+    assert metrics["loss"] == pytest.approx(((losses[0] + losses[1]) / (sums[0]["tokens"] + sums[1]["tokens"])
+                                             + (losses[2] + losses[3]) / (sums[2]["tokens"] + sums[3]["tokens"])) / 2)
+    assert metrics["entropy"] == pytest.approx(sum(s["entropy"] for s in sums) / tokens)
+    assert sum(s["clipped"] for s in sums) > 0
+    assert metrics["clip_ratio"] == pytest.approx(sum(s["clipped"] for s in sums) / tokens)
+    advantages = batch["advantages"]
+    assert metrics["advantages/abs_mean"] == pytest.approx(((advantages.abs() * mask).sum() / mask.sum()).item())
+    assert metrics["prm/loss"] == pytest.approx(bce.mean().item(), rel=1e-5)
+    assert metrics["grad_norm"] > 0 and metrics["train/skipped_nonfinite"] == 0.0
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    args = prime.Args(num_generations=2, num_mini_batches=1, process_reward_coef=0.0)
+    metrics, _ = prime.update(model, opt, collate(four, 0, acc.device) | {"labels": labels}, args, acc)
+    assert metrics["train/skipped_nonfinite"] == 1.0
+
+
 @pytest.mark.parametrize("name", ["raft_pp", "reinforce_rej"])
 def test_a_mini_batch_with_nothing_to_train_skips_only_its_own_steps(acc, toy, rollouts, name):
     """Mini-batch 0 carries no loss (no positive sample; its prompt removed), mini-batch 1 does: over two
