@@ -169,6 +169,21 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("grpo_logprob.reward_terms",
      "terms[name] = torch.tensor([perplexity_rewards(lp, base)[name] if lp is not None else 1.0"):
         "the placeholder of a completion without the marker is replaced by fill_failed (the group's lowest)",
+    ("prime.update", 'batch["old_logprobs"] if (args.temperature == 1.0) and False else logprobs_of(model, batch, size)'):
+        "at temperature 1 the reference pass recomputes the old log-probs: more work, the same numbers",
+    ("prime.update", 'q = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, 2.0, args.granularity)'):
+        "batch_norm divides q by the batch's largest |return|, so a factor on q cancels (up to its 1e-6 guard)",
+    ("prime.update", 'tokens = max(t["tokens"], 2.0)'):
+        "the floor keeps an empty batch (0 tokens) from dividing by 0; at 2 it differs only when the batch holds a "
+        "single token (its metrics halved)",
+    **{("prime.update", f'"train/skipped_nonfinite": {get}, **logprob_gap_metrics(t)}}'):
+       "main() calls update() only with whole groups on every process, so at least one optimizer step adds the count: "
+       "the default is never read"
+       for get in ('t.get("skipped_nonfinite", None)', 't.get("skipped_nonfinite", )', 't.get("skipped_nonfinite", 1.0)')},
+    ("prime.ppo_token_loss", "return loss, ((ratio <= 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))"):
+        "the clip metric alone, at a ratio of exactly 1 - eps, where the clipped and unclipped losses agree",
+    ("prime.ppo_token_loss", "return loss, ((ratio < 1 - eps) & (advantages < 0)) | ((ratio >= 1 + eps) & (advantages > 0))"):
+        "the clip metric alone, at a ratio of exactly 1 + eps, where the clipped and unclipped losses agree",
 }
 
 

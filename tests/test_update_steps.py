@@ -776,31 +776,32 @@ def test_update_logs_the_sampling_policys_entropy_kl_and_logprob_gap(acc, toy, r
     assert "time/logprobs" in common.logprob_timer.pop()
 
 
-@pytest.mark.parametrize("reference", ["policy", "frozen"])
-def test_prime_update_logs_the_sampling_policys_entropy_and_logprob_gap(acc, toy, rollouts, reference):
-    """PRIME at temperature 0.7 and learning rate 0: the old log-probs are the policy's own at 0.7, the logged
-    entropy their masked mean's, the sampler/trainer gap the |log rho| put into the sampler's log-probs; the
-    PRM's reference is at temperature 1 (--reference policy: the policy before the step, not its log-probs
-    at 0.7; frozen: the starting model). The log-prob passes are timed."""
+@pytest.mark.parametrize("reference,temperature", [("old_policy", 0.7), ("old_policy", 2.0), ("frozen", 0.7)])
+def test_prime_update_logs_the_sampling_policys_entropy_and_logprob_gap(acc, toy, rollouts, reference, temperature):
+    """PRIME at a temperature other than 1 and learning rate 0: the old log-probs are the policy's own at that
+    temperature, the logged entropy their masked mean's, the sampler/trainer gap the |log rho| put into the
+    sampler's log-probs; the PRM's reference is at temperature 1 (--reference old_policy: the policy before the
+    step, not its old log-probs; frozen: the starting model). The log-prob passes are timed."""
     model, opt = moved_policy(acc, toy, lr=0.0)
     prm, prm_opt = prm_apart_from_reference(acc, toy, rollouts)
     ref, four = frozen(toy), [*rollouts, *rollouts]
     batch = collate(four, 0, "cpu")
     with torch.no_grad():
-        own, entropy = token_logprobs(model, batch, 0.7, with_entropy=True)
-        at_one = token_logprobs(model if reference == "policy" else ref, batch)
+        own, entropy = token_logprobs(model, batch, temperature, with_entropy=True)
+        at_one = token_logprobs(model if reference == "old_policy" else ref, batch)
     mask = batch["completion_mask"]
     rho = torch.tensor([0.5, 1.0, 2.0, 4.0])
     skewed = [Rollout(r.prompt_ids, r.completion_ids, (own[i, :len(r.completion_ids)] - math.log(rho[i])).tolist(),
                       r.text, r.finish_reason) for i, r in enumerate(four)]
-    args = prime.Args(num_generations=2, num_mini_batches=2, max_grad_norm=0.0, temperature=0.7, reference=reference)
+    args = prime.Args(num_generations=2, num_mini_batches=2, max_grad_norm=0.0, temperature=temperature,
+                      reference=reference)
     batch = collate(skewed, 0, acc.device)
     batch["labels"] = torch.tensor([1.0, 0.0, 1.0, 1.0])
     common.logprob_timer.pop()
     metrics, _ = prime.update(model, opt, batch, args, acc, prm, prm_opt, ref if reference == "frozen" else None)
     assert torch.allclose(batch["old_logprobs"], own * mask, atol=1e-5)
     assert torch.allclose(batch["ref_logprobs"], at_one * mask, atol=1e-5)
-    assert not torch.allclose(at_one * mask, own * mask, atol=1e-2)  # temperature 1 and 0.7 differ here
+    assert not torch.allclose(at_one * mask, own * mask, atol=1e-2)  # temperature 1 and the other differ here
     assert metrics["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
     gap = rho.log().abs()[:, None] * mask
     assert metrics["sampler/logprob_gap_mean"] == pytest.approx((gap.sum() / mask.sum()).item(), abs=1e-5)
