@@ -180,6 +180,12 @@ EQUIVALENT: dict[tuple[str, str], str] = {
        "main() calls update() only with whole groups on every process, so at least one optimizer step adds the count: "
        "the default is never read"
        for get in ('t.get("skipped_nonfinite", None)', 't.get("skipped_nonfinite", )', 't.get("skipped_nonfinite", 1.0)')},
+    ("prime.mini_batch_pass", "world, grad_norm = accelerator.num_processes, 1.0"):
+        "the start value is returned only when no mini-batch steps; update() always has whole groups, so one does",
+    ("prime.prm_loss", 'return F.binary_cross_entropy_with_logits(logits, labels.to(None), reduction="none")'):
+        "float32 labels against bf16 logits: torch computes the loss in float32, no worse than in the logits' dtype",
+    **{("prime.prm_pair_accuracy", f"diff = r[c {a} 0.5][:, None] - r[c {b} 0.5][None, :]"):
+       "the outcome labels are 0 or 1: no label sits at 0.5" for a, b in ((">=", "<="), (">", "<"))},
     ("prime.ppo_token_loss", "return loss, ((ratio <= 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))"):
         "the clip metric alone, at a ratio of exactly 1 - eps, where the clipped and unclipped losses agree",
     ("prime.ppo_token_loss", "return loss, ((ratio < 1 - eps) & (advantages < 0)) | ((ratio >= 1 + eps) & (advantages > 0))"):
@@ -357,7 +363,7 @@ def device_only(removed: str, changed: str) -> str | None:
     nothing here, or None. The tests run on the CPU, where device None is the device; training_batch's
     devices are tested on the meta device, and update()'s index and count tensors are harmless elsewhere
     too (a GPU tensor takes a CPU index; a reduction over NCCL of a CPU tensor fails at once)."""
-    if changed in (removed.replace("device=device", "device=None"), removed.replace(", device=device)", ", )"),
+    if changed in (re.sub(r"device=[\w.]+", "device=None", removed), removed.replace(", device=device)", ", )"),
                    re.sub(r"\.to\(\w+\.device\)", ".to(None)", removed)):
         return "device None is the CPU, the only device here (see device_only)"
     return None

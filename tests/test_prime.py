@@ -57,6 +57,9 @@ def test_filter_keeps_accuracy_in_range():
     assert keep_groups(correct, 0.2, 0.8).tolist() == [True, True, True, False, False]  # 0.25 .. 0.75 kept
     # both bounds are inclusive: 1/5 = 0.2 and 4/5 = 0.8 (floating point must not drop them)
     assert keep_groups(torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]), 0.2, 0.8).tolist() == [True, True]
+    # at 0 too: bounds 0 and 1 keep every group (the RLOO set-up), 0 and 0 the all-wrong groups only
+    assert keep_groups(correct, 0.0, 1.0).tolist() == [True] * 5
+    assert keep_groups(correct, 0.0, 0.0).tolist() == [False, False, False, False, True]
 
 
 # --- leave-one-out returns on a group of 3 with lengths 3, 1, 2 -------------------------------
@@ -155,6 +158,9 @@ def test_whiten_over_valid_tokens_and_across_processes():
     # two processes' statistics summed give the same as the whole batch
     stats = whiten_stats(values[:1], mask[:1]) + whiten_stats(values[1:], mask[1:])
     assert torch.allclose(whiten(values[1:], mask[1:], stats), w[1:], atol=1e-6)
+    # two valid tokens, a small spread: mean 0.2, unbiased var (0.01 + 0.01) / 1 = 0.02, std 0.141421
+    w = whiten(torch.tensor([[0.1, 0.3, 5.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert torch.allclose(w, torch.tensor([[-0.707107, 0.707107, 0.0]]), atol=1e-5)
 
 
 def test_prm_pair_accuracy_within_groups():
