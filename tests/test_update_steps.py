@@ -814,16 +814,23 @@ def test_prime_update_metrics_are_its_passes_sums(acc, toy, rollouts, monkeypatc
     micro-batch): the loss is the mini-batches' token-mean PPO losses averaged; entropy and clip share are over
     the trained tokens (the second mini-batch, after a step, clips); the mean |advantage| is over the valid
     tokens (padding present); the PRM's loss is its mean cross-entropy; the gradient norm is the last step's.
-    A NaN in the weights is counted as a skipped step."""
-    seen, real = [], prime.policy_micro_batch_loss
+    Gradients are synchronized on each mini-batch's last micro-batch only, of the model that pass trains. With
+    one row per mini-batch every row still trains and the PRM's loss is still its mean. A NaN in the weights
+    is counted as a skipped step."""
+    seen, synced, real, real_accumulate = [], [], prime.policy_micro_batch_loss, prime.accumulate
 
     def spy(model, mb, temperature, epsilon):
         loss, sums = real(model, mb, temperature, epsilon)
         seen.append((loss.item(), {k: v.item() for k, v in sums.items()}))
         return loss, sums
 
+    def accumulate_spy(accelerator, model, last):
+        synced.append(("policy" if model is policy_model else "prm" if model is prm else None, last))
+        return real_accumulate(accelerator, model, last)
+
     monkeypatch.setattr(prime, "policy_micro_batch_loss", spy)
-    model, opt = policy(acc, toy, lr=0.5)
+    monkeypatch.setattr(prime, "accumulate", accumulate_spy)
+    policy_model, opt = model, _ = policy(acc, toy, lr=0.5)
     prm, prm_opt = prm_apart_from_reference(acc, toy, rollouts)
     ref, four = frozen(toy), [*rollouts, *rollouts]
     args = prime.Args(num_generations=2, num_mini_batches=2, micro_batch_size=1, max_grad_norm=100.0, epsilon=0.001,
@@ -847,6 +854,13 @@ def test_prime_update_metrics_are_its_passes_sums(acc, toy, rollouts, monkeypatc
     assert metrics["advantages/abs_mean"] == pytest.approx(((advantages.abs() * mask).sum() / mask.sum()).item())
     assert metrics["prm/loss"] == pytest.approx(bce.mean().item(), rel=1e-5)
     assert metrics["grad_norm"] > 0 and metrics["train/skipped_nonfinite"] == 0.0
+    # the PRM's pass (after it scored) comes before the policy's: 2 mini-batches of 2 micro-batches each
+    assert synced == [(who, last) for who in ("prm", "policy") for _ in range(2) for last in (False, True)]
+    seen.clear()
+    args = prime.Args(**{**vars(args), "num_mini_batches": 4, "micro_batch_size": 2})
+    metrics, _ = prime.update(model, opt, collate(four, 0, acc.device) | {"labels": labels}, args, acc, prm, prm_opt,
+                              ref)
+    assert len(seen) == 4 and metrics["prm/loss"] == pytest.approx(bce.mean().item(), rel=1e-5)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     args = prime.Args(num_generations=2, num_mini_batches=1, process_reward_coef=0.0)
