@@ -173,14 +173,14 @@ def test_prm_pair_accuracy_within_groups():
 def test_ppo_token_loss_per_token_advantages():
     """-min(s A, clip(s, 0.8, 1.2) A) by hand, and which tokens the clip holds (s below 0.8 with A < 0, or above
     1.2 with A > 0): advantages other than +-1 and 0, ratios inside and outside the range on either side."""
-    ratio = torch.tensor([[0.5, 0.5, 1.5, 1.5, 1.1, 1.5, 0.5, 0.5, 1.1]], dtype=torch.float64)
-    adv = torch.tensor([[2.0, -2.0, 2.0, -0.5, 3.0, 0.0, 0.0, 0.5, -1.0]], dtype=torch.float64)
+    ratio = torch.tensor([[0.5, 0.5, 1.5, 1.5, 1.1, 1.5, 0.5, 0.5, 1.1, 1.5]], dtype=torch.float64)
+    adv = torch.tensor([[2.0, -2.0, 2.0, -0.5, 3.0, 0.0, 0.0, 0.5, -1.0, 0.5]], dtype=torch.float64)
     loss, clipped = ppo_token_loss(ratio.log(), torch.zeros_like(ratio), adv, 0.2)
     # min(1.0, 1.6); min(-1.0, -1.6); min(3.0, 2.4); min(-0.75, -0.6); min(3.3, 3.3); 0; 0; min(0.25, 0.4);
-    # min(-1.1, -1.1)
-    expected = torch.tensor([[-1.0, 1.6, -2.4, 0.75, -3.3, 0.0, 0.0, -0.25, 1.1]], dtype=torch.float64)
+    # min(-1.1, -1.1); min(0.75, 0.6)
+    expected = torch.tensor([[-1.0, 1.6, -2.4, 0.75, -3.3, 0.0, 0.0, -0.25, 1.1, -0.6]], dtype=torch.float64)
     assert torch.allclose(loss, expected, atol=1e-12)
-    assert clipped.tolist() == [[False, True, True, False, False, False, False, False, False]]
+    assert clipped.tolist() == [[False, True, True, False, False, False, False, False, False, True]]
 
 
 def test_returns_of_one_token_completions():
