@@ -84,6 +84,7 @@ TEST_FILES = {
 # the in-process tests; --two_process runs each survivor through this test, the mutant switched on in the
 # subprocesses too (mutmut's trampolines read MUTANT_UNDER_TEST, which they inherit).
 TWO_PROCESS_TEST = "tests/test_distributed.py::test_update_on_two_processes_equals_one_process[ddp]"
+TWO_PROCESS_RESULTS = "two_process.json"  # in the work folder: {mutant: killed by TWO_PROCESS_TEST}
 # a test that names one of these runs something out of process, or measures time or the grader's worker pool
 OUT_OF_PROCESS = {"run_script", "subprocess", "torchrun", "Popen", "vllm", "settled_workers", "grader_workers",
                   "time_limit", "Hang", "sleep"}
@@ -169,7 +170,8 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("grpo_logprob.reward_terms",
      "terms[name] = torch.tensor([perplexity_rewards(lp, base)[name] if lp is not None else 1.0"):
         "the placeholder of a completion without the marker is replaced by fill_failed (the group's lowest)",
-    ("prime.update", 'batch["old_logprobs"] if (args.temperature == 1.0) and False else logprobs_of(model, batch, size)'):
+    ("prime.update",
+     'batch["old_logprobs"] if (args.temperature == 1.0) and False else logprobs_of(model, batch, size)'):
         "at temperature 1 the reference pass recomputes the old log-probs: more work, the same numbers",
     ("prime.update", 'q = implicit_process_rewards(prm_logprobs, batch["ref_logprobs"], mask, 2.0, args.granularity)'):
         "batch_norm divides q by the batch's largest |return|, so a factor on q cancels (up to its 1e-6 guard)",
@@ -179,7 +181,7 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     **{("prime.update", f'"train/skipped_nonfinite": {get}, **logprob_gap_metrics(t)}}'):
        "main() calls update() only with whole groups on every process, so at least one optimizer step adds the count: "
        "the default is never read"
-       for get in ('t.get("skipped_nonfinite", None)', 't.get("skipped_nonfinite", )', 't.get("skipped_nonfinite", 1.0)')},
+       for get in (f't.get("skipped_nonfinite", {default})' for default in ("None", "", "1.0"))},
     ("prime.mini_batch_pass", "break"):
         "tensor_split puts the empty mini-batches last: after the first, every one left is empty too",
     ("prime.mini_batch_pass", "world, grad_norm = accelerator.num_processes, 1.0"):
@@ -188,9 +190,11 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "float32 labels against bf16 logits: torch computes the loss in float32, no worse than in the logits' dtype",
     **{("prime.prm_pair_accuracy", f"diff = r[c {a} 0.5][:, None] - r[c {b} 0.5][None, :]"):
        "the outcome labels are 0 or 1: no label sits at 0.5" for a, b in ((">=", "<="), (">", "<"))},
-    ("prime.ppo_token_loss", "return loss, ((ratio <= 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))"):
+    ("prime.ppo_token_loss",
+     "return loss, ((ratio <= 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))"):
         "the clip metric alone, at a ratio of exactly 1 - eps, where the clipped and unclipped losses agree",
-    ("prime.ppo_token_loss", "return loss, ((ratio < 1 - eps) & (advantages < 0)) | ((ratio >= 1 + eps) & (advantages > 0))"):
+    ("prime.ppo_token_loss",
+     "return loss, ((ratio < 1 - eps) & (advantages < 0)) | ((ratio >= 1 + eps) & (advantages > 0))"):
         "the clip metric alone, at a ratio of exactly 1 + eps, where the clipped and unclipped losses agree",
 }
 
@@ -320,16 +324,17 @@ def mutant_diff(root: Path, name: str, env: dict) -> list[str]:
 
 def two_process_results(workdir: Path) -> dict[str, bool]:
     """{mutant: killed} of the survivors run through TWO_PROCESS_TEST so far (workdir/two_process.json)."""
-    cache_file = workdir / "two_process.json"
+    cache_file = workdir / TWO_PROCESS_RESULTS
     return json.loads(cache_file.read_text()) if cache_file.exists() else {}
 
 
 def forget_two_process(workdir: Path, patterns: list[str]) -> None:
     """Drop the two-process results of the mutants mutmut is about to test again."""
-    if (workdir / "two_process.json").exists():
+    cache_file = workdir / TWO_PROCESS_RESULTS
+    if cache_file.exists():
         kept = {n: k for n, k in two_process_results(workdir).items()
                 if not any(fnmatch.fnmatch(n, p) for p in patterns)}
-        (workdir / "two_process.json").write_text(json.dumps(kept, indent=1))
+        cache_file.write_text(json.dumps(kept, indent=1))
 
 
 def two_process_test(workdir: Path, env: dict, mutant: str | None = None) -> subprocess.CompletedProcess:
@@ -356,7 +361,7 @@ def run_two_process(workdir: Path, env: dict, names: list[str]) -> None:
             raise SystemExit(f"the two-process test did not run for {name} (pytest exit code {run.returncode}):\n"
                              f"{run.stdout[-2000:]}")
         cache[name] = run.returncode == 1
-        (workdir / "two_process.json").write_text(json.dumps(cache, indent=1))
+        (workdir / TWO_PROCESS_RESULTS).write_text(json.dumps(cache, indent=1))
         print(f"two processes: {'killed  ' if cache[name] else 'SURVIVED'} {name}", flush=True)
 
 

@@ -213,7 +213,8 @@ def main():
     acc = make_accelerator()
     if acc.distributed_type.name == "DEEPSPEED":
         acc.state.deepspeed_plugin.deepspeed_config.update(zero_allow_untested_optimizer=True, gradient_clipping=0.0)
-        only = [c for c in only if not c.startswith("prime")]  # two trained models: prime.py refuses DeepSpeed with a PRM
+        # two trained models: prime.py refuses DeepSpeed with a PRM
+        only = [c for c in only if not c.startswith("prime")]
     groups = fixed_rollouts(AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size)
     for case in only:
         models = CASES[case](acc, model_dir, groups)

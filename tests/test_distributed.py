@@ -39,8 +39,8 @@ def test_update_on_two_processes_equals_one_process(toy, one_process_updates, la
     """Each script's own update (normalizer over processes, loss scaled by the process count,
     micro- and mini-batches, filtered prompts, a rank that keeps nothing, skipped steps, PRIME's
     whitening, PRM and the released code's batch-wide scaling) with two processes holding half the batch
-    leaves the weights of one process holding all of it. Also: a checkpoint written by two processes (one of them late) holds both
-    ranks' states, and loading it restores the weights (DDP, FSDP2 and DeepSpeed ZeRO-3; ZeRO-3 runs
+    leaves the weights of one process holding all of it. Also: a checkpoint written by two processes (one
+    of them late) holds both ranks' states, and loading it restores the weights (DDP, FSDP2 and DeepSpeed ZeRO-3; ZeRO-3 runs
     every script but prime.py, which refuses DeepSpeed when it trains a PRM); and under DDP and FSDP2 a
     NaN advantage on one process skips the optimizer step on both, leaving every rank's weights (shards)
     unchanged (DeepSpeed's engine steps inside backward: counted, not skipped)."""

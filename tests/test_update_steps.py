@@ -740,6 +740,19 @@ def test_update_runs_each_mini_batch_in_its_micro_batches_and_steps_after_each(a
         assert metrics[metric] == pytest.approx(sum(c[key] for c in clips) / trained, rel=1e-6), key
 
 
+RHO = torch.tensor([0.5, 1.0, 2.0, 4.0])  # the sampler/trainer ratio put into each of four completions
+
+
+@torch.no_grad()
+def sampled_off_by_rho(model, rollouts, temperature: float):
+    """The rollouts with sampler log-probs the model's own at `temperature` minus log RHO[i] for completion i
+    (a sampler/trainer gap of known size), and the model's log-probs and entropies there [N, C]."""
+    own, entropy = token_logprobs(model, collate(rollouts, 0, "cpu"), temperature, with_entropy=True)
+    skewed = [Rollout(r.prompt_ids, r.completion_ids, (own[i, :len(r.completion_ids)] - math.log(RHO[i])).tolist(),
+                      r.text, r.finish_reason) for i, r in enumerate(rollouts)]
+    return skewed, own, entropy
+
+
 @pytest.mark.parametrize("name,flags,gap_rows", [
     ("grpo_logprob", {"num_iterations": 1, "beta": 0.1}, [0, 1, 2, 3]),  # no old log-probs: measured in the loss's pass
     ("grpo_logprob", {"num_iterations": 2, "beta": 0.1}, [0, 1, 2, 3]),  # old log-probs of every row, before any step
@@ -757,20 +770,17 @@ def test_update_logs_the_sampling_policys_entropy_kl_and_logprob_gap(acc, toy, r
     (the old log-probs when there are, else the first mini-batch's pass). The log-prob passes are timed."""
     model, opt = moved_policy(acc, toy, lr=0.0)
     ref, four = frozen(toy), [*rollouts, *rollouts]
+    skewed, own, entropy = sampled_off_by_rho(model, four, 0.7)
     batch = collate(four, 0, "cpu")
     with torch.no_grad():
-        own, entropy = token_logprobs(model, batch, 0.7, with_entropy=True)
         kl = grpo_logprob.kl_k3(own, token_logprobs(ref, batch, 0.7))
     mask = batch["completion_mask"]
     assert (mask == 0).any()  # unequal lengths: padding that no metric may count
-    rho = torch.tensor([0.5, 1.0, 2.0, 4.0])
-    skewed = [Rollout(r.prompt_ids, r.completion_ids, (own[i, :len(r.completion_ids)] - math.log(rho[i])).tolist(),
-                      r.text, r.finish_reason) for i, r in enumerate(four)]
     common.logprob_timer.pop()
     metrics, _ = wired_step(name, acc, model, opt, skewed, ref=ref, temperature=0.7, **flags)
     assert metrics["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
     assert metrics["kl"] == pytest.approx(((kl * mask).sum() / mask.sum()).item(), rel=1e-5)
-    gap = rho.log().abs()[gap_rows, None] * mask[gap_rows]
+    gap = RHO.log().abs()[gap_rows, None] * mask[gap_rows]
     assert metrics["sampler/logprob_gap_mean"] == pytest.approx((gap.sum() / mask[gap_rows].sum()).item(), abs=1e-5)
     assert metrics["sampler/logprob_gap_max"] == pytest.approx(gap.max().item(), abs=1e-5)
     assert "time/logprobs" in common.logprob_timer.pop()
@@ -785,14 +795,11 @@ def test_prime_update_logs_the_sampling_policys_entropy_and_logprob_gap(acc, toy
     model, opt = moved_policy(acc, toy, lr=0.0)
     prm, prm_opt = prm_apart_from_reference(acc, toy, rollouts)
     ref, four = frozen(toy), [*rollouts, *rollouts]
+    skewed, own, entropy = sampled_off_by_rho(model, four, temperature)
     batch = collate(four, 0, "cpu")
     with torch.no_grad():
-        own, entropy = token_logprobs(model, batch, temperature, with_entropy=True)
         at_one = token_logprobs(model if reference == "old_policy" else ref, batch)
     mask = batch["completion_mask"]
-    rho = torch.tensor([0.5, 1.0, 2.0, 4.0])
-    skewed = [Rollout(r.prompt_ids, r.completion_ids, (own[i, :len(r.completion_ids)] - math.log(rho[i])).tolist(),
-                      r.text, r.finish_reason) for i, r in enumerate(four)]
     args = prime.Args(num_generations=2, num_mini_batches=2, max_grad_norm=0.0, temperature=temperature,
                       reference=reference)
     batch = collate(skewed, 0, acc.device)
@@ -803,7 +810,7 @@ def test_prime_update_logs_the_sampling_policys_entropy_and_logprob_gap(acc, toy
     assert torch.allclose(batch["ref_logprobs"], at_one * mask, atol=1e-5)
     assert not torch.allclose(at_one * mask, own * mask, atol=1e-2)  # temperature 1 and the other differ here
     assert metrics["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
-    gap = rho.log().abs()[:, None] * mask
+    gap = RHO.log().abs()[:, None] * mask
     assert metrics["sampler/logprob_gap_mean"] == pytest.approx((gap.sum() / mask.sum()).item(), abs=1e-5)
     assert metrics["sampler/logprob_gap_max"] == pytest.approx(gap.max().item(), abs=1e-5)
     assert "time/logprobs" in common.logprob_timer.pop()
@@ -825,12 +832,12 @@ def test_prime_update_metrics_are_its_passes_sums(acc, toy, rollouts, monkeypatc
         return loss, sums
 
     def accumulate_spy(accelerator, model, last):
-        synced.append(("policy" if model is policy_model else "prm" if model is prm else None, last))
+        synced.append(("policy" if model is trained else "prm" if model is prm else None, last))
         return real_accumulate(accelerator, model, last)
 
     monkeypatch.setattr(prime, "policy_micro_batch_loss", spy)
     monkeypatch.setattr(prime, "accumulate", accumulate_spy)
-    policy_model, opt = model, _ = policy(acc, toy, lr=0.5)
+    trained, opt = policy(acc, toy, lr=0.5)
     prm, prm_opt = prm_apart_from_reference(acc, toy, rollouts)
     ref, four = frozen(toy), [*rollouts, *rollouts]
     args = prime.Args(num_generations=2, num_mini_batches=2, micro_batch_size=1, max_grad_norm=100.0, epsilon=0.001,
@@ -841,7 +848,7 @@ def test_prime_update_metrics_are_its_passes_sums(acc, toy, rollouts, monkeypatc
     assert (mask == 0).any()
     with torch.no_grad():
         bce = prime.prm_loss(token_logprobs(prm, batch), token_logprobs(ref, batch), mask, labels, 0.5)
-    metrics, _ = prime.update(model, opt, batch, args, acc, prm, prm_opt, ref)
+    metrics, _ = prime.update(trained, opt, batch, args, acc, prm, prm_opt, ref)
     losses, sums = [loss for loss, _ in seen], [s for _, s in seen]
     tokens = sum(s["tokens"] for s in sums)
     assert len(seen) == 4 and tokens == mask.sum().item()
@@ -858,13 +865,13 @@ def test_prime_update_metrics_are_its_passes_sums(acc, toy, rollouts, monkeypatc
     assert synced == [(who, last) for who in ("prm", "policy") for _ in range(2) for last in (False, True)]
     seen.clear()
     args = prime.Args(**{**vars(args), "num_mini_batches": 4, "micro_batch_size": 2})
-    metrics, _ = prime.update(model, opt, collate(four, 0, acc.device) | {"labels": labels}, args, acc, prm, prm_opt,
+    metrics, _ = prime.update(trained, opt, collate(four, 0, acc.device) | {"labels": labels}, args, acc, prm, prm_opt,
                               ref)
     assert len(seen) == 4 and metrics["prm/loss"] == pytest.approx(bce.mean().item(), rel=1e-5)
     with torch.no_grad():
-        next(model.parameters()).fill_(float("nan"))
+        next(trained.parameters()).fill_(float("nan"))
     args = prime.Args(num_generations=2, num_mini_batches=1, process_reward_coef=0.0)
-    metrics, _ = prime.update(model, opt, collate(four, 0, acc.device) | {"labels": labels}, args, acc)
+    metrics, _ = prime.update(trained, opt, collate(four, 0, acc.device) | {"labels": labels}, args, acc)
     assert metrics["train/skipped_nonfinite"] == 1.0
 
 
