@@ -76,7 +76,8 @@ TEST_FILES = {
     "reinforce_rej": ["tests/test_reinforce_rej.py", "tests/test_update_steps.py"],
     "prime": ["tests/test_prime.py", "tests/test_update_steps.py"],
     "common": ["tests/test_common.py", "tests/test_update_steps.py", "tests/test_mutants.py"],
-    "grading": ["tests/test_grading.py", "tests/test_common.py", "tests/test_mutants.py"],
+    "grading": ["tests/test_grading.py", "tests/test_common.py", "tests/test_mutants.py", "tests/test_code.py",
+                "tests/test_poem_reward.py", "tests/test_hostile_text.py"],
 }
 # The two-process test: every script's own update() on one process and on two (tests/dist_update.py under
 # torchrun) must leave the same weights. mutmut cannot see into its subprocesses, and on one process the

@@ -207,6 +207,58 @@ def test_a_crashing_scorer_scores_zero_and_is_counted(monkeypatch):
     assert errors == 1 and scores[0].correct == 0.0 and scores[1].correct == 1.0
 
 
+
+def test_a_row_whose_answer_cannot_be_read_scores_zero_and_is_counted():
+    rows = [_row("math", "7", answer_style="xml"), _row("toy", "7"), _row("math", "8", answer_style="json")]
+    scores, errors = score_completions(rows, ["\\boxed{7}", "r</think><answer>7</answer>", "\\boxed{8}"])
+    assert errors == 2
+    assert [(s.pred, s.format, s.correct) for s in scores] == [(None, 0.0, 0.0), ("7", 1.0, 1.0), (None, 0.0, 0.0)]
+
+
+def test_math_rows_get_the_callers_time_budget_and_a_crashed_batch_scores_zero(monkeypatch):
+    budgets = []
+
+    def spy(pairs, timeout):
+        budgets.append(timeout)
+        return [True] * len(pairs), 1
+
+    monkeypatch.setattr(grading, "answers_match_many", spy)
+    rows, texts = [_row("math", "7"), _row("math", "8")], ["\\boxed{7}", "\\boxed{9}"]
+    assert score_completions(rows, texts, timeout=2.5)[1] == 1  # the batch's own failures are counted
+    score_completions(rows, texts)
+    assert budgets == [2.5, 5.0]
+
+    def boom(pairs, timeout):
+        raise RuntimeError("grader pool gone")
+
+    monkeypatch.setattr(grading, "answers_match_many", boom)
+    countdown = _row("countdown", "1 + 2", nums=[1, 2], target=3)  # not graded by answers_match_many
+    scores, errors = score_completions([countdown, *rows], ["r</think><answer>2 + 1</answer>", *texts])
+    assert errors == 2 and [s.correct for s in scores] == [1.0, 0.0, 0.0]
+
+
+def test_poem_rows_are_scored_with_their_beginning_and_form_and_a_crash_scores_zero(monkeypatch):
+    gold, ending = "the sky is blue\nthe sea is too", "the sky is grey\nthe sea is too"
+    text = f"r</think><answer>{ending}</answer>"
+    rows = [_row("poem", gold, poem_start="a\nb", form="sonnet"), _row("poem", gold, form="sonnet")]
+    scores, errors = score_completions(rows, [text, text])
+    assert errors == 0
+    assert scores[0].poem == grading.poem_components(ending, gold, "a\nb", "sonnet")
+    assert scores[1].poem == grading.poem_components(ending, gold, "", "sonnet")  # no beginning given
+    # form: 1 - |lines - 14| / 14, with the beginning's 2 lines and without them
+    assert [s.poem["form"] for s in scores] == [pytest.approx(1 - 10 / 14), pytest.approx(1 - 12 / 14)]
+
+    real = grading.poem_components
+
+    def crash_on_text(generated, *rest):
+        if generated is not None:
+            raise RuntimeError("CMUdict lookup failed")
+        return real(generated, *rest)
+
+    monkeypatch.setattr(grading, "poem_components", crash_on_text)
+    scores, errors = score_completions(rows[:1], [text])
+    assert errors == 1 and scores[0].poem == real(None, "", "", "") and scores[0].poem["reward"] == 0.0
+
 # --- flags ------------------------------------------------------------------------------------
 def test_parse_args_reads_help_and_types():
     from grpo_logprob import Args

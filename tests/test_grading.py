@@ -6,13 +6,15 @@ import textwrap
 import threading
 import time
 import types
+from fractions import Fraction
 
 import psutil
 import pytest
 
 import grading
-from grading import (_mv_verify, answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok,
-                     gsm8k_gold, last_boxed, last_tag, normalize_answer, shutdown_grader)
+from grading import (_MAX_EXPONENT, _exponent, _mv_verify, _numbers_equal, _scientific, answer_style,
+                     answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok, gsm8k_gold,
+                     last_boxed, last_code_block, last_tag, normalize_answer, shutdown_grader, strip_dollars)
 from conftest import REPO, answers_match, grader_workers, parse_number, time_limit
 
 # ---------------------------------------------------------------------------
@@ -389,6 +391,29 @@ def test_gsm8k_gold():
     assert gsm8k_gold(GSM8K_FIELD) == "1210"
     assert gsm8k_gold("a #### b #### 1,234,567 ") == "1234567"
     assert gsm8k_gold("#### -5") == "-5"
+    assert gsm8k_gold("72 in all.\n####72") == "72"  # no space after the marks
+
+
+def test_answer_style_default_per_task_and_the_rows_own():
+    assert [answer_style({"task": t}) for t in ("toy", "countdown", "poem", "code", "math")] == \
+        ["tag", "tag", "tag", "code", "boxed"]
+    assert answer_style({"task": "math", "metadata": {"answer_style": "gsm8k"}}) == "gsm8k"
+    assert answer_style({"task": "code", "metadata": {"tests": []}}) == "code"  # metadata without a style
+
+
+def test_strip_dollars():
+    assert strip_dollars("$$ 5 $$") == "5"
+    assert strip_dollars("$x$") == "x"
+    assert strip_dollars("$$") == ""
+    for kept in ("$", "$5", "5$", "a$b$", ""):
+        assert strip_dollars(kept) == kept
+
+
+def test_last_code_block_ends_at_the_first_closing_fence():
+    assert last_code_block("```python\nx = 1\n``` then ``` again") == "x = 1\n"
+    assert last_code_block("```python\n```") == ""  # empty block, closed at once
+    assert last_code_block("```py\nx = 1") == "x = 1"  # cut at max tokens: to the end
+    assert last_code_block("no fence ```") is None
 
 
 def test_extract_answer_styles():
@@ -417,6 +442,26 @@ def test_normalize_answer():
     assert normalize_answer(r"\textbf{(073) }") == "073"
     assert normalize_answer("(-5)") == "-5"
     assert normalize_answer("(1,2)") == "(1,2)"
+
+
+def test_exponent_cap():
+    assert _exponent("999999999") == 999999999  # 9 digits: read
+    assert _exponent("0000000000012") == 12  # leading zeros are no digits
+    assert _exponent("1234567890") == _MAX_EXPONENT + 1 == 10_001  # 10 digits: past the cap
+    assert _exponent("+1234567890") == 10_001
+    assert _exponent("-1234567890") == -10_001
+    assert _scientific("1e1234567890") is None
+    assert _scientific("1e-0000000000003") == Fraction(1, 1000)
+
+
+def test_numbers_equal_tolerance_edges():
+    # not integers: relative tolerance 1e-6, its edge included: |999999/10^6 - 1| = 1e-6 * 1
+    assert _numbers_equal(Fraction(999_999, 10**6), Fraction(1))
+    assert _numbers_equal(Fraction(1), Fraction(999_999, 10**6))
+    assert not _numbers_equal(Fraction(999_998, 10**6), Fraction(1))
+    assert _numbers_equal(Fraction(1), Fraction(10_000_001, 10**7))  # one of them an integer
+    assert not _numbers_equal(Fraction(0), Fraction(1, 10**12))  # zero equals only zero
+    assert not _numbers_equal(Fraction(1, 10**12), Fraction(0))
 
 
 def test_parse_number():
@@ -475,6 +520,12 @@ def test_countdown_value():
     assert countdown_value("", []) is None
     assert countdown_value("+".join(["1"] * 101), [1] * 101) is None  # > 200 chars
     assert countdown_value("(" * 40 + "1" + ")" * 40, [1]) is None  # too deep
+    assert countdown_value("1+", [1]) is None  # ends after an operator
+    # the bounds themselves: 200 characters and 32 nested parentheses are allowed, one more is not
+    assert countdown_value("1" + " " * 197 + "+2", [1, 2]) == 3.0
+    assert countdown_value("1" + " " * 198 + "+2", [1, 2]) is None
+    assert countdown_value("(" * 32 + "1+2" + ")" * 32, [1, 2]) == 3.0
+    assert countdown_value("(" * 33 + "1+2" + ")" * 33, [1, 2]) is None
     assert countdown_value("٣ + 1", [3, 1]) is None  # non-ASCII digit
 
 
@@ -486,6 +537,7 @@ def test_countdown_correct():
     assert not countdown_correct("(100 - 4) / (7 - 3)", [1, 3, 4, 7, 100], 24)  # 1 unused
     assert not countdown_correct(None, [1, 2], 3)
     assert not countdown_correct("1+2", [1, 2], 4)
+    assert not countdown_correct("1/100000", [1, 100000], 0)  # off by exactly 1e-5: outside
 
 
 # ---- format -------------------------------------------------------------------
@@ -512,8 +564,19 @@ def test_format_ok_boxed():
     assert not format_ok(r"the answer is \boxed{\frac{1}{2}", "boxed")
     assert not format_ok(r"\boxed{}", "boxed")
     assert not format_ok("the answer is 5", "boxed")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Unknown answer style 'json'"):
         format_ok("x", "json")
+
+
+def test_format_ok_gsm8k_and_code():
+    assert format_ok("48 + 24 = 72\n#### 72", "gsm8k")
+    assert not format_ok("the answer is 72", "gsm8k")
+    assert format_ok("Here:\n```python\nprint(1)\n```", "code")
+    assert not format_ok("```python\nprint(1)", "code")  # unclosed: cut at max tokens
+    assert not format_ok("```python\n  \n```", "code")  # empty
+    assert not format_ok("print(1)", "code")  # no fence
+    # the last block decides: closed blocks before an unclosed one do not count
+    assert not format_ok("```python\na = 1\n```\n```python\nb = 2\n```\n```python\nc = 3", "code")
 
 
 def test_shutdown_and_restart():
