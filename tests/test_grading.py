@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 import grading
-from grading import (_MAX_EXPONENT, _exponent, _mv_verify, _numbers_equal, _scientific, answer_style,
+from grading import (_MAX_EXPONENT, _exponent, _fast_match, _strip_outer_braces, _mv_verify, _numbers_equal, _scientific, answer_style,
                      answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok, gsm8k_gold,
                      last_boxed, last_code_block, last_tag, normalize_answer, shutdown_grader, strip_dollars)
 from conftest import REPO, answers_match, grader_workers, parse_number, time_limit
@@ -366,6 +366,7 @@ def test_last_boxed():
     assert last_boxed(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"
     assert last_boxed(r"\boxed{1} then \boxed{2}") == "2"
     assert last_boxed(r"\boxed{\{1,2\}}") == r"\{1,2\}"
+    assert last_boxed(r"\boxed{a \} b}") == r"a \} b"  # an escaped brace does not close the box
     assert last_boxed(r"$\boxed 5$") == "5"
     assert last_boxed(r"\boxed {5}") == "5"
     assert last_boxed(r"\fbox{7}") == "7"
@@ -383,6 +384,7 @@ def test_last_tag():
     assert last_tag("<answer>a <answer>b</answer>") == "b"
     assert last_tag("<answer>\n x \n</answer>") == "x"
     assert last_tag("<answer>unclosed") is None
+    assert last_tag("<answer>a</answer> then <answer>b") == "a"  # the last closed one
     assert last_tag("closed</answer>") is None
     assert last_tag("<think>hi</think>", "think") == "hi"
 
@@ -422,8 +424,29 @@ def test_extract_answer_styles():
     assert extract_answer(r"\boxed{7}", "boxed") == "7"
     assert extract_answer("#### 12\nmore text", "gsm8k") == "12"
     assert extract_answer("####   ", "gsm8k") is None
+    assert extract_answer("#### 1, no: #### 2", "gsm8k") == "2"  # the last marker
+    assert extract_answer("#### 12\nmore\ntext", "gsm8k") == "12"  # its line only
+    assert extract_answer("so:\n```python\nprint(1)\n```", "code") == "print(1)\n"
+    assert extract_answer("print(1)", "code") == "print(1)"  # no fence: the text is the program
     with pytest.raises(ValueError, match="Unknown answer style"):
         extract_answer("x", "xml")
+
+
+def test_strip_outer_braces():
+    assert _strip_outer_braces("{{(2,3)}}") == "(2,3)"
+    assert _strip_outer_braces("{   {(1,5)}   }") == "(1,5)"  # spaces between groups (Math-Verify's text)
+    assert _strip_outer_braces(r"{1\}2}") == r"1\}2"  # an escaped brace pairs with nothing
+    assert _strip_outer_braces(r"{\{x\}}") == r"\{x\}"
+    assert _strip_outer_braces(r"\{x\}") == r"\{x\}"
+    assert _strip_outer_braces("{1}+{2}") == "{1}+{2}"  # two groups, none around the whole
+
+
+def test_fast_match_decides_what_it_can_and_leaves_the_rest():
+    assert _fast_match("  ", "5") is False and _fast_match("5", " ") is False and _fast_match(None, "5") is False
+    assert _fast_match("1e10001", "x") is False  # past the exponent cap: no answer, never sent to sympy
+    assert _fast_match("1e10000", "x") is None  # at the cap: Math-Verify decides
+    assert _fast_match("0.5", r"50\%") is None and _fast_match(r"50\%", "0.5") is None  # percent: Math-Verify
+    assert _fast_match("0.5", "0.6") is False
 
 
 def test_normalize_answer():
