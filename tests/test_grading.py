@@ -465,6 +465,9 @@ def test_normalize_answer():
     assert normalize_answer(r"\textbf{(073) }") == "073"
     assert normalize_answer("(-5)") == "-5"
     assert normalize_answer("(1,2)") == "(1,2)"
+    assert normalize_answer("$ $5$ $") == "5"  # dollars inside dollars, spaces between
+    assert normalize_answer(r"\text{\textbf{5}}") == "5"  # nested: unwrapped from the inside out
+    assert normalize_answer(r"1\!2\,3\;4\:5\ 6") == "123456"  # every TeX spacing command
 
 
 def test_exponent_cap():
