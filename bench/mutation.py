@@ -75,8 +75,8 @@ TEST_FILES = {
     "raft_pp": ["tests/test_raft_pp.py", "tests/test_update_steps.py"],
     "reinforce_rej": ["tests/test_reinforce_rej.py", "tests/test_update_steps.py"],
     "prime": ["tests/test_prime.py", "tests/test_update_steps.py"],
-    "common": ["tests/test_common.py", "tests/test_update_steps.py", "tests/test_mutants.py"],
-    "grading": ["tests/test_grading.py", "tests/test_common.py", "tests/test_mutants.py", "tests/test_code.py",
+    "common": ["tests/test_common.py", "tests/test_update_steps.py"],
+    "grading": ["tests/test_grading.py", "tests/test_common.py", "tests/test_code.py",
                 "tests/test_poem_reward.py", "tests/test_hostile_text.py"],
 }
 # The two-process test: every script's own update() on one process and on two (tests/dist_update.py under
@@ -197,16 +197,41 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("prime.ppo_token_loss",
      "return loss, ((ratio < 1 - eps) & (advantages < 0)) | ((ratio >= 1 + eps) & (advantages > 0))"):
         "the clip metric alone, at a ratio of exactly 1 + eps, where the clipped and unclipped losses agree",
+    ("grading._numbers_equal", "if a.denominator == 1 and b.denominator == 1 or a == 0 and b == 0:"):
+        "zero against a non-zero b fails the relative test anyway (|b| <= 1e-6 |b| only for b = 0): the zero test "
+        "only saves work",
+    **{("grading.countdown_value", f'return parse_binary(depth, "XX{ops}XX", {operand})'):
+       "the tokens are digit runs and single characters of +-*/(): none is an X"
+       for ops, operand in (("+-", "parse_term"), ("*/", "parse_atom"))},
+    **{("grading.extract_answer", f'return after.split("\\n", {limit})[0].strip() or None'):
+       "the first line is the same whatever the split limit" for limit in ("", "2")},
+    ("grading.extract_answer", "content = last_tag(text, )"): "last_tag's default tag is answer",
+    ("grading.last_tag", "start = text.rfind(open_, None, end)"): "a start of None is 0",
+    ("grading.score_completions", 'scores[i].poem, errors = poem_components(None, "", "", None), errors + 1'):
+        "poem_components returns zeros for no text before it reads the form",
+    **{("grading._strip_outer_braces", line):
+       "differs only on a group holding nothing but spaces: ' ' or '', no answer either way"
+       for line in ("while lo <= hi and s[lo].isspace():", "while hi >= lo and s[hi].isspace():",
+                    'if lo <= hi and s[lo] == "{" and close_of.get(lo) == hi:')},
+    **{("grading.normalize_answer", line):
+       "differs only on a text of dollar signs and spaces ('$', '$$', ''): no answer either way"
+       for line in ('while end + start >= 2 and s[start] == "$" and s[end - 1] == "$":',
+                    'while end - start > 2 and s[start] == "$" and s[end - 1] == "$":',
+                    'while end - start >= 3 and s[start] == "$" and s[end - 1] == "$":',
+                    "while start <= end and s[start].isspace():", "while end >= start and s[end - 1].isspace():")},
 }
+# Functions that catch every ValueError they raise: the message of such a raise is never read.
+CAUGHT_RAISES = {"grading.countdown_value"}
 
 
 def copy_repo(dest: Path) -> None:
-    """The repository's code and tests in dest (no data, runs or git)."""
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
+    """The repository's code, tests and bench scripts (test_code.py imports bench/code_sandbox.py) in dest (no
+    data, runs or git); over an existing copy, only what changed."""
+    dest.mkdir(parents=True, exist_ok=True)
     for p in REPO.glob("*.py"):
         shutil.copy2(p, dest / p.name)
-    shutil.copytree(REPO / "tests", dest / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("tests", "bench"):
+        shutil.copytree(REPO / folder, dest / folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def build_toy(workdir: Path) -> Path:
@@ -221,21 +246,12 @@ def build_toy(workdir: Path) -> Path:
     return toy
 
 
-def in_process_tests(root: Path, modules: list[str]) -> list[str]:
-    """The test functions of the modules' TEST_FILES that run everything in this process (see OUT_OF_PROCESS)."""
-    selected = []
-    for name in sorted({f for m in modules for f in TEST_FILES[m]}):
-        path = root / name
-        if not path.exists():
-            continue
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                words = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-                words |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
-                words |= {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-                if not words & OUT_OF_PROCESS:
-                    selected.append(f"{name}::{node.name}")
-    return selected
+def out_of_process(test: ast.FunctionDef) -> bool:
+    """Whether a test function names one of OUT_OF_PROCESS (bench/mutation_select.py drops such tests)."""
+    words = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
+    words |= {n.attr for n in ast.walk(test) if isinstance(n, ast.Attribute)}
+    words |= {n.value for n in ast.walk(test) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return bool(words & OUT_OF_PROCESS)
 
 
 def run_written(workdir: Path, env: dict) -> list[tuple[str, bool]]:
@@ -288,31 +304,31 @@ def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int, keep
     root = workdir / "mutmut"
     patterns = mutmut_names(modules)
     if keep and (root / "mutants").exists():
-        for p in REPO.glob("*.py"):
-            shutil.copy2(p, root / p.name)
-        shutil.copytree(REPO / "tests", root / "tests", dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        copy_repo(root)
         codes = mutmut_codes(root, patterns)
         names = [n for n, c in codes.items() if (c is None if keep == "rest" else c not in (1, 3, None))]
         if not names:
             return codes
     else:
+        shutil.rmtree(root, ignore_errors=True)
         copy_repo(root)
         names = patterns
     forget_two_process(workdir, names)
-    tests = in_process_tests(root, modules)
+    tests = sorted({f for m in modules for f in TEST_FILES[m]})
     (root / "pyproject.toml").write_text(
         "[tool.mutmut]\n"
         f"source_paths = {json.dumps(list(MODULES))}\n"
-        f"also_copy = {json.dumps([p.name for p in REPO.glob('*.py') if p.name not in MODULES])}\n"
+        f"also_copy = {json.dumps([p.name for p in REPO.glob('*.py') if p.name not in MODULES] + ['bench'])}\n"
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+        'pytest_add_cli_args = ["-p", "mutation_select"]\n'  # the in-process tests only (mutation_select.py)
         # guards of choices the parser already refuses (Literal flags): unreachable from a command line
         'do_not_mutate_patterns = ["raise ValueError\\\\(f\\"unknown "]\n'
         'process_isolation = "forkserver"\n'  # torch is not fork-safe once its thread pool runs
         "timeout_multiplier = 40.0\n"  # mutmut's 15 x the tests' time cut off mutants that only dropped a device
         "use_git_change_detection = false\n")
+    plugin_path = os.pathsep.join(filter(None, [str(REPO / "bench"), env.get("PYTHONPATH")]))  # mutation_select
     run = subprocess.run([PYTHON, "-m", "mutmut", "run", "--max-children", str(children), *names], cwd=root,
-                         env=env, capture_output=True, text=True)
+                         env={**env, "PYTHONPATH": plugin_path}, capture_output=True, text=True)
     if run.returncode != 0:  # e.g. a selected test fails on the unmutated code
         raise SystemExit(f"mutmut run failed (exit code {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     return mutmut_codes(root, patterns)
@@ -388,6 +404,13 @@ def reduction_only(removed: str, changed: str) -> str | None:
     return None
 
 
+def caught_raise(function: str, removed: str, changed: str) -> str | None:
+    """The reason a mutant that only changes the message of a ValueError its function catches changes nothing."""
+    if function in CAUGHT_RAISES and removed.startswith("raise ValueError(") and changed.startswith("raise ValueError("):
+        return f"{function} catches its own ValueError: the message is never read"
+    return None
+
+
 def function_of(name: str) -> str:
     module, mangled = name.split("__mutmut_")[0].split(".", 1)
     return f"{module}.{mangled.removeprefix('x_').removeprefix('xǁ').replace('ǁ', '.')}"
@@ -439,7 +462,7 @@ def main():
         changed = next((line[1:].strip() for line in diff if line.startswith("+")), "")
         removed = next((line[1:].strip() for line in diff if line.startswith("-")), "")
         reason = (EQUIVALENT.get((function_of(name), changed)) or device_only(removed, changed)
-                  or reduction_only(removed, changed))
+                  or reduction_only(removed, changed) or caught_raise(function_of(name), removed, changed))
         (equivalent if reason else meaningful).append((name, codes[name], diff, reason))
     if args.two_process:  # with --report: only this pass, on the results so far
         run_two_process(workdir, env, [name for name, *_ in meaningful])
