@@ -406,7 +406,8 @@ def reduction_only(removed: str, changed: str) -> str | None:
 
 def caught_raise(function: str, removed: str, changed: str) -> str | None:
     """The reason a mutant that only changes the message of a ValueError its function catches changes nothing."""
-    if function in CAUGHT_RAISES and removed.startswith("raise ValueError(") and changed.startswith("raise ValueError("):
+    raise_ = "raise ValueError("
+    if function in CAUGHT_RAISES and removed.startswith(raise_) and changed.startswith(raise_):
         return f"{function} catches its own ValueError: the message is never read"
     return None
 

@@ -207,7 +207,6 @@ def test_a_crashing_scorer_scores_zero_and_is_counted(monkeypatch):
     assert errors == 1 and scores[0].correct == 0.0 and scores[1].correct == 1.0
 
 
-
 def test_a_row_whose_answer_cannot_be_read_scores_zero_and_is_counted():
     rows = [_row("math", "7", answer_style="xml"), _row("toy", "7"), _row("math", "8", answer_style="json")]
     scores, errors = score_completions(rows, ["\\boxed{7}", "r</think><answer>7</answer>", "\\boxed{8}"])
@@ -258,6 +257,7 @@ def test_poem_rows_are_scored_with_their_beginning_and_form_and_a_crash_scores_z
     monkeypatch.setattr(grading, "poem_components", crash_on_text)
     scores, errors = score_completions(rows[:1], [text])
     assert errors == 1 and scores[0].poem == real(None, "", "", "") and scores[0].poem["reward"] == 0.0
+
 
 # --- flags ------------------------------------------------------------------------------------
 def test_parse_args_reads_help_and_types():

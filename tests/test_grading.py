@@ -12,9 +12,10 @@ import psutil
 import pytest
 
 import grading
-from grading import (_MAX_EXPONENT, _exponent, _fast_match, _strip_outer_braces, _mv_verify, _numbers_equal, _scientific, answer_style,
-                     answers_match_many, countdown_correct, countdown_value, extract_answer, format_ok, gsm8k_gold,
-                     last_boxed, last_code_block, last_tag, normalize_answer, shutdown_grader, strip_dollars)
+from grading import (_MAX_EXPONENT, _exponent, _fast_match, _mv_verify, _numbers_equal, _scientific,
+                     _strip_outer_braces, answer_style, answers_match_many, countdown_correct, countdown_value,
+                     extract_answer, format_ok, gsm8k_gold, last_boxed, last_code_block, last_tag, normalize_answer,
+                     shutdown_grader, strip_dollars)
 from conftest import REPO, answers_match, grader_workers, parse_number, time_limit
 
 # ---------------------------------------------------------------------------
