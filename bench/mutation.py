@@ -207,8 +207,11 @@ EQUIVALENT: dict[tuple[str, str], str] = {
        "the first line is the same whatever the split limit" for limit in ("", "2")},
     ("grading.extract_answer", "content = last_tag(text, )"): "last_tag's default tag is answer",
     ("grading.last_tag", "start = text.rfind(open_, None, end)"): "a start of None is 0",
-    ("grading.score_completions", 'scores[i].poem, errors = poem_components(None, "", "", None), errors + 1'):
-        "poem_components returns zeros for no text before it reads the form",
+    **{("grading.score_completions", f"scores[i].poem, errors = poem_components(None, {args}), errors + 1"):
+       "poem_components of no text is all zeros, whatever its other arguments"
+       for args in ('"", "", None', '"XXXX", "", ""', '"", "XXXX", ""', '"", "", "XXXX"', '"", None, ""')},
+    ("grading.score_completions", 'meta.get("form", "XXXX"))'):
+        "a form poem_components does not know, '' or 'XXXX', leaves the line count unconstrained",
     **{("grading._strip_outer_braces", line):
        "differs only on a group holding nothing but spaces: ' ' or '', no answer either way"
        for line in ("while lo <= hi and s[lo].isspace():", "while hi >= lo and s[hi].isspace():",
