@@ -259,6 +259,22 @@ def test_poem_rows_are_scored_with_their_beginning_and_form_and_a_crash_scores_z
     assert errors == 1 and scores[0].poem == real(None, "", "", "") and scores[0].poem["reward"] == 0.0
 
 
+
+def test_code_rows_score_their_sandbox_results_and_a_row_without_tests_earns_nothing(monkeypatch):
+    from sandbox import CodeResult
+
+    results = [CodeResult([]), CodeResult(["pass", "timeout", "skipped"]), CodeResult(["pass", "crash"]),
+               CodeResult(["pass", "pass"])]
+    monkeypatch.setattr(grading, "run_code_tests_many", lambda jobs: results[:len(jobs)])
+    rows = [_row("code", "", tests={}) for _ in results]
+    scores, errors = score_completions(rows, ["```python\nprint(1)\n```"] * len(rows))
+    assert [s.correct for s in scores] == [0.0, 0.0, 0.0, 1.0]  # no tests: no reward
+    assert [s.tests_passed for s in scores] == [0.0, pytest.approx(1 / 3), 0.5, 1.0]
+    assert [s.timed_out for s in scores] == [False, True, False, False]
+    assert errors == 1
+    monkeypatch.setattr(grading, "run_code_tests_many", lambda jobs: [CodeResult(["crash"])] * len(jobs))
+    assert score_completions(rows[:3], ["print(1)"] * 3)[1] == 3  # each program's crash counted
+
 # --- flags ------------------------------------------------------------------------------------
 def test_parse_args_reads_help_and_types():
     from grpo_logprob import Args

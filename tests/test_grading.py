@@ -455,6 +455,7 @@ def test_normalize_answer():
     assert normalize_answer(r"\text{ 5 }") == "5"
     assert normalize_answer(r"\left( 1,\! 2 \right]") == "(1,2]"
     assert normalize_answer(r"\dfrac{1}{2}.") == r"\frac{1}{2}"
+    assert normalize_answer(r"\tfrac{1}{2}") == r"\frac{1}{2}"
     assert normalize_answer("1,234,567") == "1234567"
     assert normalize_answer("1,23") == "1,23"  # not thousands groups: a list
     assert normalize_answer("50%") == r"50\%"
