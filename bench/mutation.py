@@ -229,7 +229,7 @@ CAUGHT_RAISES = {"grading.countdown_value"}
 
 def copy_repo(dest: Path) -> None:
     """The repository's code, tests and bench scripts (test_code.py imports bench/code_sandbox.py) in dest (no
-    data, runs or git); over an existing copy, only what changed."""
+    data, runs or git); over an existing copy, its files are overwritten and files deleted since stay."""
     dest.mkdir(parents=True, exist_ok=True)
     for p in REPO.glob("*.py"):
         shutil.copy2(p, dest / p.name)

@@ -55,6 +55,11 @@ def test_last_fenced_python_block_is_the_program():
     assert extract_answer(bare, "code") == "print(3)" and not format_ok(bare, "code")
     assert extract_answer("```\nprint(4)\n```", "code") == "```\nprint(4)\n```"  # no language: not Python
     assert not format_ok("```python\n   \n```", "code")  # an empty block
+    assert last_code_block("```python\nx = 1\n``` then ``` again") == "x = 1\n"  # to its first closing fence
+    assert last_code_block("```python\n```") == ""  # closed at once
+    assert last_code_block("no fence ```") is None
+    # the last block decides: closed blocks before an unclosed one do not count
+    assert not format_ok("```python\na = 1\n```\n```python\nb = 2\n```\n```python\nc = 3", "code")
 
 
 def test_tests_of_both_styles_are_read():
