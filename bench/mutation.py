@@ -348,13 +348,15 @@ def two_process_results(workdir: Path) -> dict[str, bool]:
     return json.loads(cache_file.read_text()) if cache_file.exists() else {}
 
 
+def save_two_process(workdir: Path, results: dict[str, bool]) -> None:
+    (workdir / TWO_PROCESS_RESULTS).write_text(json.dumps(results, indent=1))
+
+
 def forget_two_process(workdir: Path, patterns: list[str]) -> None:
     """Drop the two-process results of the mutants mutmut is about to test again."""
-    cache_file = workdir / TWO_PROCESS_RESULTS
-    if cache_file.exists():
-        kept = {n: k for n, k in two_process_results(workdir).items()
-                if not any(fnmatch.fnmatch(n, p) for p in patterns)}
-        cache_file.write_text(json.dumps(kept, indent=1))
+    if (workdir / TWO_PROCESS_RESULTS).exists():
+        save_two_process(workdir, {n: k for n, k in two_process_results(workdir).items()
+                                   if not any(fnmatch.fnmatch(n, p) for p in patterns)})
 
 
 def two_process_test(workdir: Path, env: dict, mutant: str | None = None) -> subprocess.CompletedProcess:
@@ -381,7 +383,7 @@ def run_two_process(workdir: Path, env: dict, names: list[str]) -> None:
             raise SystemExit(f"the two-process test did not run for {name} (pytest exit code {run.returncode}):\n"
                              f"{run.stdout[-2000:]}")
         cache[name] = run.returncode == 1
-        (workdir / TWO_PROCESS_RESULTS).write_text(json.dumps(cache, indent=1))
+        save_two_process(workdir, cache)
         print(f"two processes: {'killed  ' if cache[name] else 'SURVIVED'} {name}", flush=True)
 
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import common
 from common import read_jsonl
 from conftest import REPO, free_port, run_script, torchrun
+from dist_update import CASES
 
 def launch_config(name: str = "fsdp2") -> list[str]:
     """One of the repo's launch configs with 2 processes on CPU (float32, so the results compare exactly)."""
@@ -21,8 +22,6 @@ def launch_config(name: str = "fsdp2") -> list[str]:
             "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
 
 
-CASES = ["grpo_token-mean", "grpo_seq-mean-token-mean", "grpo_seq-mean-token-sum-norm", "raft++",
-         "raft_token-mean_batch", "reinforce_rej", "reinforce_token-mean", "prime", "prime_code"]
 needs_vllm = pytest.mark.skipif(not common.vllm_available(), reason="vLLM is not installed (bash install.sh)")
 
 
