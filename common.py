@@ -588,7 +588,9 @@ def top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering of log-probs [B, V], renormalized (the distribution vLLM samples from)."""
     sorted_lp, idx = logp.sort(-1, descending=True)
     cum = sorted_lp.exp().cumsum(-1)
-    drop = cum - sorted_lp.exp() > top_p  # keep the smallest prefix whose mass reaches top_p
+    # keep the smallest prefix whose mass reaches top_p: a token goes when the mass before it already does
+    # (vLLM's rule, which drops the tokens whose mass from the bottom up is at most 1 - top_p)
+    drop = cum - sorted_lp.exp() >= top_p
     sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
     filtered = torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp)
     return torch.log_softmax(filtered, -1)

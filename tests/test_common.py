@@ -119,6 +119,13 @@ def test_top_p_filter_keeps_smallest_nucleus():
     assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
     out = top_p_filter(logp, 0.85).exp()
     assert torch.allclose(out, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
+    # at the edge: 0.5 + 0.375 is exactly 0.875 (exact in binary), so the nucleus ends there, as vLLM's does
+    edge = torch.log(torch.tensor([[0.125, 0.5, 0.375]]))
+    assert torch.allclose(top_p_filter(edge, 0.875).exp(), torch.tensor([[0.0, 4 / 7, 3 / 7]]), atol=1e-6)
+    # the vocabulary is the last dimension: each row its own nucleus
+    rows = torch.log(torch.tensor([[0.5, 0.375, 0.125], [0.125, 0.625, 0.25]]))
+    assert torch.allclose(top_p_filter(rows, 0.8).exp(), torch.tensor([[4 / 7, 3 / 7, 0.0], [0.0, 5 / 7, 2 / 7]]),
+                          atol=1e-6)
 
 
 # --- batching and data ------------------------------------------------------------------------
@@ -150,7 +157,8 @@ def test_shard_keeps_prompts_whole_and_mini_batches_the_same_for_any_process_cou
         for j in range(2):
             together = sorted(p for share in shares for p in share[j * len(share) // 2:(j + 1) * len(share) // 2])
             assert together == prompts[j * 4:(j + 1) * 4], (world, j)
-    with pytest.raises(SystemExit, match="multiple of the process count"):
+    with pytest.raises(SystemExit, match=r"^5 prompts cannot be split evenly over 2 processes; make the number of "
+                                         r"prompts per step a multiple of the process count\.$"):
         shard(list(range(5)), 0, 2)
 
 
