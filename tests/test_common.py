@@ -128,6 +128,46 @@ def test_top_p_filter_keeps_smallest_nucleus():
                           atol=1e-6)
 
 
+def test_full_named_parameters_of_plain_fsdp_and_deepspeed_models(monkeypatch):
+    """The (name, tensor) pairs the push hands vLLM: FSDP1's wrapper prefixes go from the names, an FSDP2
+    DTensor gives its full tensor, a DeepSpeed ZeRO-3 partition is gathered one parameter at a time and
+    copied (the engine frees or reuses the gathered buffer when the context ends), and none keeps a graph."""
+    import deepspeed
+
+    inner, block, model = torch.nn.Module(), torch.nn.Module(), torch.nn.Module()
+    block.proj = torch.nn.Linear(2, 1, bias=False)
+    inner.head, inner._checkpoint_wrapped_module, model._fsdp_wrapped_module = torch.nn.Linear(2, 2), block, inner
+    model.plain = torch.nn.Linear(1, 1, bias=False)
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dtensor = model.plain.weight  # as an FSDP2 DTensor: its local shard differs from the full tensor
+    dtensor.full_tensor = lambda: torch.full((1, 1), 7.0, requires_grad=True) * 1
+    partitioned = block.proj.weight  # as a ZeRO-3 partition: its 2 values exist only when gathered
+    partitioned.ds_id, full = 0, torch.tensor([[5.0, 6.0]])
+    partitioned.data = torch.empty(0)
+    gathered = []
+
+    class Gathered:  # deepspeed.zero.GatheredParameters: the full tensor inside, the buffer reused after
+        def __init__(self, params):
+            self.params = params
+
+        def __enter__(self):
+            gathered.extend(self.params)
+            self.params[0].data = full.clone()
+
+        def __exit__(self, *exc):
+            self.params[0].data.zero_()
+            self.params[0].data = torch.empty(0)
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", Gathered)
+    pairs = list(common.full_named_parameters(model))
+    assert [n for n, _ in pairs] == ["head.weight", "head.bias", "proj.weight", "plain.weight"]
+    assert torch.equal(pairs[0][1], values["_fsdp_wrapped_module.head.weight"])
+    assert torch.equal(pairs[1][1], values["_fsdp_wrapped_module.head.bias"])
+    assert torch.equal(pairs[2][1], full) and gathered == [partitioned]
+    assert torch.equal(pairs[3][1], torch.full((1, 1), 7.0))
+    assert not any(t.requires_grad for _, t in pairs)
+
+
 # --- batching and data ------------------------------------------------------------------------
 def test_collate_layout():
     rollouts = [Rollout([1, 2, 3], [4, 5], [-0.1, -0.2], "", "stop"), Rollout([6], [7, 8, 9], [-1, -2, -3], "", "length")]

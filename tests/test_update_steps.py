@@ -270,6 +270,39 @@ def test_a_nan_advantage_skips_the_step_and_is_counted(acc, toy, rollouts, capsy
     assert common._NONFINITE["in_a_row"] == 0
 
 
+class ClipSpy:
+    """An accelerator as optimizer_step sees it, of a given kind (accelerate's DistributedType name), whose own
+    gradient clipping is recorded: accelerate's clipping unscales fp16 gradients and clips inside DeepSpeed's
+    engine, but under FSDP it compares the parameters with its first prepared model's and fails for a second
+    one (PRIME's PRM), so there torch's clipping, which reduces over the shards, must be used instead."""
+
+    def __init__(self, kind: str):
+        self.distributed_type = type("Kind", (), {"name": kind})()
+        self.device, self.num_processes, self.is_main_process, self.clipped = torch.device("cpu"), 1, True, []
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        if self.distributed_type.name == "FSDP":
+            raise AssertionError("accelerate's clipping called under FSDP")
+        self.clipped.append(max_norm)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "MULTI_GPU", "NO"])
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0, 4.0])
+def test_optimizer_step_clips_with_torch_under_fsdp_and_with_accelerate_otherwise(kind, max_grad_norm):
+    """A gradient (3, 4) of norm 5 and SGD at lr 1: clipped to norm 1 or 4 the weights move by (3, 4) / 5 times
+    it, with 0 not at all; the returned norm is the norm before clipping (0.0 when not clipped)."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    model.weight.grad = torch.tensor([[3.0, 4.0]])
+    accelerator = ClipSpy(kind)
+    norm = common.optimizer_step(accelerator, model, torch.optim.SGD(model.parameters(), lr=1.0), None, max_grad_norm)
+    step = torch.tensor([[3.0, 4.0]]) * (max_grad_norm / 5 if max_grad_norm else 1.0)
+    assert torch.allclose(model.weight.detach(), -step) and model.weight.grad is None
+    assert norm == (pytest.approx(5.0) if max_grad_norm else 0.0)
+    assert accelerator.clipped == ([max_grad_norm] if max_grad_norm and kind != "FSDP" else [])
+
+
 def test_three_non_finite_steps_in_a_row_stop_the_run(acc):
     model = torch.nn.Linear(3, 1)
     model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
