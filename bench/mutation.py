@@ -280,11 +280,12 @@ def run_written(workdir: Path, env: dict) -> list[tuple[str, bool]]:
     return results
 
 
-def mutmut_names(modules: list[str]) -> list[str]:
-    """mutmut's mutant-name patterns of SCOPE: module.x_function__mutmut_*, module.xǁClassǁmethod__mutmut_*."""
+def mutmut_names(modules: list[str], functions: list[str] | None = None) -> list[str]:
+    """mutmut's mutant-name patterns of SCOPE (or of its `functions` alone): module.x_function__mutmut_*,
+    module.xǁClassǁmethod__mutmut_*."""
     patterns = []
     for module in modules:
-        for fn in SCOPE[module]:
+        for fn in [f for f in SCOPE[module] if functions is None or f in functions]:
             mangled = "xǁ" + fn.replace(".", "ǁ") if "." in fn else "x_" + fn
             patterns.append(f"{module}.{mangled}__mutmut_*")
     return patterns
@@ -300,12 +301,14 @@ def mutmut_codes(root: Path, patterns: list[str]) -> dict[str, int | None]:
     return codes
 
 
-def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int, keep: str | None) -> dict[str, int | None]:
-    """mutmut over SCOPE's functions of `modules`; returns {mutant name: exit code}. keep ("again" or "rest"):
+def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int, keep: str | None,
+               functions: list[str] | None = None) -> dict[str, int | None]:
+    """mutmut over SCOPE's functions of `modules` (or `functions` of them); returns {mutant name: exit code}.
+    keep ("again" or "rest"):
     keep the last run's results in workdir and test, with today's code and tests, only its survivors ("again")
     or only the mutants it did not reach ("rest": a run stopped early goes on)."""
     root = workdir / "mutmut"
-    patterns = mutmut_names(modules)
+    patterns = mutmut_names(modules, functions)
     if keep and (root / "mutants").exists():
         copy_repo(root)
         codes = mutmut_codes(root, patterns)
@@ -425,6 +428,9 @@ def function_of(name: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--module", action="append", choices=sorted(SCOPE), help="modules to mutate (default: all)")
+    parser.add_argument("--function", action="append",
+                        help="only these functions of the modules' scope (as SCOPE names them: optimizer_step, "
+                             "StepStats.add); with --rest, a long run goes on with the functions that matter first")
     parser.add_argument("--written_only", action="store_true", help="only the written mutants")
     parser.add_argument("--workdir", default=str(REPO / ".mutation"), help="copies, the toy model and mutmut's state")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
@@ -438,6 +444,11 @@ def main():
                         help="also run each survivor through the two-process update test (about a minute each); "
                              "with --report, only that, on the results so far")
     args = parser.parse_args()
+    modules = args.module or sorted(SCOPE)
+    unknown = sorted(set(args.function or []) - {f for m in modules for f in SCOPE[m]})
+    if unknown:
+        raise SystemExit(f"--function {', '.join(unknown)}: not in the scope of {', '.join(modules)}; "
+                         "bench/mutation.py's SCOPE lists the functions mutated.")
     try:
         import mutmut  # noqa: F401
     except ImportError:
@@ -447,13 +458,12 @@ def main():
     t0 = time.time()
     env = {**os.environ, "TOY_DIR": str(build_toy(workdir)), "PYTHONDONTWRITEBYTECODE": "1"}
 
-    modules = args.module or sorted(SCOPE)
     if args.report:
-        written, codes = [], mutmut_codes(workdir / "mutmut", mutmut_names(modules))
+        written, codes = [], mutmut_codes(workdir / "mutmut", mutmut_names(modules, args.function))
     else:
         keep = "again" if args.again else "rest" if args.rest else None
         written = [] if keep else run_written(workdir, env)  # a run that goes on leaves out the written mutants
-        codes = {} if args.written_only else run_mutmut(workdir, env, modules, args.children, keep)
+        codes = {} if args.written_only else run_mutmut(workdir, env, modules, args.children, keep, args.function)
     not_run = {n for n, c in codes.items() if c is None}
     codes = {n: c for n, c in codes.items() if c is not None}
 
@@ -484,7 +494,8 @@ def main():
     w_killed = sum(k for _, k in written)
     two_killed = sum(two.values())
     m_killed = len(killed) + two_killed
-    print(f"\n{len(codes)} mutmut mutants of {sum(len(SCOPE[m]) for m in modules)} functions tested, "
+    functions = len(args.function) if args.function else sum(len(SCOPE[m]) for m in modules)
+    print(f"\n{len(codes)} mutmut mutants of {functions} functions tested, "
           f"{len(timeouts)} of them timed out (not counted: test them again with --again), {two_killed} killed by "
           f"the two-process test of {len(two)} survivors run through it; {time.time() - t0:.0f} s")
     print(f"RESULT killed={w_killed + m_killed} total={len(written) + len(codes)} written_killed={w_killed} "
