@@ -230,6 +230,58 @@ def test_load_tasks_reports_file_and_line(tmp_path):
         load_tasks(tmp_path / "missing.jsonl")
 
 
+# --- step statistics ----------------------------------------------------------------------------
+class OneProcess:
+    num_processes, device = 1, torch.device("cpu")
+
+
+class TwoProcesses:
+    """An accelerator of 2 processes whose other process holds `tables` (one list of values per all-reduce, in
+    the order asked): reduce combines this process's values with them by the op it is asked for."""
+
+    def __init__(self, *tables: list[float]):
+        self.num_processes, self.device, self.tables, self.ops = 2, torch.device("cpu"), tables, []
+
+    def reduce(self, values, op):
+        theirs = torch.tensor(self.tables[len(self.ops)], dtype=values.dtype)
+        self.ops.append(op)
+        return values + theirs if op == "sum" else torch.maximum(values, theirs)
+
+
+def test_step_stats_add_sums_max_keeps_the_largest_and_reduce_combines_processes():
+    stats = common.StepStats()
+    stats.add(loss=torch.tensor(1.5, requires_grad=True) * 1, tokens=3)
+    stats.add(loss=0.25, tokens=torch.tensor(2))
+    stats.max(peak=-4.0)
+    stats.max(peak=torch.tensor(-2.5))
+    stats.max(peak=-3.0)
+    assert not stats.sums["loss"].requires_grad  # detached: a step's statistics keep no graph alive
+    assert stats.reduce(OneProcess()) == {"loss": 1.75, "tokens": 5.0, "peak": -2.5}
+    two = TwoProcesses([1.0, 4.0], [7.0])  # the other process: loss 1, 4 tokens (sums, by name); peak 7 (maxes)
+    assert stats.reduce(two) == {"loss": 2.75, "tokens": 9.0, "peak": 7.0} and two.ops == ["sum", "max"]
+    assert common.StepStats().reduce(two) == {}  # nothing measured: no all-reduce either
+    assert two.ops == ["sum", "max"]
+
+
+def test_logprob_gap_hand_numbers():
+    """|trainer - sampler| over the sampled tokens only: gaps 0.5, 0.25 | 1.0 (the padded token's 9 is masked)."""
+    stats = common.StepStats()
+    trainer = torch.tensor([[-1.0, -2.0], [-0.5, 9.0]], requires_grad=True)
+    common.add_logprob_gap(stats, trainer, torch.tensor([[-1.5, -2.25], [-1.5, 0.0]]),
+                           torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    totals = stats.reduce(OneProcess())
+    assert totals == {"gap_sum": 1.75, "gap_tokens": 3.0, "gap_max": 1.0}
+    assert common.logprob_gap_metrics(totals) == {"sampler/logprob_gap_mean": 1.75 / 3, "sampler/logprob_gap_max": 1.0}
+    one_token = {"gap_sum": 0.5, "gap_tokens": 1.0, "gap_max": 0.5}  # the floor of 1 token does not dilute it
+    assert common.logprob_gap_metrics(one_token)["sampler/logprob_gap_mean"] == 0.5
+    assert common.logprob_gap_metrics({"gap_sum": 0.0, "gap_tokens": 0.0, "gap_max": 0.0}) == {
+        "sampler/logprob_gap_mean": 0.0, "sampler/logprob_gap_max": 0.0}  # no token: 0, not a division by 0
+    assert common.logprob_gap_metrics({"loss": 1.0}) == {}  # never measured
+    empty = common.StepStats()
+    common.add_logprob_gap(empty, torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, 0))
+    assert empty.maxes["gap_max"].item() == 0.0
+
+
 # --- scoring ----------------------------------------------------------------------------------
 def _row(task, answer, **meta):
     return {"id": "x", "task": task, "prompt": [], "answer": answer, "metadata": meta}
