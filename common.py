@@ -644,6 +644,8 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             del z, p
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        # an output the loss does not use gets None, not zeros: a loss without the entropy skips its terms
+        ctx.set_materialize_grads(False)
         # autocast (accelerate's --mixed_precision) is not active in the backward pass by itself:
         # recompute the logits there under the same setting, or they would not be the forward's
         device = hidden.device.type

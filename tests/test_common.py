@@ -39,13 +39,16 @@ def test_chunked_logprob_hand_numbers():
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_logprob_matches_full_softmax(chunk, temperature):
-    """Values and gradients (of log-prob and entropy terms) equal the plain full-logits computation."""
+@pytest.mark.parametrize("terms", ["both", "logprob", "entropy"])
+def test_chunked_logprob_matches_full_softmax(chunk, temperature, terms):
+    """Values and gradients (of a loss on the log-probs, on the entropies, or on both) equal the plain
+    full-logits computation."""
     torch.manual_seed(0)
     h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 11, (7,))
     g_lp, g_ent = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    g_lp, g_ent = (g_lp if terms != "entropy" else 0 * g_lp), (g_ent if terms != "logprob" else 0 * g_ent)
 
     logp_full = torch.log_softmax(h @ w.t() / temperature, -1)
     lp_ref = logp_full.gather(1, t[:, None]).squeeze(1)
@@ -54,8 +57,50 @@ def test_chunked_logprob_matches_full_softmax(chunk, temperature):
 
     lp, ent = _ChunkedLogprobEntropy.apply(h, w, t, temperature, chunk)
     assert torch.allclose(lp.double(), lp_ref, atol=1e-6) and torch.allclose(ent.double(), ent_ref, atol=1e-6)
-    gh, gw = torch.autograd.grad((lp * g_lp + ent * g_ent).sum(), (h, w))
+    loss = {"both": lp * g_lp + ent * g_ent, "logprob": lp * g_lp, "entropy": ent * g_ent}[terms]  # unused: None
+    gh, gw = torch.autograd.grad(loss.sum(), (h, w))
     assert torch.allclose(gh, gh_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)
+
+
+def test_chunked_logprob_of_bf16_weights_upcasts_the_softmax():
+    """bf16 hidden states and head (a bf16 model): the logits are rounded to bf16 by the matmul, as the model's
+    own head would, but the softmax, the log-probs and the entropies are float32; the gradients come back
+    in bf16, close to float32's."""
+    torch.manual_seed(0)
+    h32, w32, t = torch.randn(6, 8), torch.randn(50, 8), torch.randint(0, 50, (6,))
+    h, w = h32.bfloat16().requires_grad_(), w32.bfloat16().requires_grad_()
+    lp, ent = _ChunkedLogprobEntropy.apply(h, w, t, 0.7, 4)
+    assert lp.dtype == ent.dtype == torch.float32
+    ref = torch.log_softmax((h.detach() @ w.detach().t()).float() / 0.7, -1)
+    assert torch.allclose(lp, ref.gather(1, t[:, None]).squeeze(1), atol=1e-5)
+    assert torch.allclose(ent, -(ref.exp() * ref).sum(-1), atol=1e-5)
+    gh, gw = torch.autograd.grad((lp + ent).sum(), (h, w))
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.log_softmax(h64 @ w64.t() / 0.7, -1)
+    gh64, gw64 = torch.autograd.grad((ref.gather(1, t[:, None]) - (ref.exp() * ref).sum(-1, keepdim=True)).sum(),
+                                     (h64, w64))
+    assert torch.allclose(gh.double(), gh64, atol=0.05, rtol=0.02) and torch.allclose(gw.double(), gw64, atol=0.05,
+                                                                                        rtol=0.02)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.float16, torch.bfloat16])
+def test_chunked_logprob_backward_recomputes_the_logits_under_the_forwards_autocast(monkeypatch, autocast):
+    """accelerate's --mixed_precision autocasts the forward only (the loss's backward runs outside it), so the
+    backward re-enters the forward's autocast setting to recompute the same logits it subtracts lse from."""
+    seen, real = [], _ChunkedLogprobEntropy._backward
+
+    def spy(ctx, *grads):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(ctx, *grads)
+
+    monkeypatch.setattr(_ChunkedLogprobEntropy, "_backward", staticmethod(spy))
+    h, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        lp, _ = _ChunkedLogprobEntropy.apply(h, w, torch.tensor([0, 1, 2]), 1.0, 2)
+    lp.sum().backward()
+    assert seen == [(autocast is not None, autocast or torch.get_autocast_dtype("cpu"))]
+    assert h.grad.dtype == w.grad.dtype == torch.float32
 
 
 def _toy_model(toy):
