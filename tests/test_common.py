@@ -123,6 +123,24 @@ def test_token_logprobs_equal_full_logits_on_padded_batch(toy):
     assert torch.all(ent[batch["completion_mask"].bool()] > 0)
 
 
+def test_token_logprobs_of_a_zero3_head_go_through_the_models_own_head(toy, monkeypatch):
+    """Under DeepSpeed ZeRO-3 the head's weight exists only inside the model's forward, so a head whose weight
+    is a partition (ds_id) takes the model's own logits from the shortest prompt's end on: the same log-probs
+    and entropies as the chunked head, padding 0."""
+    tok, model = _toy_model(toy)
+    batch = collate_ids([([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14, 15, 16, 17, 18]), ([19, 20, 21], [22])],
+                        tok.pad_token_id, "cpu")
+    chunked = token_logprobs(model, batch, temperature=0.8, chunk_size=2, with_entropy=True)
+    calls, real = [], common._logprobs_from_logits
+    monkeypatch.setattr(common, "_logprobs_from_logits", lambda *a: calls.append(a) or real(*a))
+    model.get_output_embeddings().weight.ds_id = 0
+    zero3 = token_logprobs(model, batch, temperature=0.8, chunk_size=2, with_entropy=True)
+    assert len(calls) == 1
+    for a, b in zip(chunked, zero3):
+        assert torch.allclose(a, b, atol=1e-5) and torch.all(b[batch["completion_mask"] == 0] == 0)
+    assert torch.allclose(token_logprobs(model, batch, temperature=0.8), chunked[0], atol=1e-5)
+
+
 def test_token_logprobs_gradient_matches_full_logits(toy):
     tok, model = _toy_model(toy)
     batch = collate_ids([([5, 6, 7], [8, 9, 10]), ([11, 12], [13, 14])], tok.pad_token_id, "cpu")
@@ -223,6 +241,10 @@ def test_collate_layout():
     assert b["logits_index"][0, :2].tolist() == [2, 3] and b["logits_index"][1].tolist() == [0, 1, 2]
     assert b["truncated"].tolist() == [False, True]
     assert torch.allclose(b["sampler_logprobs"], torch.tensor([[-0.1, -0.2, 0.0], [-1.0, -2.0, -3.0]]))
+    # completions that are all empty still get one (masked) column
+    empty = collate_ids([([1, 2], []), ([3], [])], pad_id=0, device="cpu")
+    assert empty["completion_ids"].tolist() == [[0], [0]] and empty["completion_mask"].tolist() == [[0.0], [0.0]]
+    assert empty["logits_index"].tolist() == [[1], [0]] and empty["input_ids"].tolist() == [[1, 2], [3, 0]]
 
 
 def test_prompts_for_step_is_a_function_of_the_step():
