@@ -303,6 +303,40 @@ def test_optimizer_step_clips_with_torch_under_fsdp_and_with_accelerate_otherwis
     assert accelerator.clipped == ([max_grad_norm] if max_grad_norm and kind != "FSDP" else [])
 
 
+class Sharded(torch.Tensor):
+    """An FSDP2 DTensor as optimizer_step sees it: to_local() is this process's shard, full_tensor() the value
+    over all shards (both set by the test); its own value is what code that skipped them would see."""
+
+    def to_local(self):
+        return self.local
+
+    def full_tensor(self):
+        return self.full
+
+
+def sharded(value, **parts) -> Sharded:
+    t = torch.Tensor._make_subclass(Sharded, torch.as_tensor(value))
+    t.__dict__.update(parts)
+    return t
+
+
+def test_optimizer_step_checks_each_shard_and_returns_the_norm_over_all_shards(monkeypatch):
+    """Under FSDP2 each process checks its own shard of the gradient for a NaN or inf (the all-reduce of the
+    verdicts then decides), and the norm torch's clipping returns is a DTensor whose full value is the norm."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    model.weight.grad = sharded([[3.0, 4.0]], local=torch.tensor([[float("inf"), 0.0]]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    assert math.isnan(common.optimizer_step(ClipSpy("FSDP"), model, optimizer, None, 0.0))
+    assert torch.equal(model.weight.detach(), torch.zeros(1, 2))  # this shard's inf: skipped
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: sharded(
+        clip(params, max_norm), full=torch.tensor(13.0)))  # the norm over all shards: 13, this one's 5
+    model.weight.grad = sharded([[3.0, 4.0]], local=torch.tensor([[3.0, 4.0]]))
+    assert common.optimizer_step(ClipSpy("FSDP"), model, optimizer, None, 1.0) == 13.0
+    assert torch.allclose(model.weight.detach(), torch.tensor([[-0.6, -0.8]]))
+
+
 def test_three_non_finite_steps_in_a_row_stop_the_run(acc):
     model = torch.nn.Linear(3, 1)
     model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
