@@ -222,6 +222,20 @@ EQUIVALENT: dict[tuple[str, str], str] = {
                     'while end - start > 2 and s[start] == "$" and s[end - 1] == "$":',
                     'while end - start >= 3 and s[start] == "$" and s[end - 1] == "$":',
                     "while start <= end and s[start].isspace():", "while end >= start and s[end - 1].isspace():")},
+    **{("common.top_p_filter", line): "the sampler filters one step's log-probs [B, V]: dimension 1 is the last"
+       for line in ("sorted_lp, idx = logp.sort(+1, descending=True)", "sorted_lp, idx = logp.sort(descending=True)",
+                    "cum = sorted_lp.exp().cumsum(+1)",
+                    'filtered = torch.full_like(logp, float("-inf")).scatter(+1, idx, sorted_lp)',
+                    "return torch.log_softmax(filtered, +1)")},
+    **{("common.top_p_filter", line): 'float("-INF") is float("-inf")'
+       for line in ('sorted_lp = sorted_lp.masked_fill(drop, float("-INF"))',
+                    'filtered = torch.full_like(logp, float("-INF")).scatter(-1, idx, sorted_lp)')},
+    ("common.prompts_for_step", "order = np.random.default_rng(seed + 7920 * epoch).permutation(len(rows))"):
+        "another factor gives each epoch its own seeded permutation too: a different order, as good",
+    ("common.optimizer_step", "local = torch.nn.utils.get_total_norm(grads) if (grads) or True else torch.zeros(())"):
+        "the norm of no gradients is 0 either way",
+    ("common._ChunkedLogprobEntropy.forward", "ctx.set_materialize_grads(True)"):
+        "an unused output's gradient comes as zeros instead of None: the same gradients, its terms computed for nothing",
 }
 # Functions that catch every ValueError they raise: the message of such a raise is never read.
 CAUGHT_RAISES = {"grading.countdown_value"}

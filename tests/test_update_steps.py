@@ -301,6 +301,9 @@ def test_optimizer_step_clips_with_torch_under_fsdp_and_with_accelerate_otherwis
     assert torch.allclose(model.weight.detach(), -step) and model.weight.grad is None
     assert norm == (pytest.approx(5.0) if max_grad_norm else 0.0)
     assert accelerator.clipped == ([max_grad_norm] if max_grad_norm and kind != "FSDP" else [])
+    # no gradient at all (a process whose rows trained nothing still steps with the others): not a skip
+    assert common.optimizer_step(accelerator, model, torch.optim.SGD(model.parameters(), lr=1.0), None, 0.0) == 0.0
+    assert torch.allclose(model.weight.detach(), -step)
 
 
 class Sharded(torch.Tensor):
