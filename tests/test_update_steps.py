@@ -340,6 +340,30 @@ def test_optimizer_step_checks_each_shard_and_returns_the_norm_over_all_shards(m
     assert torch.allclose(model.weight.detach(), torch.tensor([[-0.6, -0.8]]))
 
 
+@pytest.mark.parametrize("other_bad", [0.0, 1.0])
+def test_optimizer_step_skips_when_another_process_found_a_non_finite_gradient(other_bad, capsys):
+    """Each process checks its own gradient; the verdicts are combined by an all-reduce of their maximum, so a
+    NaN on any process skips the step on all (and this process says it was another's)."""
+    accelerator = ClipSpy("MULTI_GPU")
+    accelerator.num_processes, reduced = 2, []
+
+    def reduce(tensor, op):
+        reduced.append((tensor.item(), op))
+        return torch.maximum(tensor, torch.tensor(other_bad)) if op == "max" else tensor + other_bad
+
+    accelerator.reduce = reduce
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    model.weight.grad = torch.tensor([[3.0, 4.0]])
+    norm = common.optimizer_step(accelerator, model, torch.optim.SGD(model.parameters(), lr=1.0), None, 0.0)
+    assert reduced == [(0.0, "max")]
+    if other_bad:
+        assert math.isnan(norm) and torch.equal(model.weight.detach(), torch.zeros(1, 2))
+        assert "non-finite loss or gradient norm (on another process)" in capsys.readouterr().err
+    else:
+        assert norm == 0.0 and torch.equal(model.weight.detach(), torch.tensor([[-3.0, -4.0]]))
+
+
 def test_three_non_finite_steps_in_a_row_stop_the_run(acc):
     model = torch.nn.Linear(3, 1)
     model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
