@@ -355,8 +355,10 @@ def test_optimizer_step_skips_when_another_process_found_a_non_finite_gradient(o
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
     model.weight.grad = torch.tensor([[3.0, 4.0]])
-    norm = common.optimizer_step(accelerator, model, torch.optim.SGD(model.parameters(), lr=1.0), None, 0.0)
+    stats = common.StepStats()
+    norm = common.optimizer_step(accelerator, model, torch.optim.SGD(model.parameters(), lr=1.0), None, 0.0, stats)
     assert reduced == [(0.0, "max")]
+    assert stats.sums["skipped_nonfinite"].item() == other_bad / 2  # each process's half: summed, one skip
     if other_bad:
         assert math.isnan(norm) and torch.equal(model.weight.detach(), torch.zeros(1, 2))
         assert "non-finite loss or gradient norm (on another process)" in capsys.readouterr().err
