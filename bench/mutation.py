@@ -234,6 +234,10 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "another factor gives each epoch its own seeded permutation too: a different order, as good",
     ("common.optimizer_step", "local = torch.nn.utils.get_total_norm(grads) if (grads) or True else torch.zeros(())"):
         "the norm of no gradients is 0 either way",
+    ("common.optimizer_step",
+     "skip_nonfinite_step(accelerator, float(grad_norm if (grad_norm is not None) and False else local))"):
+        "only the warning's wording: it names this process's norm instead of the clipped one, which is non-finite "
+        "too when this process's is, and says 'on another process' otherwise, which is then true",
     ("common._ChunkedLogprobEntropy.forward", "ctx.set_materialize_grads(True)"):
         "an unused output's gradient comes as zeros instead of None: the same gradients, its terms computed for nothing",
 }
