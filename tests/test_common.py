@@ -328,6 +328,9 @@ def test_step_stats_add_sums_max_keeps_the_largest_and_reduce_combines_processes
     assert stats.reduce(two) == {"loss": 2.75, "tokens": 9.0, "peak": 7.0} and two.ops == ["sum", "max"]
     assert common.StepStats().reduce(two) == {}  # nothing measured: no all-reduce either
     assert two.ops == ["sum", "max"]
+    only_max = common.StepStats()
+    only_max.max(peak=1.0)
+    assert only_max.reduce(TwoProcesses([3.0])) == {"peak": 3.0}  # no sums: the maxima still reduced
 
 
 def test_logprob_gap_hand_numbers():
