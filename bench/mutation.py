@@ -238,6 +238,14 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      "skip_nonfinite_step(accelerator, float(grad_norm if (grad_norm is not None) and False else local))"):
         "only the warning's wording: it names this process's norm instead of the clipped one, which is non-finite "
         "too when this process's is, and says 'on another process' otherwise, which is then true",
+    ("common.StepStats.add",
+     "self.sums[name] = self.sums[name] + v.to(None) if name in self.sums else v"):
+        "only the device of a 0-dim value (every statistic is one number): torch combines a 0-dim CPU tensor with "
+        "a GPU one, and reduce moves every value to the accelerator's device",
+    ("common.StepStats.max",
+     "self.maxes[name] = torch.maximum(self.maxes[name], v.to(None)) if name in self.maxes else v"):
+        "only the device of a 0-dim value (every statistic is one number): torch combines a 0-dim CPU tensor with "
+        "a GPU one, and reduce moves every value to the accelerator's device",
     ("common._ChunkedLogprobEntropy.forward", "ctx.set_materialize_grads(True)"):
         "an unused output's gradient comes as zeros instead of None: the same gradients, its terms computed for nothing",
 }
