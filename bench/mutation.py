@@ -238,14 +238,6 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      "skip_nonfinite_step(accelerator, float(grad_norm if (grad_norm is not None) and False else local))"):
         "only the warning's wording: it names this process's norm instead of the clipped one, which is non-finite "
         "too when this process's is, and says 'on another process' otherwise, which is then true",
-    ("common.StepStats.add",
-     "self.sums[name] = self.sums[name] + v.to(None) if name in self.sums else v"):
-        "only the device of a 0-dim value (every statistic is one number): torch combines a 0-dim CPU tensor with "
-        "a GPU one, and reduce moves every value to the accelerator's device",
-    ("common.StepStats.max",
-     "self.maxes[name] = torch.maximum(self.maxes[name], v.to(None)) if name in self.maxes else v"):
-        "only the device of a 0-dim value (every statistic is one number): torch combines a 0-dim CPU tensor with "
-        "a GPU one, and reduce moves every value to the accelerator's device",
     ("common._ChunkedLogprobEntropy.forward", "ctx.set_materialize_grads(True)"):
         "an unused output's gradient comes as zeros instead of None: the same gradients, its terms computed for nothing",
 }
@@ -330,9 +322,8 @@ def mutmut_codes(root: Path, patterns: list[str]) -> dict[str, int | None]:
 def run_mutmut(workdir: Path, env: dict, modules: list[str], children: int, keep: str | None,
                functions: list[str] | None = None) -> dict[str, int | None]:
     """mutmut over SCOPE's functions of `modules` (or `functions` of them); returns {mutant name: exit code}.
-    keep ("again" or "rest"):
-    keep the last run's results in workdir and test, with today's code and tests, only its survivors ("again")
-    or only the mutants it did not reach ("rest": a run stopped early goes on)."""
+    keep ("again" or "rest"): keep the last run's results in workdir and test, with today's code and tests, only
+    its survivors ("again") or only the mutants it did not reach ("rest": a run stopped early goes on)."""
     root = workdir / "mutmut"
     patterns = mutmut_names(modules, functions)
     if keep and (root / "mutants").exists():
@@ -421,9 +412,9 @@ def device_only(removed: str, changed: str) -> str | None:
     nothing here, or None. The tests run on the CPU, where device None is the device; training_batch's
     devices are tested on the meta device, and update()'s index and count tensors are harmless elsewhere
     too (a GPU tensor takes a CPU index; a reduction over NCCL of a CPU tensor fails at once)."""
-    device = r'device=[\w.\[\]"]+'  # device=device, device=accelerator.device, device=batch["mask"].device
-    if changed in (re.sub(device, "device=None", removed), re.sub(device, "", removed).strip(),
-                   re.sub(r"\.to\(\w+\.device\)", ".to(None)", removed)):
+    device = r'[\w.\[\]"]+'  # device, accelerator.device, batch["mask"].device, self.sums[name].device
+    if changed in (re.sub(f"device={device}", "device=None", removed), re.sub(f"device={device}", "", removed).strip(),
+                   re.sub(rf"\.to\({device}\.device\)", ".to(None)", removed)):
         return "device None is the CPU, the only device here (see device_only)"
     return None
 
@@ -520,7 +511,7 @@ def main():
     w_killed = sum(k for _, k in written)
     two_killed = sum(two.values())
     m_killed = len(killed) + two_killed
-    functions = len(args.function) if args.function else sum(len(SCOPE[m]) for m in modules)
+    functions = len(set(args.function)) if args.function else sum(len(SCOPE[m]) for m in modules)
     print(f"\n{len(codes)} mutmut mutants of {functions} functions tested, "
           f"{len(timeouts)} of them timed out (not counted: test them again with --again), {two_killed} killed by "
           f"the two-process test of {len(two)} survivors run through it; {time.time() - t0:.0f} s")

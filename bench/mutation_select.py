@@ -29,6 +29,6 @@ def pytest_collection_modifyitems(config, items):
     seconds = json.loads(stats.read_text()).get("duration_by_test", {}) if stats.exists() else {}
     by_file = defaultdict(float)
     for item in kept:
-        by_file[item.fspath] += seconds.get(item.nodeid, 0.0)
-    items[:] = sorted(kept, key=lambda item: (by_file[item.fspath], str(item.fspath),
+        by_file[item.path] += seconds.get(item.nodeid, 0.0)
+    items[:] = sorted(kept, key=lambda item: (by_file[item.path], str(item.path),
                                               seconds.get(item.nodeid, float("inf"))))
